@@ -1,0 +1,368 @@
+"""Checkpoint conversion for TimeSformer: ImageNet ViT inflation, the original repository's ``.pyth``,
+Hugging Face ``TimesformerForVideoClassification``, and ``model.safetensors``.
+
+Every load is strict. ``adapt_state_dict`` names each missing and unexpected key and each shape
+mismatch; the only shape changes it makes are the ones it knows how to make correctly:
+
+* ``pos_embed`` over another patch grid: 2-D interpolation of the grid (bicubic by default), never the
+  original's 1-D interpolation of the flattened raster, which scrambles rows;
+* ``time_embed`` for another frame count: 1-D interpolation over time (nearest by default, as the
+  original);
+* the classifier head, only when the caller says so (``reset_head=True``): it keeps its fresh init.
+
+Key names. Ours are the original's (after its ``model.`` wrapper prefix) and timm's for the ViT parts,
+so the official checkpoints and timm's ``vit_base_patch16_224`` need no renaming; Hugging Face's are
+mapped by ``HF_BLOCK_KEYS`` / ``HF_TOP_KEYS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.models.timesformer import (
+    EXTRA_STEPS,
+    TimeSformer,
+    TimeSformerConfig,
+    resize_pos_embed,
+    resize_time_embed,
+)
+
+StateDict = dict[str, torch.Tensor]
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict loading with the resizes we know
+
+
+def _grid_of(n_pos: int, where: str, key: str) -> tuple[int, int]:
+    n = n_pos - 1
+    side = int(round(n**0.5))
+    if side * side != n:
+        raise CheckpointMismatchError(
+            f"{where}: {key} has {n_pos} entries, which is not 1 + a square grid; pass its grid explicitly"
+        )
+    return side, side
+
+
+def adapt_state_dict(
+    state: Mapping[str, torch.Tensor],
+    model: TimeSformer,
+    *,
+    reset_head: bool = False,
+    source_grid: tuple[int, int] | None = None,
+    where: str = "checkpoint",
+) -> StateDict:
+    """Make ``state`` (already in our key names) fit ``model`` exactly, or raise naming every problem.
+
+    Resizes position and time embeddings; drops the head when ``reset_head`` is true and it does not
+    fit (the model's fresh head is kept). Returns a state dict that ``load_state_dict(strict=True)`` takes.
+    """
+    target = model.state_dict()
+    cfg = model.cfg
+    out: StateDict = {}
+    shape_errors = []
+    for key, value in state.items():
+        if key not in target:
+            continue  # reported below as unexpected
+        want = target[key].shape
+        if value.shape == want:
+            out[key] = value
+        elif key == "pos_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
+            grid = source_grid or _grid_of(value.shape[1], where, key)
+            out[key] = resize_pos_embed(value, grid, cfg.grid_size, cfg.pos_embed_resize)
+        elif key == "time_embed" and value.ndim == 3 and value.shape[-1] == want[-1]:
+            out[key] = resize_time_embed(value, cfg.num_frames, cfg.time_embed_resize)
+        elif key.startswith("head.") and reset_head:
+            continue
+        else:
+            shape_errors.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(want)}")
+    missing = sorted(k for k in target if k not in state and not (reset_head and k.startswith("head.")))
+    if reset_head:
+        for k in ("head.weight", "head.bias"):
+            if k in target and k not in out:
+                out[k] = target[k]
+    unexpected = sorted(k for k in state if k not in target)
+    if missing or unexpected or shape_errors:
+        lines = [f"{where} does not fit TimeSformer({cfg.attention_type}, {cfg.num_frames}x{cfg.img_size}, "
+                 f"{cfg.num_classes} classes):"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if shape_errors:
+            lines.append(f"  shape mismatches ({len(shape_errors)}): {'; '.join(shape_errors)}")
+        if any(e.startswith("head.") for e in shape_errors):
+            lines.append("  (a different number of classes: pass reset_head=True to start a new head)")
+        raise CheckpointMismatchError("\n".join(lines))
+    return out
+
+
+def load_into(model: TimeSformer, state: Mapping[str, torch.Tensor], **kwargs: Any) -> TimeSformer:
+    """``adapt_state_dict`` then a strict ``load_state_dict``."""
+    model.load_state_dict(adapt_state_dict(state, model, **kwargs), strict=True)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# ImageNet ViT (timm names) -> TimeSformer
+
+
+def inflate_vit(vit_state: Mapping[str, torch.Tensor], model: TimeSformer, *, where: str = "ViT checkpoint",
+                reset_head: bool | None = None) -> StateDict:
+    """Turn an image ViT state dict (timm ``vit_base_patch16_224`` names) into one for ``model``.
+
+    Each added attention step (temporal, width, local) starts as a copy of the block's spatial
+    attention and its LayerNorm; ``*_fc`` layers and the time embedding start at zero, so the inflated
+    model is the image ViT on every frame. The head is dropped when the class count differs.
+    """
+    cfg = model.cfg
+    state = {k: v for k, v in vit_state.items() if not k.startswith(("fc_norm.", "pre_logits."))}
+    if "pos_embed" in state and model.pos_embed is None:
+        del state["pos_embed"]
+    new = dict(state)
+    for i in range(cfg.depth):
+        for step in EXTRA_STEPS[cfg.attention_type]:
+            for part in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
+                src = f"blocks.{i}.attn.{part}"
+                if src in state:
+                    new[f"blocks.{i}.{step}_attn.{part}"] = state[src].clone()
+            for part in ("weight", "bias"):
+                if f"blocks.{i}.norm1.{part}" in state:
+                    new[f"blocks.{i}.{step}_norm1.{part}"] = state[f"blocks.{i}.norm1.{part}"].clone()
+                new[f"blocks.{i}.{step}_fc.{part}"] = torch.zeros_like(model.state_dict()[f"blocks.{i}.{step}_fc.{part}"])
+    if model.time_embed is not None and "time_embed" not in new:
+        new["time_embed"] = torch.zeros_like(model.time_embed)
+    head_fits = "head.weight" in new and new["head.weight"].shape == model.state_dict().get("head.weight",
+                                                                                           torch.empty(0)).shape
+    if reset_head is None:
+        reset_head = not head_fits
+    return adapt_state_dict(new, model, reset_head=reset_head, where=where)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The original repository (facebookresearch/TimeSformer) ``.pyth`` checkpoints
+
+
+def from_official(checkpoint: Mapping[str, Any]) -> StateDict:
+    """State dict from an original ``.pyth`` (``{"model_state": ...}`` with a ``model.`` prefix), a
+    ``{"model": ...}``/``{"state_dict": ...}`` dict, or a bare state dict; ``module.`` prefixes stripped."""
+    for wrapper in ("model_state", "model", "state_dict", "module"):
+        if wrapper in checkpoint and isinstance(checkpoint[wrapper], Mapping):
+            checkpoint = checkpoint[wrapper]
+            break
+    out = {}
+    for k, v in checkpoint.items():
+        for prefix in ("module.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def to_official(state: Mapping[str, torch.Tensor], cfg: TimeSformerConfig, epoch: int = 0) -> dict[str, Any]:
+    """An original-format checkpoint: ``{"epoch", "model_state" (``model.`` prefix), "cfg"}``."""
+    return {
+        "epoch": epoch,
+        "model_state": {f"model.{k}": v for k, v in state.items()},
+        "cfg": {"TIMESFORMER": {"ATTENTION_TYPE": cfg.attention_type}, "DATA": {"NUM_FRAMES": cfg.num_frames,
+                "TRAIN_CROP_SIZE": cfg.img_size}, "MODEL": {"NUM_CLASSES": cfg.num_classes}},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hugging Face transformers TimesformerForVideoClassification
+
+HF_BLOCK_KEYS = {
+    "norm1": "layernorm_before",
+    "attn.qkv": "attention.attention.qkv",
+    "attn.proj": "attention.output.dense",
+    "temporal_norm1": "temporal_layernorm",
+    "temporal_attn.qkv": "temporal_attention.attention.qkv",
+    "temporal_attn.proj": "temporal_attention.output.dense",
+    "temporal_fc": "temporal_dense",
+    "norm2": "layernorm_after",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
+HF_TOP_KEYS = {
+    "cls_token": "timesformer.embeddings.cls_token",
+    "pos_embed": "timesformer.embeddings.position_embeddings",
+    "time_embed": "timesformer.embeddings.time_embeddings",
+    "patch_embed.proj": "timesformer.embeddings.patch_embeddings.projection",
+    "norm": "timesformer.layernorm",
+    "head": "classifier",
+}
+HF_ATTENTION_TYPES = ("space_only", "joint_space_time", "divided_space_time")
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)\.(weight|bias)$")
+_HF_BLOCK_RE = re.compile(r"^timesformer\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def _rename(key: str, block_re: re.Pattern, block_prefix: str, block_map: dict[str, str],
+            top_map: dict[str, str], where: str) -> str:
+    m = block_re.match(key)
+    if m:
+        i, module, kind = m.groups()
+        if module not in block_map:
+            raise CheckpointMismatchError(f"{where}: no Hugging Face equivalent for key {key!r}")
+        return f"{block_prefix}{i}.{block_map[module]}.{kind}"
+    for ours, theirs in top_map.items():
+        if key == ours:
+            return theirs
+        if key.startswith(ours + "."):
+            return theirs + key[len(ours):]
+    raise CheckpointMismatchError(f"{where}: no equivalent for key {key!r}")
+
+
+def to_hf(state: Mapping[str, torch.Tensor], where: str = "state dict") -> StateDict:
+    """Our state dict in Hugging Face ``TimesformerForVideoClassification`` names (a pure rename)."""
+    return {_rename(k, _BLOCK_RE, "timesformer.encoder.layer.", HF_BLOCK_KEYS, HF_TOP_KEYS, where): v
+            for k, v in state.items()}
+
+
+def from_hf(hf_state: Mapping[str, torch.Tensor], where: str = "Hugging Face state dict") -> StateDict:
+    """A Hugging Face ``TimesformerForVideoClassification`` state dict in our names."""
+    inv_block = {v: k for k, v in HF_BLOCK_KEYS.items()}
+    inv_top = {v: k for k, v in HF_TOP_KEYS.items()}
+    return {_rename(k, _HF_BLOCK_RE, "blocks.", inv_block, inv_top, where): v for k, v in hf_state.items()}
+
+
+def hf_config_dict(cfg: TimeSformerConfig) -> dict[str, Any]:
+    """Keyword arguments for ``transformers.TimesformerConfig`` describing the same model."""
+    if cfg.attention_type not in HF_ATTENTION_TYPES:
+        raise ValueError(f"Hugging Face TimeSformer has no {cfg.attention_type!r} attention "
+                         f"(it has {', '.join(HF_ATTENTION_TYPES)})")
+    if cfg.pos_embed != "space_time":
+        raise ValueError(f"Hugging Face TimeSformer always has space-time embeddings; pos_embed={cfg.pos_embed!r}")
+    out = dict(image_size=cfg.img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans,
+               num_frames=cfg.num_frames, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth,
+               num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_dim, hidden_act="gelu",
+               layer_norm_eps=cfg.norm_eps, qkv_bias=cfg.qkv_bias, attention_type=cfg.attention_type,
+               num_labels=cfg.num_classes, hidden_dropout_prob=cfg.drop_rate,
+               attention_probs_dropout_prob=cfg.attn_drop_rate)
+    # transformers 5.x types drop_path_rate as int and rejects 0.1; its default (0) is no drop path.
+    if cfg.drop_path_rate:
+        out["drop_path_rate"] = cfg.drop_path_rate
+    return out
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> TimeSformerConfig:
+    """Our config from a Hugging Face ``config.json`` dict."""
+    labels = hf.get("num_labels") or len(hf.get("id2label") or {}) or 400
+    return TimeSformerConfig(
+        num_classes=labels, num_frames=hf.get("num_frames", 8), img_size=hf.get("image_size", 224),
+        patch_size=hf.get("patch_size", 16), in_chans=hf.get("num_channels", 3),
+        embed_dim=hf.get("hidden_size", 768), depth=hf.get("num_hidden_layers", 12),
+        num_heads=hf.get("num_attention_heads", 12),
+        mlp_ratio=hf.get("intermediate_size", 3072) / hf.get("hidden_size", 768),
+        qkv_bias=hf.get("qkv_bias", True), attention_type=hf.get("attention_type", "divided_space_time"),
+        drop_path_rate=float(hf.get("drop_path_rate", 0.0)), norm_eps=hf.get("layer_norm_eps", 1e-6),
+        drop_rate=float(hf.get("hidden_dropout_prob", 0.0)),
+        attn_drop_rate=float(hf.get("attention_probs_dropout_prob", 0.0)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def save_safetensors(model: TimeSformer, path: str | os.PathLike) -> Path:
+    """Write ``model.safetensors`` with the config in its metadata, so ``load_safetensors`` can rebuild it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        path = path / "model.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "timesformer_config": json.dumps(model.cfg.to_dict())})
+    return path
+
+
+def load_safetensors(path: str | os.PathLike) -> TimeSformer:
+    """Rebuild a model from a file written by ``save_safetensors`` (strict)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such safetensors file")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "timesformer_config" not in meta:
+        raise ValueError(f"{path}: no 'timesformer_config' in the safetensors metadata; build the model "
+                         f"yourself and use load_checkpoint(model, path)")
+    cfg = TimeSformerConfig.from_dict(json.loads(meta["timesformer_config"]), where=str(path))
+    return load_into(TimeSformer(cfg), load_file(str(path)), where=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# One entry point for any file
+
+
+def detect_format(state: Mapping[str, Any]) -> str:
+    """``official``, ``hf``, ``timm_vit`` or ``ours`` from the keys of a loaded checkpoint."""
+    if "model_state" in state:
+        return "official"
+    keys = [k for k in state if isinstance(k, str)]
+    if any(k.startswith(("timesformer.", "classifier.")) for k in keys):
+        return "hf"
+    if any(k.startswith(("model.", "module.")) for k in keys) or "model" in state or "state_dict" in state:
+        return "official"
+    video_markers = ("time_embed",) + tuple(f"{s}_attn." for steps in EXTRA_STEPS.values() for s in steps)
+    if any(k.startswith("blocks.") for k in keys) and not any(m in k for k in keys for m in video_markers):
+        return "timm_vit"  # an image ViT; for space_only models it loads as is (see load_checkpoint)
+    return "ours"
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: say which and why
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_checkpoint(model: TimeSformer, source: str | os.PathLike | Mapping[str, Any], *,
+                    fmt: str = "auto", reset_head: bool = False) -> TimeSformer:
+    """Load any supported checkpoint (path or loaded dict) into ``model``, strictly.
+
+    ``fmt``: ``auto`` (from the keys), ``ours``, ``official``, ``hf`` or ``timm_vit`` (inflation).
+    """
+    where = str(source) if not isinstance(source, Mapping) else "checkpoint"
+    state = read_checkpoint(source) if not isinstance(source, Mapping) else dict(source)
+    if fmt == "auto":
+        fmt = detect_format(state)
+        video_model = model.time_embed is not None or EXTRA_STEPS[model.cfg.attention_type]
+        if fmt == "timm_vit" and not video_model:
+            fmt = "ours"  # same keys: a space-only TimeSformer is an image ViT; load strictly, no head reset
+    if fmt == "official":
+        state = from_official(state)
+    elif fmt == "hf":
+        state = from_hf(state, where=where)
+    elif fmt == "timm_vit":
+        model.load_state_dict(inflate_vit(state, model, where=where), strict=True)
+        return model
+    elif fmt != "ours":
+        raise ValueError(f"unknown checkpoint format {fmt!r}: expected auto, ours, official, hf or timm_vit")
+    return load_into(model, state, reset_head=reset_head, where=where)

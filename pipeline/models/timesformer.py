@@ -1,0 +1,563 @@
+"""TimeSformer: ViT over video frames with space-time self-attention.
+
+Bertasius, Wang, Torresani, "Is Space-Time Attention All You Need for Video Understanding?", ICML 2021.
+
+Anatomy (as timm's vision_transformer): ``Attention``, ``Mlp``, ``Block``, ``TimeSformer``, then the
+registered variants and ``create_model``. Faithful to the original code where it matters for weights
+and numbers: ViT-B/16, pre-LN with eps 1e-6, qkv bias, one CLS token, one spatial position embedding
+shared by all frames, a separate time embedding on patch tokens only, temporal attention first with
+the CLS token excluded, a zero-initialised ``temporal_fc`` after it, the CLS token replicated into every
+frame for spatial attention and its per-frame outputs averaged, linear drop-path schedule.
+
+Layouts. Input is ``(B, C, T, H, W)``. Inside, the token sequence is ``[CLS] + (t h w)`` (frame-major);
+the original and Hugging Face use ``(h w t)``. Token order changes no weight and no logit, only how
+intermediate tensors are laid out; frame-major makes spatial grouping a free view.
+
+Attention schemes (paper, Fig. 1 and Sec. 3). ``T`` frames, an ``H x W`` patch grid, ``N = H * W``.
+Each row gives the keys one patch query attends to in one block:
+
+* ``space_only`` -- plain ViT blocks per frame; a query sees its frame: ``N + 1`` keys (with that
+  frame's own CLS). Frame tokens are averaged before the final norm, as in the original.
+* ``joint_space_time`` -- one attention over the whole clip: ``T * N + 1`` keys.
+* ``divided_space_time`` -- time (same position in every frame, CLS excluded): ``T`` keys; then
+  space (own frame plus the CLS): ``N + 1`` keys. ``T + N + 1`` in all.
+* ``sparse_local_global`` -- local: the ``T x H/2 x W/2`` window (the patch grid tiled in 2 x 2
+  windows through all frames, CLS excluded): ``T * N / 4`` keys; then sparse global: every other
+  patch along t, h and w over the whole clip, on the query's own parity lattice, plus the CLS:
+  ``T * N / 8 + 1`` keys. Needs even ``T``, ``H`` and ``W``.
+* ``axial`` -- time: ``T`` keys; then width (own frame and row): ``W`` keys; then height (own frame
+  and column, plus the CLS): ``H + 1`` keys.
+
+The schemes with several attention steps learn separate q/k/v for each step (paper, Sec. 3). The
+last step always uses the ImageNet ViT's names ``norm1``/``attn``, so an image checkpoint loads into
+it directly; the added steps (``temporal_*``, ``width_*``, ``local_*``) each have their own LayerNorm,
+attention and zero-initialised output ``*_fc``, so at initialisation they add nothing.
+
+Where the CLS token takes part in a grouped step it is replicated into every group and its updates
+are averaged, as the original does for frames in divided attention.
+
+Activation checkpointing is not built in: ``apply_activation_checkpointing`` sets a checkpoint
+function on chosen blocks from outside, so DeepSpeed and plain PyTorch training share one policy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
+
+ATTENTION_TYPES = (
+    "space_only",
+    "joint_space_time",
+    "divided_space_time",
+    "sparse_local_global",
+    "axial",
+)
+POS_EMBED_TYPES = ("none", "space", "space_time")
+# The extra (non-ViT) attention steps of each scheme, in the order they run, before the ViT step.
+EXTRA_STEPS = {
+    "space_only": (),
+    "joint_space_time": (),
+    "divided_space_time": ("temporal",),
+    "sparse_local_global": ("local",),
+    "axial": ("temporal", "width"),
+}
+
+
+@dataclass(frozen=True)
+class TimeSformerConfig:
+    """Everything that defines a TimeSformer; the defaults are TimeSformer 8x224 for Kinetics-400."""
+
+    num_classes: int = 400
+    num_frames: int = 8
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    attention_type: str = "divided_space_time"
+    pos_embed: str = "space_time"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    norm_eps: float = 1e-6
+    # Interpolation used when an input's patch grid or frame count differs from the embeddings'.
+    pos_embed_resize: str = "bicubic"
+    time_embed_resize: str = "nearest"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"TimeSformerConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        if self.attention_type not in ATTENTION_TYPES:
+            raise bad("attention_type", f"one of {', '.join(ATTENTION_TYPES)}")
+        if self.pos_embed not in POS_EMBED_TYPES:
+            raise bad("pos_embed", f"one of {', '.join(POS_EMBED_TYPES)}")
+        for name in ("num_frames", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "a positive integer")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise bad("num_classes", "an integer >= 0 (0: no head, features only)")
+        if self.img_size % self.patch_size:
+            raise bad("img_size", f"a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise bad("embed_dim", f"a multiple of num_heads={self.num_heads}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "a probability in [0, 1)")
+        if self.mlp_ratio <= 0:
+            raise bad("mlp_ratio", "a positive number")
+        if self.pos_embed_resize not in ("nearest", "bilinear", "bicubic"):
+            raise bad("pos_embed_resize", "nearest, bilinear or bicubic")
+        if self.time_embed_resize not in ("nearest", "linear"):
+            raise bad("time_embed_resize", "nearest or linear")
+        if self.attention_type == "sparse_local_global":
+            check_local_global_shape(self.num_frames, self.grid_size, where="TimeSformerConfig")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        n = self.img_size // self.patch_size
+        return (n, n)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def has_time_embed(self) -> bool:
+        # space_only never mixes frames, so the original has no time embedding there.
+        return self.pos_embed == "space_time" and self.attention_type != "space_only"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TimeSformerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown model field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+def check_local_global_shape(num_frames: int, grid: tuple[int, int], where: str) -> None:
+    gh, gw = grid
+    if num_frames % 2 or gh % 2 or gw % 2:
+        raise ValueError(
+            f"{where}: sparse_local_global attention needs an even number of frames and an even patch "
+            f"grid (2x2 local windows, stride-2 global lattice); got {num_frames} frames and a {gh}x{gw} grid"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole rows of dim 0 with probability p, rescale the rest (as the original)."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class DropPath(nn.Module):
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return drop_path(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.4f}"
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over dim 1 of ``(G, L, D)``; fused qkv as timm (q, k, v then heads)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x_GLD: torch.Tensor) -> torch.Tensor:
+        G, L, D = x_GLD.shape
+        qkv = self.qkv(x_GLD).view(G, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (G, heads, L, head_dim)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        o = o.transpose(1, 2).reshape(G, L, D)
+        return self.proj_drop(self.proj(o))
+
+
+class Block(nn.Module):
+    """One TimeSformer block: the scheme's attention steps, then the MLP, each pre-LN and residual.
+
+    ``forward(x, T, grid)`` takes ``x = [CLS] + (t h w)`` patch tokens, ``(B, 1 + T*H*W, D)``; for
+    ``space_only`` the model passes frames as the batch, ``(B*T, 1 + H*W, D)``, with ``T = 1``.
+    """
+
+    def __init__(self, cfg: TimeSformerConfig, drop_path_rate: float) -> None:
+        super().__init__()
+        dim, eps = cfg.embed_dim, cfg.norm_eps
+        self.attention_type = cfg.attention_type
+        attn = partial(Attention, dim, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
+        for step in EXTRA_STEPS[cfg.attention_type]:
+            self.add_module(f"{step}_norm1", nn.LayerNorm(dim, eps=eps))
+            self.add_module(f"{step}_attn", attn())
+            self.add_module(f"{step}_fc", nn.Linear(dim, dim))
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = attn()
+        self.drop_path = DropPath(drop_path_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, cfg.mlp_dim, cfg.drop_rate)
+        # Set from outside by apply_activation_checkpointing; None runs the block plainly.
+        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+        if self.checkpoint_fn is not None and torch.is_grad_enabled():
+            return self.checkpoint_fn(self._forward, x, T, grid)
+        return self._forward(x, T, grid)
+
+    def _forward(self, x: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+        x = self.attend(x, T, grid)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    # -- attention steps ------------------------------------------------------------------------
+
+    def attend(self, x: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+        """All attention steps of the block (everything but the MLP)."""
+        if self.attention_type in ("space_only", "joint_space_time"):
+            return x + self.drop_path(self.attn(self.norm1(x)))
+        cls, xp = x[:, :1], x[:, 1:]
+        for step in EXTRA_STEPS[self.attention_type]:
+            xp = getattr(self, f"_{step}_step")(xp, T, grid)
+        cls, xp = getattr(self, f"_{self.attention_type}_last_step")(cls, xp, T, grid)
+        return torch.cat([cls, xp], dim=1)
+
+    def _extra_step(self, step: str, xp_GLD: torch.Tensor) -> torch.Tensor:
+        """Residual update of a grouped extra step; drop-path per group row, then the zero-init fc."""
+        r = self.drop_path(getattr(self, f"{step}_attn")(getattr(self, f"{step}_norm1")(xp_GLD)))
+        return getattr(self, f"{step}_fc")(r)
+
+    def _temporal_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+        B, L, D = xp.shape
+        N = L // T
+        x_BNTD = xp.reshape(B, T, N, D).transpose(1, 2)
+        r = self._extra_step("temporal", x_BNTD.reshape(B * N, T, D))
+        return xp + r.reshape(B, N, T, D).transpose(1, 2).reshape(B, L, D)
+
+    def _width_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+        B, L, D = xp.shape
+        gh, gw = grid
+        r = self._extra_step("width", xp.reshape(B * T * gh, gw, D))
+        return xp + r.reshape(B, L, D)
+
+    def _local_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+        B, L, D = xp.shape
+        gh, gw = grid
+        # (b t wy h' wx w') -> (b wy wx) (t h' w'): 2x2 windows of (gh/2, gw/2) through all frames
+        x = xp.reshape(B, T, 2, gh // 2, 2, gw // 2, D).permute(0, 2, 4, 1, 3, 5, 6)
+        r = self._extra_step("local", x.reshape(B * 4, L // 4, D))
+        r = r.reshape(B, 2, 2, T, gh // 2, gw // 2, D).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, L, D)
+        return xp + r
+
+    def _with_cls(self, cls: torch.Tensor, x_BGSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ViT step over groups: CLS replicated into each of G groups of S tokens, updates averaged."""
+        B, G, S, D = x_BGSD.shape
+        seq = torch.cat([cls.expand(B, G, D).reshape(B * G, 1, D), x_BGSD.reshape(B * G, S, D)], dim=1)
+        r = self.drop_path(self.attn(self.norm1(seq)))
+        cls = cls + r[:, 0].view(B, G, D).mean(dim=1, keepdim=True)
+        return cls, r[:, 1:].reshape(B, G, S, D)
+
+    def _divided_space_time_last_step(self, cls, xp, T, grid):
+        B, L, D = xp.shape
+        cls, r = self._with_cls(cls, xp.reshape(B, T, L // T, D))
+        return cls, xp + r.reshape(B, L, D)
+
+    def _axial_last_step(self, cls, xp, T, grid):
+        B, L, D = xp.shape
+        gh, gw = grid
+        cols = xp.reshape(B, T, gh, gw, D).transpose(2, 3).reshape(B, T * gw, gh, D)
+        cls, r = self._with_cls(cls, cols)
+        return cls, xp + r.reshape(B, T, gw, gh, D).transpose(2, 3).reshape(B, L, D)
+
+    def _sparse_local_global_last_step(self, cls, xp, T, grid):
+        B, L, D = xp.shape
+        gh, gw = grid
+        # (b t' pt h' ph w' pw) -> b (pt ph pw) (t' h' w'): 8 stride-2 lattices over the whole clip
+        x = xp.reshape(B, T // 2, 2, gh // 2, 2, gw // 2, 2, D).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        cls, r = self._with_cls(cls, x.reshape(B, 8, L // 8, D))
+        r = r.reshape(B, 2, 2, 2, T // 2, gh // 2, gw // 2, D).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return cls, xp + r.reshape(B, L, D)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model
+
+
+class TimeSformer(nn.Module):
+    """TimeSformer video classifier: ``(B, C, T, H, W)`` normalised clips to ``(B, num_classes)`` logits.
+
+    Frame count and resolution may differ from the config's at run time: the position embedding is
+    resized over the 2-D patch grid and the time embedding over time (see ``resize_pos_embed``).
+    """
+
+    def __init__(self, cfg: TimeSformerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.embed_dim
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D)) if cfg.pos_embed != "none" else None
+        self.time_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, D)) if cfg.has_time_embed else None
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, rates[i]) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The original initialisation: trunc-normal(0.02) linears and embeddings, zero time embedding
+        and zero ``*_fc`` layers, so that at step 0 the model is the spatial (image) ViT."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.time_embed is not None:
+            nn.init.zeros_(self.time_embed)
+        for blk in self.blocks:
+            for step in EXTRA_STEPS[self.cfg.attention_type]:
+                fc = getattr(blk, f"{step}_fc")
+                nn.init.zeros_(fc.weight)
+                nn.init.zeros_(fc.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that recipes may exempt from weight decay (the original decays all)."""
+        return {"cls_token", "pos_embed", "time_embed"}
+
+    # -- embeddings -------------------------------------------------------------------------------
+
+    def embed(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """Patchify and add embeddings; returns the token sequence, the frame count and the patch grid."""
+        cfg = self.cfg
+        if video_BCTHW.ndim != 5 or video_BCTHW.shape[1] != cfg.in_chans:
+            raise ValueError(
+                f"TimeSformer expects video as (B, C={cfg.in_chans}, T, H, W); got shape {tuple(video_BCTHW.shape)}"
+            )
+        B, C, T, H, W = video_BCTHW.shape
+        if H % cfg.patch_size or W % cfg.patch_size:
+            raise ValueError(f"frame size {H}x{W} is not a multiple of the patch size {cfg.patch_size}")
+        if cfg.attention_type == "sparse_local_global":
+            check_local_global_shape(T, (H // cfg.patch_size, W // cfg.patch_size), where="TimeSformer input")
+        x, grid = self.patch_embed(video_BCTHW)  # (B*T, N, D)
+        N, D = x.shape[1], x.shape[2]
+        cls = self.cls_token
+        if self.pos_embed is not None:
+            pos = resize_pos_embed(self.pos_embed, self.cfg.grid_size, grid, self.cfg.pos_embed_resize)
+            cls = cls + pos[:, :1]
+            x = x + pos[:, 1:]
+        if self.cfg.attention_type == "space_only":
+            x = torch.cat([cls.expand(B * T, 1, D), x], dim=1)
+            return self.pos_drop(x), T, grid
+        x = x.view(B, T, N, D)
+        if self.time_embed is not None:
+            x = x + resize_time_embed(self.time_embed, T, self.cfg.time_embed_resize).unsqueeze(2)
+        x = torch.cat([cls.expand(B, 1, D), x.reshape(B, T * N, D)], dim=1)
+        return self.pos_drop(x), T, grid
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward_tokens(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """Token sequence after the last block (before the final norm)."""
+        x, T, grid = self.embed(video_BCTHW)
+        block_T = 1 if self.cfg.attention_type == "space_only" else T
+        for blk in self.blocks:
+            x = blk(x, block_T, grid)
+        return x, T, grid
+
+    def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        """Final-norm CLS feature, ``(B, D)``."""
+        x, T, _ = self.forward_tokens(video_BCTHW)
+        if self.cfg.attention_type == "space_only":
+            # The original averages all tokens over frames, then applies the final norm.
+            x = x.view(-1, T, x.shape[1], x.shape[2]).mean(dim=1)
+        return self.norm(x[:, 0])  # LayerNorm is per token: normalising only the CLS is the same
+
+    def forward(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(video_BCTHW))
+
+
+class PatchEmbed(nn.Module):
+    """Per-frame ``P x P`` stride-``P`` convolution, ``(B, C, T, H, W) -> (B*T, N, D)`` frame-major."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        B, C, T, H, W = video_BCTHW.shape
+        frames = video_BCTHW.transpose(1, 2).reshape(B * T, C, H, W)
+        x = self.proj(frames)
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],
+                     mode: str = "bicubic") -> torch.Tensor:
+    """Resize a ``(1, 1 + gh*gw, D)`` [CLS + raster] position embedding over its 2-D patch grid.
+
+    Unlike the original's 1-D interpolation over the flattened raster (which scrambles rows), this
+    interpolates the grid as an image. The CLS entry is kept as it is.
+    """
+    old_grid, new_grid = tuple(old_grid), tuple(new_grid)
+    if old_grid == new_grid:
+        return pos_embed
+    D = pos_embed.shape[-1]
+    if pos_embed.shape[1] != 1 + old_grid[0] * old_grid[1]:
+        raise ValueError(
+            f"pos_embed has {pos_embed.shape[1]} entries; a {old_grid[0]}x{old_grid[1]} grid needs "
+            f"{1 + old_grid[0] * old_grid[1]} (CLS + patches)"
+        )
+    cls, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    img = grid.reshape(1, old_grid[0], old_grid[1], D).permute(0, 3, 1, 2)
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    img = F.interpolate(img.float(), size=new_grid, mode=mode, **kwargs).to(pos_embed.dtype)
+    return torch.cat([cls, img.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], D)], dim=1)
+
+
+def resize_time_embed(time_embed: torch.Tensor, num_frames: int, mode: str = "nearest") -> torch.Tensor:
+    """Resize a ``(1, T, D)`` time embedding to ``num_frames`` along time (nearest: as the original,
+    so 8 -> 16 repeats each entry twice)."""
+    if time_embed.shape[1] == num_frames:
+        return time_embed
+    kwargs = {} if mode == "nearest" else {"align_corners": False}
+    t = F.interpolate(time_embed.float().transpose(1, 2), size=num_frames, mode=mode, **kwargs)
+    return t.transpose(1, 2).to(time_embed.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activation checkpointing, applied from outside
+
+
+def parse_checkpoint_policy(policy: str | int | None) -> int:
+    """``none``/0 -> 0; ``full``/``every_block``/1 -> 1; ``every_k`` or an int k -> every k-th block."""
+    if policy is None or policy in ("none", 0, False):
+        return 0
+    if policy in ("full", "every_block", True):
+        return 1
+    if isinstance(policy, int) and policy > 0:
+        return policy
+    if isinstance(policy, str) and policy.startswith("every_") and policy[6:].isdigit() and int(policy[6:]) > 0:
+        return int(policy[6:])
+    raise ValueError(
+        f"activation checkpointing policy {policy!r}: expected 'none', 'full' (every block), "
+        f"'every_<k>' (every k-th block) or a positive integer k"
+    )
+
+
+def apply_activation_checkpointing(
+    model: TimeSformer,
+    policy: str | int | None,
+    checkpoint_fn: Callable[..., torch.Tensor] | None = None,
+) -> list[int]:
+    """Recompute chosen blocks in the backward pass instead of keeping their activations.
+
+    ``checkpoint_fn(function, *args)`` defaults to non-reentrant ``torch.utils.checkpoint``; pass
+    DeepSpeed's ``deepspeed.checkpointing.checkpoint`` to use its implementation. Returns the indices
+    of checkpointed blocks. State-dict keys do not change.
+    """
+    every = parse_checkpoint_policy(policy)
+    fn = checkpoint_fn or partial(torch_checkpoint, use_reentrant=False)
+    chosen = []
+    for i, blk in enumerate(model.blocks):
+        on = every > 0 and i % every == 0
+        blk.checkpoint_fn = fn if on else None
+        if on:
+            chosen.append(i)
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {
+    "timesformer_base": Variant("TimeSformer 8x224, ViT-B/16, divided space-time (paper Table 5)",
+                                dict(num_frames=8, img_size=224)),
+    "timesformer_hr": Variant("TimeSformer-HR 16x448, ViT-B/16", dict(num_frames=16, img_size=448)),
+    "timesformer_l": Variant("TimeSformer-L 96x224, ViT-B/16", dict(num_frames=96, img_size=224)),
+    "timesformer_tiny": Variant(
+        "tiny test/demo model: 4 frames of 32x32, 8x8 patches, 2 blocks of width 64",
+        dict(num_frames=4, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10,
+             drop_path_rate=0.0),
+    ),
+}
+
+
+def variant_config(name: str, **overrides: Any) -> TimeSformerConfig:
+    """The config of a registered variant with field overrides (e.g. ``attention_type="joint_space_time"``)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}; known: {', '.join(VARIANTS)}")
+    return TimeSformerConfig.from_dict({**VARIANTS[name].overrides, **overrides}, where=f"variant {name}")
+
+
+def create_model(name: str, **overrides: Any) -> TimeSformer:
+    """Build a registered variant: ``create_model("timesformer_l", num_classes=600)``."""
+    return TimeSformer(variant_config(name, **overrides))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = [
+    "ATTENTION_TYPES", "POS_EMBED_TYPES", "VARIANTS", "TimeSformer", "TimeSformerConfig", "Block", "Attention",
+    "apply_activation_checkpointing", "parse_checkpoint_policy", "create_model", "variant_config",
+    "resize_pos_embed", "resize_time_embed", "count_parameters",
+]
