@@ -127,26 +127,23 @@ def inflate_vit(vit_state: Mapping[str, torch.Tensor], model: TimeSformer, *, wh
     model is the image ViT on every frame. The head is dropped when the class count differs.
     """
     cfg = model.cfg
+    target = model.state_dict()
     state = {k: v for k, v in vit_state.items() if not k.startswith(("fc_norm.", "pre_logits."))}
     if "pos_embed" in state and model.pos_embed is None:
         del state["pos_embed"]
     new = dict(state)
     for i in range(cfg.depth):
         for step in EXTRA_STEPS[cfg.attention_type]:
-            for part in ("qkv.weight", "qkv.bias", "proj.weight", "proj.bias"):
-                src = f"blocks.{i}.attn.{part}"
-                if src in state:
-                    new[f"blocks.{i}.{step}_attn.{part}"] = state[src].clone()
+            for src, dst in ((f"blocks.{i}.attn.", f"blocks.{i}.{step}_attn."),
+                             (f"blocks.{i}.norm1.", f"blocks.{i}.{step}_norm1.")):
+                new.update({dst + k[len(src):]: v.clone() for k, v in state.items() if k.startswith(src)})
             for part in ("weight", "bias"):
-                if f"blocks.{i}.norm1.{part}" in state:
-                    new[f"blocks.{i}.{step}_norm1.{part}"] = state[f"blocks.{i}.norm1.{part}"].clone()
-                new[f"blocks.{i}.{step}_fc.{part}"] = torch.zeros_like(model.state_dict()[f"blocks.{i}.{step}_fc.{part}"])
+                new[f"blocks.{i}.{step}_fc.{part}"] = torch.zeros_like(target[f"blocks.{i}.{step}_fc.{part}"])
     if model.time_embed is not None and "time_embed" not in new:
         new["time_embed"] = torch.zeros_like(model.time_embed)
-    head_fits = "head.weight" in new and new["head.weight"].shape == model.state_dict().get("head.weight",
-                                                                                           torch.empty(0)).shape
-    if reset_head is None:
-        reset_head = not head_fits
+    if reset_head is None:  # an ImageNet head (1000 classes) on a video model of other classes
+        theirs = new.get("head.weight", torch.empty(0)).shape
+        reset_head = "head.weight" in target and theirs != target["head.weight"].shape
     return adapt_state_dict(new, model, reset_head=reset_head, where=where)
 
 

@@ -343,7 +343,7 @@ class TimeSformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, D)) if cfg.pos_embed != "none" else None
         self.time_embed = nn.Parameter(torch.zeros(1, cfg.num_frames, D)) if cfg.has_time_embed else None
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth, device="cpu").tolist()  # also under meta init
         self.blocks = nn.ModuleList(Block(cfg, rates[i]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.head = nn.Linear(D, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
