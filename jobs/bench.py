@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             verdicts.append(dict(case=case.name, impl=impl, ratio=ratio, target=target))
             print(f"  {case.name:18s} {impl:13s} {ratio:5.2f}x{verdict}")
     for name in (args.profile.split(",") if args.profile else []):
-        for impl in impls_for(known[name]):
+        for impl in impls:
             profile_case(known[name], impl, device, dtype)
     if args.out:
         with open(args.out, "w") as f:
