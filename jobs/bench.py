@@ -104,13 +104,18 @@ class Runner:
     def __init__(self, case: Case, impl: str, device: torch.device, dtype: torch.dtype) -> None:
         self.case, self.impl, self.device = case, impl, device
         before = self.allocated()
-        self.cfg, self.model = build(case, impl.replace("+compile", ""), device, dtype, impl.endswith("+compile"))
+        base, *flags = impl.split("+")  # "ours+compile", "ours+flash": variants of ours
+        self.cfg, self.model = build(case, base, device, dtype, "compile" in flags)
+        self.backend = None
+        if "flash" in flags:
+            from torch.nn.attention import SDPBackend
+            self.backend = SDPBackend.FLASH_ATTENTION
         g = torch.Generator(device="cpu").manual_seed(1)
         cfg = self.cfg
         self.x = torch.randn(case.batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, generator=g).to(device, dtype)
         self.y = torch.randint(0, cfg.num_classes, (case.batch,), generator=g).to(device)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9) if case.train else None
-        self.fwd_impl = impl.replace("+compile", "")
+        self.fwd_impl = base
         for _ in range(3):  # warm-up (and compilation)
             self.step()
         self.sync()
@@ -126,6 +131,14 @@ class Runner:
             torch.cuda.synchronize(self.device)
 
     def step(self) -> None:
+        if self.backend is not None:
+            from torch.nn.attention import sdpa_kernel
+
+            with sdpa_kernel(self.backend):
+                return self._step()
+        return self._step()
+
+    def _step(self) -> None:
         if self.case.train:
             loss = torch.nn.functional.cross_entropy(forward(self.fwd_impl, self.model, self.x).float(), self.y)
             loss.backward()
@@ -159,7 +172,15 @@ def measure_case(case: Case, impls: list[str], device: torch.device, dtype: torc
                  seconds: float) -> list[dict]:
     """Build every implementation, then alternate single timed steps between them (swapping which goes
     first), so a noisy machine slows all of them alike; report the median step of each."""
-    runners = [Runner(case, impl, device, dtype) for impl in impls]
+    runners = []
+    for impl in impls:
+        try:
+            runners.append(Runner(case, impl, device, dtype))
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as e:  # a variant that fails to build (e.g. a compiler error) must not sink the run
+            print(f"{case.name:18s} {impl:13s} failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:120]}",
+                  flush=True)
     residents = [sum(o.resident for o in runners if o is not run) for run in runners]
     start, i = time.perf_counter(), 0
     while time.perf_counter() - start < seconds * len(runners) or i < 6:
@@ -205,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=None, help="timed seconds per implementation and case")
     p.add_argument("--compile", default=None, metavar="CASES",
                    help="also time ours with torch.compile'd blocks for these cases ('all' or comma-separated)")
+    p.add_argument("--flash", default=None, metavar="CASES",
+                   help="also time ours with SDPA restricted to FlashAttention for these cases")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--profile", default=None, help="after timing, profile these cases (comma-separated)")
     p.add_argument("--dry-run", action="store_true", help="print the cases and exit")
@@ -220,10 +243,14 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"unknown case(s) {unknown}; known: {', '.join(known)}")
         cases = [known[n] for n in args.cases.split(",")]
     impls = args.impls.split(",")
-    compiled = {c.name for c in cases} if args.compile == "all" else set((args.compile or "").split(",")) - {""}
+    def chosen(arg: str | None) -> set[str]:
+        return {c.name for c in cases} if arg == "all" else set((arg or "").split(",")) - {""}
+
+    compiled, flash = chosen(args.compile), chosen(args.flash)
 
     def impls_for(case: Case) -> list[str]:
-        return impls + (["ours+compile"] if case.name in compiled else [])
+        return (impls + (["ours+compile"] if case.name in compiled else [])
+                + (["ours+flash"] if case.name in flash else []))
 
     seconds = args.seconds or (3.0 if device.type == "cuda" else 10.0)
     if args.dry_run:

@@ -42,6 +42,7 @@ function on chosen blocks from outside, so DeepSpeed and plain PyTorch training 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -166,13 +167,18 @@ def check_local_global_shape(num_frames: int, grid: tuple[int, int], where: str)
 # Layers
 
 
+def drop_path_mask(x: torch.Tensor, p: float, training: bool) -> torch.Tensor | None:
+    """Stochastic depth mask for the rows of dim 0: 0 with probability p, else 1/(1-p); None when off."""
+    if p == 0.0 or not training:
+        return None
+    keep = 1.0 - p
+    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+
+
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole rows of dim 0 with probability p, rescale the rest (as the original)."""
-    if p == 0.0 or not training:
-        return x
-    keep = 1.0 - p
-    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-    return x * mask.div_(keep)
+    mask = drop_path_mask(x, p, training)
+    return x if mask is None else x * mask
 
 
 class DropPath(nn.Module):
@@ -224,8 +230,14 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """One TimeSformer block: the scheme's attention steps, then the MLP, each pre-LN and residual.
 
-    ``forward(x, T, grid)`` takes ``x = [CLS] + (t h w)`` patch tokens, ``(B, 1 + T*H*W, D)``; for
-    ``space_only`` the model passes frames as the batch, ``(B*T, 1 + H*W, D)``, with ``T = 1``.
+    ``forward(tokens, T, grid)`` takes and returns a tuple of token tensors:
+
+    * ``joint_space_time`` and ``space_only``: ``(x,)``, one sequence with the CLS first,
+      ``(B, 1 + T*H*W, D)``; for ``space_only`` the model passes frames as the batch,
+      ``(B*T, 1 + H*W, D)``, with ``T = 1``.
+    * the grouped schemes: ``(cls, patches)``, ``(B, 1, D)`` and ``(B, T*H*W, D)`` in ``(t h w)``
+      order. Keeping the CLS apart spares every block two copies of the whole clip (stripping it
+      before the grouped steps and prepending it after them).
     """
 
     def __init__(self, cfg: TimeSformerConfig, drop_path_rate: float) -> None:
@@ -243,28 +255,34 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, cfg.mlp_dim, cfg.drop_rate)
         # Set from outside by apply_activation_checkpointing; None runs the block plainly.
-        self.checkpoint_fn: Callable[..., torch.Tensor] | None = None
+        self.checkpoint_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
-    def forward(self, x: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+    def forward(self, tokens: tuple[torch.Tensor, ...], T: int, grid: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         if self.checkpoint_fn is not None and torch.is_grad_enabled():
-            return self.checkpoint_fn(self._forward, x, T, grid)
-        return self._forward(x, T, grid)
+            # tensors as positional arguments, so reentrant implementations (DeepSpeed's) work too
+            return self.checkpoint_fn(self._forward, T, grid, *tokens)
+        return self._forward(T, grid, *tokens)
 
-    def _forward(self, x: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
-        x = self.attend(x, T, grid)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    # -- attention steps ------------------------------------------------------------------------
-
-    def attend(self, x: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
-        """All attention steps of the block (everything but the MLP)."""
-        if self.attention_type in ("space_only", "joint_space_time"):
-            return x + self.drop_path(self.attn(self.norm1(x)))
-        cls, xp = x[:, :1], x[:, 1:]
+    def _forward(self, T: int, grid: tuple[int, int], *tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(tokens) == 1:  # one sequence: a plain ViT block
+            (x,) = tokens
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return (x + self.drop_path(self.mlp(self.norm2(x))),)
+        cls, xp = tokens
         for step in EXTRA_STEPS[self.attention_type]:
             xp = getattr(self, f"_{step}_step")(xp, T, grid)
         cls, xp = getattr(self, f"_{self.attention_type}_last_step")(cls, xp, T, grid)
-        return torch.cat([cls, xp], dim=1)
+        # MLP with one drop-path draw per video for its CLS and patches, as on the joined sequence
+        keep = drop_path_mask(xp, self.drop_path.p, self.training)
+        r_cls, r_xp = self.mlp(self.norm2(cls)), self.mlp(self.norm2(xp))
+        if keep is not None:
+            r_cls, r_xp = r_cls * keep, r_xp * keep
+        return cls + r_cls, xp + r_xp
+
+    # -- attention steps ------------------------------------------------------------------------
+    # Each takes the patches (B, T*H*W, D) in (t h w) order. Regrouping for an attention needs one
+    # copy in; the update comes back through a strided view added to the patches (one kernel, and
+    # the result keeps the patches' layout because they are the first operand).
 
     def _extra_step(self, step: str, xp_GLD: torch.Tensor) -> torch.Tensor:
         """Residual update of a grouped extra step; drop-path per group row, then the zero-init fc."""
@@ -274,53 +292,58 @@ class Block(nn.Module):
     def _temporal_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
         B, L, D = xp.shape
         N = L // T
-        x_BNTD = xp.reshape(B, T, N, D).transpose(1, 2)
-        r = self._extra_step("temporal", x_BNTD.reshape(B * N, T, D))
-        return xp + r.reshape(B, N, T, D).transpose(1, 2).reshape(B, L, D)
+        r = self._extra_step("temporal", xp.view(B, T, N, D).transpose(1, 2).reshape(B * N, T, D))
+        return (xp.view(B, T, N, D) + r.view(B, N, T, D).transpose(1, 2)).view(B, L, D)
 
     def _width_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
         B, L, D = xp.shape
         gh, gw = grid
-        r = self._extra_step("width", xp.reshape(B * T * gh, gw, D))
-        return xp + r.reshape(B, L, D)
+        return xp + self._extra_step("width", xp.view(B * T * gh, gw, D)).view(B, L, D)
 
     def _local_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
         B, L, D = xp.shape
         gh, gw = grid
         # (b t wy h' wx w') -> (b wy wx) (t h' w'): 2x2 windows of (gh/2, gw/2) through all frames
-        x = xp.reshape(B, T, 2, gh // 2, 2, gw // 2, D).permute(0, 2, 4, 1, 3, 5, 6)
-        r = self._extra_step("local", x.reshape(B * 4, L // 4, D))
-        r = r.reshape(B, 2, 2, T, gh // 2, gw // 2, D).permute(0, 3, 1, 4, 2, 5, 6).reshape(B, L, D)
-        return xp + r
+        x7 = xp.view(B, T, 2, gh // 2, 2, gw // 2, D)
+        r = self._extra_step("local", x7.permute(0, 2, 4, 1, 3, 5, 6).reshape(B * 4, L // 4, D))
+        r = r.view(B, 2, 2, T, gh // 2, gw // 2, D).permute(0, 3, 1, 4, 2, 5, 6)
+        return (x7 + r).view(B, L, D)
 
-    def _with_cls(self, cls: torch.Tensor, x_BGSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ViT step over groups: CLS replicated into each of G groups of S tokens, updates averaged."""
-        B, G, S, D = x_BGSD.shape
-        seq = torch.cat([cls.expand(B, G, D).reshape(B * G, 1, D), x_BGSD.reshape(B * G, S, D)], dim=1)
+    def _with_cls(self, cls: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ViT step over groups: ``x`` is ``(B, *groups, S, D)`` (any strides); the CLS is replicated
+        into every group as its first token and its updates are averaged. Returns the new CLS and the
+        patches' update as a ``(B, *groups, S, D)`` view."""
+        B, S, D = x.shape[0], x.shape[-2], x.shape[-1]
+        groups = x.shape[1:-2]
+        G = math.prod(groups)
+        cls_rep = cls.view(B, *(1,) * len(groups), 1, D).expand(B, *groups, 1, D)
+        seq = torch.cat([cls_rep, x], dim=-2).view(B * G, 1 + S, D)  # one copy builds the sequences
         r = self.drop_path(self.attn(self.norm1(seq)))
         cls = cls + r[:, 0].view(B, G, D).mean(dim=1, keepdim=True)
-        return cls, r[:, 1:].reshape(B, G, S, D)
+        return cls, r[:, 1:].view(B, *groups, S, D)
 
     def _divided_space_time_last_step(self, cls, xp, T, grid):
         B, L, D = xp.shape
-        cls, r = self._with_cls(cls, xp.reshape(B, T, L // T, D))
-        return cls, xp + r.reshape(B, L, D)
+        x4 = xp.view(B, T, L // T, D)
+        cls, r = self._with_cls(cls, x4)
+        return cls, (x4 + r).view(B, L, D)
 
     def _axial_last_step(self, cls, xp, T, grid):
         B, L, D = xp.shape
         gh, gw = grid
-        cols = xp.reshape(B, T, gh, gw, D).transpose(2, 3).reshape(B, T * gw, gh, D)
-        cls, r = self._with_cls(cls, cols)
-        return cls, xp + r.reshape(B, T, gw, gh, D).transpose(2, 3).reshape(B, L, D)
+        x5 = xp.view(B, T, gh, gw, D)
+        cls, r = self._with_cls(cls, x5.transpose(2, 3))  # groups (t, w), sequence h
+        return cls, (x5 + r.transpose(2, 3)).view(B, L, D)
 
     def _sparse_local_global_last_step(self, cls, xp, T, grid):
         B, L, D = xp.shape
         gh, gw = grid
         # (b t' pt h' ph w' pw) -> b (pt ph pw) (t' h' w'): 8 stride-2 lattices over the whole clip
-        x = xp.reshape(B, T // 2, 2, gh // 2, 2, gw // 2, 2, D).permute(0, 2, 4, 6, 1, 3, 5, 7)
-        cls, r = self._with_cls(cls, x.reshape(B, 8, L // 8, D))
-        r = r.reshape(B, 2, 2, 2, T // 2, gh // 2, gw // 2, D).permute(0, 4, 1, 5, 2, 6, 3, 7)
-        return cls, xp + r.reshape(B, L, D)
+        x8 = xp.view(B, T // 2, 2, gh // 2, 2, gw // 2, 2, D)
+        lattices = x8.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, 8, L // 8, D)
+        cls, r = self._with_cls(cls, lattices)
+        r = r.view(B, 2, 2, 2, T // 2, gh // 2, gw // 2, D).permute(0, 4, 1, 5, 2, 6, 3, 7)
+        return cls, (x8 + r).view(B, L, D)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,8 +400,9 @@ class TimeSformer(nn.Module):
 
     # -- embeddings -------------------------------------------------------------------------------
 
-    def embed(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
-        """Patchify and add embeddings; returns the token sequence, the frame count and the patch grid."""
+    def embed(self, video_BCTHW: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int, tuple[int, int]]:
+        """Patchify and add embeddings. Returns the block tokens (see ``Block``), the frame count and
+        the patch grid."""
         cfg = self.cfg
         if video_BCTHW.ndim != 5 or video_BCTHW.shape[1] != cfg.in_chans:
             raise ValueError(
@@ -397,27 +421,35 @@ class TimeSformer(nn.Module):
             cls = cls + pos[:, :1]
             x = x + pos[:, 1:]
         if self.cfg.attention_type == "space_only":
-            x = torch.cat([cls.expand(B * T, 1, D), x], dim=1)
-            return self.pos_drop(x), T, grid
+            return (self.pos_drop(torch.cat([cls.expand(B * T, 1, D), x], dim=1)),), T, grid
         x = x.view(B, T, N, D)
         if self.time_embed is not None:
             x = x + resize_time_embed(self.time_embed, T, self.cfg.time_embed_resize).unsqueeze(2)
-        x = torch.cat([cls.expand(B, 1, D), x.reshape(B, T * N, D)], dim=1)
-        return self.pos_drop(x), T, grid
+        x = x.reshape(B, T * N, D)
+        cls = cls.expand(B, 1, D)
+        if self.cfg.attention_type == "joint_space_time":
+            return (self.pos_drop(torch.cat([cls, x], dim=1)),), T, grid
+        return (self.pos_drop(cls), self.pos_drop(x)), T, grid
 
     # -- forward ----------------------------------------------------------------------------------
 
-    def forward_tokens(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
-        """Token sequence after the last block (before the final norm)."""
-        x, T, grid = self.embed(video_BCTHW)
+    def _run_blocks(self, video_BCTHW: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int, tuple[int, int]]:
+        tokens, T, grid = self.embed(video_BCTHW)
         block_T = 1 if self.cfg.attention_type == "space_only" else T
         for blk in self.blocks:
-            x = blk(x, block_T, grid)
-        return x, T, grid
+            tokens = blk(tokens, block_T, grid)
+        return tokens, T, grid
+
+    def forward_tokens(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """Token sequence ``[CLS] + (t h w)`` after the last block, before the final norm; for
+        ``space_only`` one sequence per frame, ``(B*T, 1 + H*W, D)``."""
+        tokens, T, grid = self._run_blocks(video_BCTHW)
+        return torch.cat(tokens, dim=1), T, grid
 
     def forward_features(self, video_BCTHW: torch.Tensor) -> torch.Tensor:
         """Final-norm CLS feature, ``(B, D)``."""
-        x, T, _ = self.forward_tokens(video_BCTHW)
+        tokens, T, _ = self._run_blocks(video_BCTHW)
+        x = tokens[0]  # the CLS tokens, or the sequence with the CLS first
         if self.cfg.attention_type == "space_only":
             # The original averages all tokens over frames, then applies the final norm.
             x = x.view(-1, T, x.shape[1], x.shape[2]).mean(dim=1)
@@ -439,7 +471,7 @@ class PatchEmbed(nn.Module):
         frames = video_BCTHW.transpose(1, 2).reshape(B * T, C, H, W)
         x = self.proj(frames)
         grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2), grid
+        return x.flatten(2).transpose(1, 2).contiguous(), grid  # tokens contiguous from here on
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int],

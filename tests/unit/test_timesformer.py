@@ -164,6 +164,12 @@ def _block(scheme: str) -> Block:
     return randomize_(Block(cfg, drop_path_rate=0.0), std=0.1).eval()
 
 
+def _run_block(blk: Block, x: torch.Tensor, T: int = T, grid=(4, 4)) -> torch.Tensor:
+    """A whole block on a joined [CLS] + patches sequence (grouped schemes keep the CLS apart)."""
+    tokens = (x,) if blk.attention_type in ("joint_space_time", "space_only") else (x[:, :1], x[:, 1:])
+    return torch.cat(blk(tokens, T, grid), dim=1)
+
+
 def _perturbed(x: torch.Tensor, idx: int) -> torch.Tensor:
     y = x.clone()
     y[:, idx] += torch.randn(y.shape[-1])
@@ -238,7 +244,7 @@ def test_receptive_field_of_a_whole_block(scheme, expected):
     blk = _block(scheme)
     x = torch.randn(1, 1 + T * N, 64)
     with torch.no_grad():
-        a, b = blk(x, T, (GH, GW)), blk(_perturbed(x, 1 + P0), T, (GH, GW))
+        a, b = _run_block(blk, x), _run_block(blk, _perturbed(x, 1 + P0))
     assert {i - 1 for i in _changed(a, b) if i > 0} == expected
     assert 0 in _changed(a, b)
 
@@ -249,7 +255,7 @@ def test_space_only_block_sees_only_its_frame():
     y = x.clone()
     y[T0, 1 + H0 * GW + W0] += 1.0
     with torch.no_grad():
-        diff = (blk(y, 1, (GH, GW)) - blk(x, 1, (GH, GW))).abs().amax(dim=(1, 2))
+        diff = (_run_block(blk, y, 1) - _run_block(blk, x, 1)).abs().amax(dim=(1, 2))
     assert [d > 1e-6 for d in diff.tolist()] == [t == T0 for t in range(T)]
 
 
@@ -260,7 +266,7 @@ def test_at_initialisation_divided_blocks_are_per_frame_image_blocks():
     with torch.no_grad():
         blk.load_state_dict(TimeSformer(cfg).blocks[0].state_dict())  # the model's init zeroes temporal_fc
         x = torch.randn(1, 1 + T * N, 64)
-        changed = _changed(blk(x, T, (GH, GW)), blk(_perturbed(x, 1 + P0), T, (GH, GW)))
+        changed = _changed(_run_block(blk, x), _run_block(blk, _perturbed(x, 1 + P0)))
     assert {i - 1 for i in changed if i > 0} == EXPECTED_LAST["divided_space_time"]
 
 
@@ -350,8 +356,8 @@ def test_activation_checkpointing_recomputes_the_forward_of_checkpointed_blocks(
     B, cfg = x.shape[0], m.cfg
     one_block_fwd = 2 * B * (c.attention_linear + c.attention_matmul + c.mlp) // cfg.depth
     # Non-reentrant checkpointing stops recomputing once every saved tensor is back: the block's last
-    # op, mlp.fc2, whose output backward does not need, is not run again.
-    fc2 = 2 * B * (1 + cfg.num_frames * cfg.num_patches) * cfg.mlp_dim * cfg.embed_dim
+    # op, mlp.fc2 over the patch tokens, whose output backward does not need, is not run again.
+    fc2 = 2 * B * cfg.num_frames * cfg.num_patches * cfg.mlp_dim * cfg.embed_dim
     apply_activation_checkpointing(m, "every_2")
     assert train_flops() - plain == 2 * (one_block_fwd - fc2)
     apply_activation_checkpointing(m, "full")
