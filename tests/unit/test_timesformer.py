@@ -307,8 +307,8 @@ def test_initialisation_follows_the_original():
 
 
 def test_checkpoint_policy_parsing():
-    assert [parse_checkpoint_policy(p) for p in ("none", "full", "every_block", "every_3", 2, None)] == [
-        0, 1, 1, 3, 2, 0]
+    assert [parse_checkpoint_policy(p) for p in ("none", "full", "every_block", "every_3", 2, None, "selective")] == [
+        0, 1, 1, 3, 2, 0, "selective"]
     with pytest.raises(ValueError, match="every_<k>"):
         parse_checkpoint_policy("sometimes")
     m = create_model("timesformer_tiny", depth=5)
@@ -362,3 +362,29 @@ def test_activation_checkpointing_recomputes_the_forward_of_checkpointed_blocks(
     assert train_flops() - plain == 2 * (one_block_fwd - fc2)
     apply_activation_checkpointing(m, "full")
     assert train_flops() - plain == 4 * (one_block_fwd - fc2)
+
+
+def test_selective_checkpointing_is_exact_and_recomputes_no_matmul():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = randomize_(create_model("timesformer_tiny", depth=3, drop_path_rate=0.2), std=0.05).train()
+    x, y = torch.randn(2, 3, 4, 32, 32), torch.tensor([1, 7])
+    loss_plain, grads_plain = _loss_and_grads(m, x, y)
+
+    def train_flops() -> int:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            m(x).sum().backward()
+        return counter.get_total_flops()
+
+    plain_flops = train_flops()
+    assert apply_activation_checkpointing(m, "selective") == [0, 1, 2]
+    loss_sel, grads_sel = _loss_and_grads(m, x, y)
+    assert torch.equal(loss_plain, loss_sel)
+    for name, g in grads_plain.items():
+        torch.testing.assert_close(grads_sel[name], g, atol=1e-6, rtol=1e-5, msg=name)
+    assert train_flops() == plain_flops  # matmuls and attention are kept, never recomputed
+    apply_activation_checkpointing(m, "full")
+    assert train_flops() > plain_flops
+    with pytest.raises(ValueError, match="do not pass checkpoint_fn"):
+        apply_activation_checkpointing(m, "selective", checkpoint_fn=lambda f, *a: f(*a))
