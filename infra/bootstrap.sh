@@ -4,13 +4,15 @@
 #
 #   bash infra/bootstrap.sh            # PYTHON=python3.11 to choose the interpreter, VENV=path to move it
 #
-# On a GPU cluster, install your CUDA build of torch into the venv after this (see README).
+# On a GPU cluster: create the venv, install your CUDA build of torch into it, then run this with
+# KEEP_TORCH=1, which installs everything else from the lock and leaves that torch alone (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 STAMP="$VENV/.bootstrap-stamp"
-want=$(cat requirements.lock pyproject.toml | sha256sum | cut -c1-16)
+KEEP_TORCH=${KEEP_TORCH:-0}
+want=$( (cat requirements.lock pyproject.toml; echo "keep_torch=$KEEP_TORCH") | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && [ -x "$VENV/bin/python" ]; then
   exit 0
@@ -22,8 +24,14 @@ case "$ver" in
 esac
 echo "bootstrap: installing the pinned dependency set into $VENV (first time: about 2 minutes)" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock 2> >(grep -v "is ignored: it is neither" >&2)
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+lock=requirements.lock
+if [ "$KEEP_TORCH" = 1 ]; then
+  "$VENV/bin/python" -c "import torch" 2>/dev/null \
+    || { echo "bootstrap: KEEP_TORCH=1 but $VENV has no torch; install your CUDA build of torch first" >&2; exit 2; }
+  lock=$(mktemp); grep -v '^torch==' requirements.lock > "$lock"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$lock" 2> >(grep -v "is ignored: it is neither" >&2)
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e . \
   2> >(grep -v "is ignored: it is neither" >&2)
 echo "$want" > "$STAMP"
 echo "bootstrap: ready ($VENV)" >&2

@@ -1,0 +1,36 @@
+"""The model jobs run end to end as a user runs them (small settings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_demo_prints_the_paper_numbers_and_classifies():
+    out = run_job("jobs/demo.py", "--quick")
+    assert out.returncode == 0, out.stderr
+    assert "121.57M" in out.stdout and "0.59T" in out.stdout and "7.15T" in out.stdout
+    assert out.stdout.count("-> class") == 5  # one forward pass per attention scheme
+
+
+def test_bench_compares_with_hugging_face_and_writes_json(tmp_path):
+    result = tmp_path / "bench.json"
+    out = run_job("jobs/bench.py", "--cases", "small_infer", "--seconds", "0.2", "--out", str(result))
+    assert out.returncode == 0, out.stderr
+    data = json.loads(result.read_text())
+    impls = {r["impl"]: r for r in data["results"]}
+    assert set(impls) == {"ours", "hf"} and all(r["clips_per_s"] > 0 for r in impls.values())
+    assert data["speedups"][0]["ratio"] == impls["ours"]["clips_per_s"] / impls["hf"]["clips_per_s"]
+
+
+def test_bench_rejects_an_unknown_case_by_name():
+    out = run_job("jobs/bench.py", "--cases", "huge_train")
+    assert out.returncode == 2 and "unknown case(s) ['huge_train']" in out.stderr
