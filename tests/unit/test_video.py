@@ -171,7 +171,7 @@ def test_fixed_rate_clips_of_the_recipes():
     clip = base.sample(20.0, np.random.default_rng(0))
     steps = np.diff(clip.times)
     assert len(clip.times) == 8 and np.allclose(steps, 32 / 30) and not clip.short
-    assert 0 <= clip.times[0] and clip.times[-1] < 20.0
+    assert clip.times[0] >= 0 and clip.times[-1] < 20.0
     starts = {round(base.sample(20.0, np.random.default_rng(s)).times[0], 3) for s in range(20)}
     assert len(starts) > 15  # random position for training
     assert base.sample(20.0, position="start").times[0] == 0.0
