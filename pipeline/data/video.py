@@ -25,6 +25,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
 
@@ -491,7 +492,7 @@ def encode_video(
         options.update(deadline="realtime", **{"cpu-used": "8"})
     stream.options = options
     if times is not None:
-        stream.codec_context.time_base = stream.time_base = __import__("fractions").Fraction(1, 1000)
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
     if rotation:
         stream.set_display_rotation(rotation)
     for i, arr in enumerate(frames):

@@ -1,0 +1,247 @@
+"""One interface for object storage: ``s3://bucket/prefix`` (any S3 endpoint, through boto3) and local
+directories (the embedded default).
+
+S3: the endpoint comes from the argument, else ``AWS_ENDPOINT_URL`` (boto3 reads it), credentials the
+usual boto3 way (environment, profile, instance role) and are never logged; retries are boto3's
+adaptive mode; large uploads are multipart (boto3's managed transfer). Writes are whole-object and
+atomic: an object is either there complete or not at all (S3 PUT semantics; locally, a temporary
+file renamed into place). Errors name the URI and say what to do (``StorageError``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed: names the URI and what to do about it."""
+
+
+class ObjectMissingError(StorageError, FileNotFoundError):
+    """The object does not exist."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str  # relative to the storage root
+    size: int
+
+
+class Storage(Protocol):
+    root_uri: str
+
+    def uri(self, key: str) -> str: ...
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
+    def put_file(self, key: str, path: str | os.PathLike) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str = "") -> list[ObjectInfo]: ...
+    def delete(self, key: str) -> None: ...
+
+
+def open_storage(uri: str | os.PathLike, *, endpoint_url: str | None = None) -> Storage:
+    """``s3://bucket[/prefix]`` or a local directory (created if missing)."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        bucket, _, prefix = uri[5:].partition("/")
+        if not bucket:
+            raise StorageError(f"{uri}: no bucket name; expected s3://bucket/prefix")
+        return S3Storage(bucket, prefix.strip("/"), endpoint_url=endpoint_url)
+    if "://" in uri:
+        raise StorageError(f"{uri}: unsupported scheme; use s3://bucket/prefix or a local path")
+    return LocalStorage(Path(uri))
+
+
+def join(prefix: str, key: str) -> str:
+    return f"{prefix}/{key}" if prefix else key
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class LocalStorage:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root_uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root not in path.parents and path != self.root:
+            raise StorageError(f"{key!r} escapes the storage root {self.root}")
+        return path
+
+    def uri(self, key: str) -> str:
+        return str(self._path(key))
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        self._write(key, io.BytesIO(data), if_absent)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        with open(path, "rb") as f:
+            self._write(key, f, False)
+
+    def _write(self, key: str, src: BinaryIO, if_absent: bool) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                while chunk := src.read(1 << 20):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if if_absent:
+                try:
+                    os.link(tmp, dest)  # atomic create-if-absent
+                except FileExistsError:
+                    raise StorageError(f"{dest}: already exists (objects here are never rewritten)") from None
+            else:
+                os.replace(tmp, dest)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as f:
+            return f.read()
+
+    def open(self, key: str) -> BinaryIO:
+        path = self._path(key)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise ObjectMissingError(f"{path}: no such object") from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self.root
+        out = []
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.startswith("."):
+                key = p.relative_to(base).as_posix()
+                if key.startswith(prefix):
+                    out.append(ObjectInfo(key, p.stat().st_size))
+        return out
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class S3Storage:
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None, client=None) -> None:
+        self.bucket, self.prefix = bucket, prefix
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        self.root_uri = f"s3://{bucket}/{prefix}".rstrip("/")
+        self._client = client
+
+    def __getstate__(self):  # picklable for DataLoader workers and Ray tasks: each rebuilds its client
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            import boto3
+            from botocore.config import Config
+
+            self._client = boto3.client(
+                "s3", endpoint_url=self.endpoint_url,
+                config=Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=120),
+            )
+        return self._client
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{join(self.prefix, key)}"
+
+    def _explain(self, e: Exception, key: str, action: str) -> StorageError:
+        from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+        where = self.uri(key) if key else self.root_uri
+        endpoint = self.endpoint_url or "the AWS default endpoint"
+        if isinstance(e, NoCredentialsError):
+            return StorageError(f"{where}: no S3 credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                                f"or an AWS profile")
+        if isinstance(e, EndpointConnectionError):
+            return StorageError(f"{where}: cannot reach {endpoint}; check AWS_ENDPOINT_URL and that the server runs")
+        if isinstance(e, ClientError):
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchBucket",):
+                return StorageError(f"{where}: bucket '{self.bucket}' does not exist at {endpoint}; create it "
+                                    f"(aws s3 mb s3://{self.bucket}) or fix the URI")
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return ObjectMissingError(f"{where}: no such object")
+            if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"):
+                return StorageError(f"{where}: access denied ({code}) while trying to {action}; check the "
+                                    f"credentials and the bucket policy")
+            if code in ("PreconditionFailed", "412"):
+                return StorageError(f"{where}: already exists (objects here are never rewritten)")
+            return StorageError(f"{where}: {action} failed ({code or type(e).__name__})")
+        return StorageError(f"{where}: {action} failed ({type(e).__name__}: {e})")
+
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+        try:
+            if if_absent:
+                self.client.put_object(Bucket=self.bucket, Key=join(self.prefix, key), Body=data, IfNoneMatch="*")
+            else:
+                self.client.put_object(Bucket=self.bucket, Key=join(self.prefix, key), Body=data)
+        except Exception as e:
+            raise self._explain(e, key, "write") from e
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        try:  # multipart above 64 MiB, in 64 MiB parts
+            self.client.upload_file(str(path), self.bucket, join(self.prefix, key),
+                                    Config=TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20))
+        except Exception as e:
+            raise self._explain(e, key, "upload") from e
+
+    def get_bytes(self, key: str) -> bytes:
+        with self.open(key) as body:
+            return body.read()
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=join(self.prefix, key))["Body"]
+        except Exception as e:
+            raise self._explain(e, key, "read") from e
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=join(self.prefix, key))
+            return True
+        except Exception as e:
+            err = self._explain(e, key, "check")
+            if isinstance(err, ObjectMissingError):
+                return False
+            raise err from e
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        full = join(self.prefix, prefix) if prefix else (self.prefix + "/" if self.prefix else "")
+        out = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]
+                    if key and not key.endswith("/"):  # skip directory marker objects
+                        out.append(ObjectInfo(key, obj["Size"]))
+        except Exception as e:
+            raise self._explain(e, prefix, "list") from e
+        return sorted(out, key=lambda o: o.key)
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=join(self.prefix, key))
+        except Exception as e:
+            raise self._explain(e, key, "delete") from e
