@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,3 +17,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def seaweedfs(tmp_path_factory):
+    """A real SeaweedFS S3 server on 127.0.0.1 for this test session; its credentials and endpoint are
+    exported the usual boto3 way (environment) for the duration, and the server is stopped after."""
+    from infra.seaweedfs import SeaweedFS
+
+    server = SeaweedFS(Path(tmp_path_factory.mktemp("seaweedfs")), access_key="test-key",
+                       secret_key="test-secret-value").start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(seaweedfs) -> str:
+    """A fresh bucket on the session's SeaweedFS."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    seaweedfs.create_bucket(name)
+    return name

@@ -36,6 +36,7 @@ class Storage(Protocol):
     root_uri: str
 
     def uri(self, key: str) -> str: ...
+    def check(self) -> None: ...
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
     def put_file(self, key: str, path: str | os.PathLike) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
@@ -79,6 +80,10 @@ class LocalStorage:
 
     def uri(self, key: str) -> str:
         return str(self._path(key))
+
+    def check(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageError(f"{self.root}: not writable; choose another output directory")
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         self._write(key, io.BytesIO(data), if_absent)
@@ -145,17 +150,22 @@ class S3Storage:
         self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
         self.root_uri = f"s3://{bucket}/{prefix}".rstrip("/")
         self._client = client
+        self._client_pid = os.getpid() if client is not None else None
 
     def __getstate__(self):  # picklable for DataLoader workers and Ray tasks: each rebuilds its client
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_client_pid": None}
 
     @property
     def client(self):
-        if self._client is None:
+        # One client per process: a forked DataLoader worker must not share the parent's connection pool
+        # (two processes reading one socket interleave their responses).
+        if self._client is None or self._client_pid != os.getpid():
+            self._client_pid = os.getpid()
             import boto3
             from botocore.config import Config
 
-            self._client = boto3.client(
+            # a session of its own: credentials are resolved now, not cached from an earlier client
+            self._client = boto3.session.Session().client(
                 "s3", endpoint_url=self.endpoint_url,
                 config=Config(retries={"max_attempts": 8, "mode": "adaptive"}, connect_timeout=10, read_timeout=120),
             )
@@ -188,6 +198,18 @@ class S3Storage:
                 return StorageError(f"{where}: already exists (objects here are never rewritten)")
             return StorageError(f"{where}: {action} failed ({code or type(e).__name__})")
         return StorageError(f"{where}: {action} failed ({type(e).__name__}: {e})")
+
+    def check(self) -> None:
+        """Fail early, and clearly, when the bucket is missing or not ours to use. Some servers create a
+        bucket on first write (SeaweedFS does); AWS does not, so writers check first."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as e:
+            from botocore.exceptions import ClientError
+
+            if isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket"):
+                e.response["Error"]["Code"] = "NoSuchBucket"
+            raise self._explain(e, "", "use the bucket") from e
 
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
         try:
