@@ -11,11 +11,11 @@ demo: venv
 	$(PY) jobs/demo.py
 
 test: venv
-	$(PY) -m ruff check pipeline jobs tests
+	$(PY) -m ruff check pipeline jobs tests infra
 	$(PY) -m pytest
 
 lint: venv
-	$(PY) -m ruff check pipeline jobs tests
+	$(PY) -m ruff check pipeline jobs tests infra
 
 bench: venv
 	$(PY) jobs/bench.py

@@ -90,7 +90,7 @@ def test_training_stream_is_deterministic_for_a_seed_and_step_and_moves_on_when_
     assert [x["key"] for x in resumed] != [x["key"] for x in a]
     other_rank = stream(seed=7, step=0, rank=1)
     assert [x["key"] for x in other_rank] != [x["key"] for x in a]
-    labels = collections.Counter(int(l) for x in a for l in x["label"])
+    labels = collections.Counter(int(y) for x in a for y in x["label"])
     assert set(labels) <= set(range(len(MOTION_CLASSES)))
 
 
