@@ -247,10 +247,12 @@ def decode_frames(
         picked: list = [None] * len(times)
         k, decoded, prev, eps = 0, 0, None, 1e-6
         seek_to = times[order[0]] if strategy == "seek" else None
+        sought = -1  # the target the last seek was for: never seek twice for one target (a seek can
+        # land before the planned keyframe, and planning again from there would loop forever)
         while k < len(order):
             if seek_to is not None:
                 v.seek(seek_to)
-                prev, seek_to = None, None
+                prev, seek_to, sought = None, None, k
             for frame in v.frames():
                 decoded += 1
                 t = (frame.time - v.start) if frame.time is not None else decoded / fps
@@ -262,7 +264,7 @@ def decode_frames(
                 prev = (frame, t)
                 if k >= len(order):
                     break
-                if strategy == "seek" and _seek_is_cheaper(keyframes, fps, t, times[order[k]]):
+                if strategy == "seek" and k != sought and _seek_is_cheaper(keyframes, fps, t, times[order[k]]):
                     seek_to = times[order[k]]
                     break
             else:  # end of stream: the last frame stays on screen

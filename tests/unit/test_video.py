@@ -54,6 +54,19 @@ def test_frames_come_back_by_timestamp(codec, container):
         assert clip.times == pytest.approx([0.0, 0.0, 0.1, 1.2, 2.9, 0.7], abs=1e-3)
 
 
+def test_seeking_into_b_frame_streams_terminates_and_agrees_with_a_linear_pass():
+    # x264 with B-frames: the index holds decode times, earlier than presentation times; a seek can land
+    # before the planned keyframe. Every strategy must still finish and return the same frames.
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, size=(64, 85, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)[:256, :320]
+    frames = np.stack([np.roll(base, shift=(2 * t, 3 * t), axis=(0, 1)) for t in range(150)])
+    video = encode_video(frames, 30, keyframe_interval=16)
+    times = [float(t) for t in np.linspace(0.3, 4.6, 8)]
+    seek, linear = decode_frames(video, times, strategy="seek"), decode_frames(video, times, strategy="linear")
+    assert seek.times == linear.times and np.array_equal(seek.frames, linear.frames)
+    assert seek.decoded < linear.decoded
+
+
 def test_variable_frame_rate_is_sampled_by_presentation_time():
     shown_at = [0.0, 0.1, 0.15, 0.5, 0.55, 1.0]
     video = encode_video(numbered_frames(6), fps=30, times=shown_at, crf=10)

@@ -1,0 +1,131 @@
+#!/usr/bin/env python
+"""Data-loader throughput per worker core, next to a plain PyAV decode of the same frames.
+
+Writes a small dataset of shards like the ingest job makes (H.264, short side 256, 30 fps, keyframe
+every 16 frames), then, on one core, times (a) the loader's pipeline for one worker (tar reading,
+sampling, decoding, random scale/crop/flip, normalisation, batching) and (b) a plain PyAV loop that
+decodes the same frames from the same bytes, for 8x224 (8 frames every 32) and 96x224 (96 every 4)
+clips. Prints clips/s, the loader's overhead above raw decoding, and how many cores one GPU training
+TimeSformer-L at a given rate needs.
+
+    python jobs/bench_loader.py                 # both clip shapes
+    python jobs/bench_loader.py --videos 16 --gpu-rate 15
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pipeline.data.loader import ClipConfig, clip_pipeline, iterate_samples  # noqa: E402
+from pipeline.data.shards import DatasetIndex, ShardInfo, ShardSample, commit_index, sha256_of, shard_bytes  # noqa: E402
+from pipeline.data.storage import open_storage  # noqa: E402
+from pipeline.data.video import FixedRateSampler, encode_video  # noqa: E402
+
+SHAPES = {"8x224": (8, 32), "96x224": (96, 4)}
+BENCH_SECONDS = 14.0  # long enough for a 96x4 clip (12.8 s) at a random position
+
+
+def make_dataset(root: str, videos: int, seconds: float, per_shard: int = 4) -> DatasetIndex:
+    """Textured scenes with moving content (so frames really differ), 340x256 at 30 fps."""
+    storage = open_storage(root)
+    rng = np.random.default_rng(0)
+    n_frames = int(seconds * 30)
+    samples = []
+    for v in range(videos):
+        base = rng.integers(0, 255, size=(64, 85, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)[:256, :340]
+        frames = np.stack([np.roll(base, shift=(2 * t, 3 * t), axis=(0, 1)) for t in range(n_frames)])
+        video = encode_video(frames, 30, keyframe_interval=16, preset="veryfast")
+        samples.append(ShardSample(f"v{v:04d}", video, {"label": v % 4, "label_name": str(v % 4), "dataset": "bench",
+                                                         "split": "train", "source": "-", "duration": seconds,
+                                                         "fps": 30.0, "num_frames": n_frames, "source_sha256": "-"}))
+    shards = []
+    for s in range(0, videos, per_shard):
+        data, count, keys = shard_bytes(samples[s:s + per_shard])
+        url = f"shards/train/{s // per_shard:06d}.tar"
+        storage.put_bytes(url, data)
+        shards.append(ShardInfo(url, "train", count, len(data), sha256_of(data), keys))
+    index = DatasetIndex("bench", 1, ["0", "1", "2", "3"], {}, shards)
+    commit_index(storage, index)
+    return index
+
+
+def raw_decode(video: bytes, frame_indices: list[int]) -> list[np.ndarray]:
+    """The floor: open the bytes, decode in order, keep the wanted frames as RGB arrays."""
+    import av
+
+    wanted = sorted(set(frame_indices))
+    out, last = {}, wanted[-1]
+    with av.open(io.BytesIO(video)) as c:
+        stream = c.streams.video[0]
+        stream.thread_type = "SLICE"
+        for i, frame in enumerate(c.decode(stream)):
+            if i in wanted:
+                out[i] = frame.to_ndarray(format="rgb24")
+            if i >= last:
+                break
+    return [out[i] for i in frame_indices]
+
+
+def bench_shape(index: DatasetIndex, root: str, name: str, clips: int, seed: int) -> dict:
+    T, rate = SHAPES[name]
+    storage = open_storage(root)
+    cfg = ClipConfig(num_frames=T, sampling_rate=rate, crop=224, scale=(256, 320))
+    pipeline = clip_pipeline(index, storage, "train", train=True, batch_size=1, clip=cfg, seed=seed,
+                             batches_per_worker=clips)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in pipeline)
+    loader_s = (time.perf_counter() - t0) / n
+
+    # The same frames from the same bytes, decoded plainly.
+    sampler = FixedRateSampler(T, rate)
+    videos = [s["mp4"] for shard in index.shards for s in iterate_samples(storage, shard.url)]
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    for i in range(clips):
+        spec = sampler.sample(BENCH_SECONDS, rng)
+        raw_decode(videos[i % len(videos)], [int(round(t * 30)) for t in spec.times])
+    raw_s = (time.perf_counter() - t0) / clips
+    return {"shape": name, "loader_clips_s": 1 / loader_s, "raw_clips_s": 1 / raw_s,
+            "overhead": loader_s / raw_s - 1}
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", type=int, default=8)
+    p.add_argument("--clips", type=int, default=24, help="clips timed per shape")
+    p.add_argument("--gpu-rate", type=float, default=15.0, help="TimeSformer-L clips/s one GPU trains at")
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # one worker = one core
+    with tempfile.TemporaryDirectory() as root:
+        t0 = time.perf_counter()
+        index = make_dataset(root, args.videos, BENCH_SECONDS)
+        print(f"dataset: {args.videos} videos of {BENCH_SECONDS:.0f}s 340x256 H.264 in {len(index.shards)} shards "
+              f"({time.perf_counter() - t0:.1f}s to make)")
+        print(f"{'clip':8s} {'loader clips/s/core':>20s} {'raw PyAV clips/s/core':>22s} {'loader overhead':>16s}")
+        results = {}
+        for shape in args.shapes.split(","):
+            r = bench_shape(index, root, shape, args.clips, seed=1)
+            results[shape] = r
+            print(f"{shape:8s} {r['loader_clips_s']:20.2f} {r['raw_clips_s']:22.2f} {100 * r['overhead']:15.1f}%")
+    if "96x224" in results:
+        per_core = results["96x224"]["loader_clips_s"]
+        print(f"\nTimeSformer-L at {args.gpu_rate:g} clips/s per GPU needs about "
+              f"{args.gpu_rate / per_core:.1f} loader cores per GPU ({per_core:.2f} clips/s per core).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
