@@ -67,7 +67,7 @@ def raw_decode(video: bytes, frame_indices: list[int]) -> list[np.ndarray]:
     out, last = {}, wanted[-1]
     with av.open(io.BytesIO(video)) as c:
         stream = c.streams.video[0]
-        stream.thread_type = "SLICE"
+        stream.thread_type, stream.thread_count = "SLICE", 1  # one core, as one loader worker has
         for i, frame in enumerate(c.decode(stream)):
             if i in wanted:
                 out[i] = frame.to_ndarray(format="rgb24")
@@ -76,10 +76,10 @@ def raw_decode(video: bytes, frame_indices: list[int]) -> list[np.ndarray]:
     return [out[i] for i in frame_indices]
 
 
-def bench_shape(index: DatasetIndex, root: str, name: str, clips: int, seed: int) -> dict:
+def bench_shape(index: DatasetIndex, root: str, name: str, clips: int, seed: int, output: str) -> dict:
     T, rate = SHAPES[name]
     storage = open_storage(root)
-    cfg = ClipConfig(num_frames=T, sampling_rate=rate, crop=224, scale=(256, 320))
+    cfg = ClipConfig(num_frames=T, sampling_rate=rate, crop=224, scale=(256, 320), output=output)
     pipeline = clip_pipeline(index, storage, "train", train=True, batch_size=1, clip=cfg, seed=seed,
                              batches_per_worker=clips)
     t0 = time.perf_counter()
@@ -95,7 +95,7 @@ def bench_shape(index: DatasetIndex, root: str, name: str, clips: int, seed: int
         spec = sampler.sample(BENCH_SECONDS, rng)
         raw_decode(videos[i % len(videos)], [int(round(t * 30)) for t in spec.times])
     raw_s = (time.perf_counter() - t0) / clips
-    return {"shape": name, "loader_clips_s": 1 / loader_s, "raw_clips_s": 1 / raw_s,
+    return {"shape": name, "output": output, "loader_clips_s": 1 / loader_s, "raw_clips_s": 1 / raw_s,
             "overhead": loader_s / raw_s - 1}
 
 
@@ -114,16 +114,22 @@ def main(argv: list[str] | None = None) -> int:
         index = make_dataset(root, args.videos, BENCH_SECONDS)
         print(f"dataset: {args.videos} videos of {BENCH_SECONDS:.0f}s 340x256 H.264 in {len(index.shards)} shards "
               f"({time.perf_counter() - t0:.1f}s to make)")
-        print(f"{'clip':8s} {'loader clips/s/core':>20s} {'raw PyAV clips/s/core':>22s} {'loader overhead':>16s}")
+        print(f"{'clip':8s} {'output':7s} {'loader clips/s/core':>20s} {'raw PyAV clips/s/core':>22s} "
+              f"{'loader overhead':>16s}")
         results = {}
         for shape in args.shapes.split(","):
-            r = bench_shape(index, root, shape, args.clips, seed=1)
-            results[shape] = r
-            print(f"{shape:8s} {r['loader_clips_s']:20.2f} {r['raw_clips_s']:22.2f} {100 * r['overhead']:15.1f}%")
-    if "96x224" in results:
-        per_core = results["96x224"]["loader_clips_s"]
-        print(f"\nTimeSformer-L at {args.gpu_rate:g} clips/s per GPU needs about "
-              f"{args.gpu_rate / per_core:.1f} loader cores per GPU ({per_core:.2f} clips/s per core).")
+            for output in ("uint8", "float"):
+                r = bench_shape(index, root, shape, args.clips, seed=1, output=output)
+                results[(shape, output)] = r
+                print(f"{shape:8s} {output:7s} {r['loader_clips_s']:20.2f} {r['raw_clips_s']:22.2f} "
+                      f"{100 * r['overhead']:15.1f}%", flush=True)
+    for output in ("uint8", "float"):
+        if ("96x224", output) in results:
+            per_core = results[("96x224", output)]["loader_clips_s"]
+            print(f"TimeSformer-L at {args.gpu_rate:g} clips/s per GPU needs about {args.gpu_rate / per_core:.1f} "
+                  f"loader cores per GPU with {output} clips ({per_core:.2f} clips/s per core).")
+    print("(uint8: clips are normalised on the GPU by pipeline.data.video.normalize_on_device; "
+          "float: normalised by the loader.)")
     return 0
 
 

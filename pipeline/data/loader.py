@@ -53,6 +53,7 @@ class ClipConfig:
     scale: tuple[int, int] = (256, 320)
     flip: bool = True
     short_video: str = "loop"
+    output: str = "float"  # float: normalised; uint8: normalise on the device (video.normalize_on_device)
 
 
 def _worker() -> tuple[int, int]:
@@ -90,8 +91,28 @@ def open_from(storage: Storage):
     """Stage: open each shard through the dataset's storage (a boto3 client per worker process)."""
     def stage(src):
         for item in src:
-            yield {**item, "stream": storage.open(item["url"])}
+            # tarfile reads in 10 KiB blocks: a large buffer turns that into few big reads
+            yield {**item, "stream": io.BufferedReader(_Raw(storage.open(item["url"])), buffer_size=4 << 20)}
     return stage
+
+
+class _Raw(io.RawIOBase):
+    """A raw reader over any object with read(n) (a file, a boto3 StreamingBody)."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
 
 
 def seeded_shuffle(bufsize: int, seed: int, rank: int, start_step: int):
@@ -115,8 +136,8 @@ def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int)
         rng = _rng(seed, rank, start_step, stream=2)
         temporal = (SegmentSampler(cfg.num_frames) if cfg.sampler == "segment"
                     else FixedRateSampler(cfg.num_frames, cfg.sampling_rate, cfg.ref_fps, cfg.short_video))
-        spatial_train = TrainTransform(crop=cfg.crop, scale=cfg.scale, flip=cfg.flip)
-        spatial_test = TestTransform(crop=cfg.crop, num_crops=1)
+        spatial_train = TrainTransform(crop=cfg.crop, scale=cfg.scale, flip=cfg.flip, output=cfg.output)
+        spatial_test = TestTransform(crop=cfg.crop, num_crops=1, output=cfg.output)
         for sample in src:
             meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
             name = f"{sample.get('__url__', '?')}/{sample['__key__']}.mp4"
@@ -125,7 +146,7 @@ def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int)
             else:
                 spec = temporal.sample(meta["duration"], rng, position="random" if train else "center")
             try:
-                frames = decode_frames(sample["mp4"], spec.times, name=name).frames
+                frames = decode_frames(sample["mp4"], spec.times, name=name).frame_list
             except VideoDecodeError as e:
                 if not train:
                     raise

@@ -255,3 +255,33 @@ def test_test_transform_three_crops_along_the_long_side():
     assert left[0].mean() > 1 and right[2].mean() > 1 and centre[0].mean() < 0 and centre[2].mean() < 0
     portrait = TestTransform(crop=50, num_crops=3)(np.zeros((2, 150, 50, 3), np.uint8))
     assert portrait.shape == (3, 3, 2, 50, 50)
+
+
+def test_cropping_before_resizing_matches_resizing_whole_frames():
+    import torch.nn.functional as F
+
+    from pipeline.data.video import _frames_u8, _region_resize
+
+    yy, xx = np.meshgrid(np.arange(256), np.arange(340), indexing="ij")
+    frame = np.stack([(yy * 0.9) % 256, (xx * 0.7) % 256, (yy + xx) % 256], -1).astype(np.uint8)[None]
+    x = _frames_u8(frame)
+    scale, y0, x0 = 300 / 256, 37, 61
+    mirrored = _region_resize(frame, scale, y0, 398 - 224 - x0, 224, flip=True).float()
+    full = F.interpolate(x.float(), size=(300, round(340 * scale)), mode="bilinear", align_corners=False)
+    expected = full[..., y0:y0 + 224, x0:x0 + 224]
+    got = _region_resize(frame, scale, y0, x0, 224).float()
+    inner = (slice(None), slice(None), slice(2, -2), slice(2, -2))  # borders of the region differ by < 1 px
+    assert (got[inner] - expected[inner]).abs().mean() < 3.0
+    # a flipped crop: the window mirrored in a flipped frame is the mirrored window of the frame
+    expected_flipped = full.flip(-1)[..., y0:y0 + 224, x0:x0 + 224]
+    assert (mirrored[inner] - expected_flipped[inner]).abs().mean() < 3.0
+
+
+def test_uint8_output_normalised_on_the_device_equals_float_output():
+    from pipeline.data.video import normalize_on_device
+
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 64, 80, 3), dtype=np.uint8)
+    as_float = TrainTransform(crop=48, scale=(56, 64))(frames, np.random.default_rng(3))
+    as_u8 = TrainTransform(crop=48, scale=(56, 64), output="uint8")(frames, np.random.default_rng(3))
+    assert as_u8.dtype == torch.uint8 and as_u8.shape == as_float.shape == (3, 4, 48, 48)
+    torch.testing.assert_close(normalize_on_device(as_u8[None])[0], as_float, atol=1e-5, rtol=1e-5)
