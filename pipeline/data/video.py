@@ -525,6 +525,7 @@ def encode_video(
     preset: str = "veryfast",
     times: Sequence[float] | None = None,
     rotation: int | None = None,
+    pix_fmt: str = "yuv420p",
 ) -> bytes:
     """Encode uint8 RGB frames to a video file in memory. ``times`` (seconds) give each frame its own
     presentation time (variable frame rate); ``rotation`` writes display-matrix rotation metadata."""
@@ -539,8 +540,9 @@ def encode_video(
     out = av.open(buf, "w", format=container)
     rate = max(1, round(fps))
     stream = out.add_stream(codec, rate=rate)
-    stream.width, stream.height = w - w % 2, h - h % 2  # yuv420p needs even sizes
-    stream.pix_fmt = "yuv420p"
+    if pix_fmt == "yuv420p":
+        w, h = w - w % 2, h - h % 2  # 4:2:0 chroma needs even sizes; yuv444p keeps odd ones
+    stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
     options = {}
     if keyframe_interval:
         options["g"] = str(keyframe_interval)

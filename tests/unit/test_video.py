@@ -95,6 +95,15 @@ def test_odd_sizes_and_aspects(h, w):
     assert clip.frames.shape == (2, h, w, 3) and frame_numbers(clip.frames) == [0, 4]
 
 
+def test_odd_frame_dimensions():
+    video = encode_video(numbered_frames(4, 33, 49), fps=4, crf=0, pix_fmt="yuv444p")
+    info = probe(video)
+    assert (info.height, info.width) == (33, 49)
+    clip = decode_frames(video, [0.0, 0.8])
+    assert clip.frames.shape == (2, 33, 49, 3) and frame_numbers(clip.frames) == [0, 3]
+    assert TrainTransform(crop=24, scale=(28, 32))(clip.frame_list, np.random.default_rng(0)).shape == (3, 2, 24, 24)
+
+
 def test_a_single_frame_video_serves_every_time():
     video = encode_video(numbered_frames(1), fps=25, crf=0)
     assert probe(video).num_frames == 1
