@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import pytest
+import torch
 
 from pipeline.data.loader import ClipConfig, make_loader
 from pipeline.data.shards import (
@@ -69,3 +70,23 @@ def test_a_shard_listed_but_not_stored_cannot_be_committed(tmp_path):
         commit_index(storage, DatasetIndex("d", 1, ["a"], {}, [ghost]))
     with pytest.raises(StorageError, match="escapes the storage root"):
         storage.put_bytes("../outside", b"1")
+
+
+def test_segment_sampling_training_stream_on_local_storage(tmp_path):
+    """The SSv2 recipe's path: segment sampling, no flip, a seeded endless stream cut to an epoch."""
+    storage = open_storage(tmp_path / "ssv2")
+    samples = [ShardSample(f"v{i}", make_video("motion", "moving_left", seed=i), {**META, "split": "train"})
+               for i in range(4)]
+    data, count, keys = shard_bytes(samples)
+    storage.put_bytes("shards/train/000000.tar", data)
+    index = DatasetIndex("ssv2", 1, ["x"], {}, [ShardInfo("shards/train/000000.tar", "train", count, len(data),
+                                                         sha256_of(data), keys)])
+    clip = ClipConfig(num_frames=8, sampler="segment", flip=False, crop=32, scale=(32, 40), output="uint8")
+    loader = make_loader(index, storage, "train", train=True, batch_size=2, num_workers=0, clip=clip,
+                         epoch_samples=6, seed=3)
+    batches = list(loader)
+    assert len(batches) == 3 and all(b["video"].shape == (2, 3, 8, 32, 32) for b in batches)
+    assert batches[0]["video"].dtype == torch.uint8
+    again = list(make_loader(index, storage, "train", train=True, batch_size=2, num_workers=0, clip=clip,
+                             epoch_samples=6, seed=3))
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(batches, again, strict=True))
