@@ -110,6 +110,8 @@ class DatasetIndex:
     shards: list[ShardInfo]
     created: float = field(default_factory=time.time)
     format: str = "pipeline.dataset_index/1"
+    source_checksums: dict[str, str] = field(default_factory=dict)  # video id -> source sha256 (incremental)
+    quarantine: dict[str, dict[str, str]] = field(default_factory=dict)  # video id -> {sha256, reason}
 
     def split(self, name: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == name]
