@@ -1,0 +1,100 @@
+"""Ingestion with a local Ray into a real S3 server (SeaweedFS): quarantine, no-op rerun, incremental
+version, refused concurrent run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+
+from pipeline.data.shards import load_index, verify_shard
+from pipeline.data.storage import open_storage
+from pipeline.data.synthetic import make_corpus, make_video
+from pipeline.ingest.run import LEASE_KEY, IngestConfig, LeaseHeldError, run_ingest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def config(root, output) -> IngestConfig:
+    return IngestConfig.load(None, ["dataset=synthetic-motion", "format=kinetics",
+                                    f"annotations={root / 'annotations.csv'}", f"source={root / 'videos'}",
+                                    f"output={output}", "samples_per_shard=3", "transcode.short_side=48",
+                                    "transcode.fps=16", "transcode.keyframe_interval=8"])
+
+
+def test_ingest_quarantines_exactly_the_broken_videos_and_reruns_incrementally(tmp_path, s3_bucket, ray_local):
+    root = tmp_path / "src"
+    make_corpus(root, "motion", per_class={"train": 2, "val": 1})  # 12 videos
+    videos = root / "videos"
+    (videos / "motion00002.mp4").write_bytes(b"")  # zero bytes
+    (videos / "motion00006.mp4").write_bytes((videos / "motion00006.mp4").read_bytes()[:700])  # truncated
+    (videos / "motion00009.mp4").write_bytes(b"RIFF....not a video at all" * 40)  # garbage
+    broken = {"motion00002_000000_000002", "motion00006_000000_000002", "motion00009_000000_000002"}
+    output = f"s3://{s3_bucket}/datasets/synthetic-motion"
+    cfg = config(root, output)
+
+    first = run_ingest(cfg, progress=False)
+    assert first.version == 1 and first.videos_in == 12 and first.videos_out == 9
+    assert set(first.quarantine) == broken
+    assert all(q["reason"] for q in first.quarantine.values())
+    index, storage = load_index(output)
+    assert index.num_samples() == 9 and not (broken & {k for s in index.shards for k in s.keys})
+    for shard in index.shards:
+        verify_shard(storage, shard)
+    report = json.loads(storage.get_bytes("reports/v000001-quarantine.json"))
+    assert set(report) == broken
+    assert not storage.exists(LEASE_KEY)
+
+    again = run_ingest(cfg, progress=False)
+    assert again.version is None and "nothing to do" in again.message
+    assert load_index(output)[0].version == 1
+
+    (videos / "new0.mp4").write_bytes(make_video("motion", "moving_up", seed=77))
+    (videos / "new1.mp4").write_bytes(make_video("motion", "moving_down", seed=78))
+    with open(root / "annotations.csv", "a", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["moving_up", "new0", 0, 2, "train"])
+        w.writerow(["moving_down", "new1", 0, 2, "train"])
+    second = run_ingest(cfg, progress=False)
+    assert second.version == 2
+    v2, _ = load_index(output)
+    old_urls = {s.url for s in index.shards}
+    new_shards = [s for s in v2.shards if s.url not in old_urls]
+    assert old_urls <= {s.url for s in v2.shards}  # untouched shards are reused, not rewritten
+    assert {k for s in new_shards for k in s.keys} == {"new0_000000_000002", "new1_000000_000002"}
+    assert load_index(output, version=1)[0].num_samples() == 9  # the old version stays readable
+
+    storage.put_bytes(LEASE_KEY, json.dumps({"owner": "another-host:1:x", "started": time.time(),
+                                             "expires": time.time() + 600}).encode())
+    (videos / "new2.mp4").write_bytes(make_video("motion", "moving_up", seed=79))
+    with open(root / "annotations.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["moving_up", "new2", 0, 2, "train"])
+    with pytest.raises(LeaseHeldError, match="another-host:1:x"):
+        run_ingest(cfg, progress=False)
+    assert load_index(output)[0].version == 2
+
+
+def test_dry_run_writes_nothing_and_a_missing_bucket_is_explained(tmp_path, seaweedfs, ray_local):
+    root = tmp_path / "src"
+    make_corpus(root, "colour", per_class={"train": 1})
+    cfg = config(root, "s3://no-such-ingest-bucket/ds")
+    with pytest.raises(Exception, match="bucket 'no-such-ingest-bucket' does not exist"):
+        run_ingest(cfg, dry_run=True, progress=False)
+    seaweedfs.create_bucket("dry-run-bucket")
+    dry = run_ingest(config(root, "s3://dry-run-bucket/ds"), dry_run=True, progress=False)
+    assert dry.version is None and dry.plan["build_videos"] == 4
+    assert open_storage("s3://dry-run-bucket/ds").list() == []
