@@ -98,3 +98,40 @@ def test_dry_run_writes_nothing_and_a_missing_bucket_is_explained(tmp_path, seaw
     dry = run_ingest(config(root, "s3://dry-run-bucket/ds"), dry_run=True, progress=False)
     assert dry.version is None and dry.plan["build_videos"] == 4
     assert open_storage("s3://dry-run-bucket/ds").list() == []
+
+
+def test_a_killed_run_resumes_to_a_complete_index_without_duplicates(tmp_path, s3_bucket, seaweedfs):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "src"
+    make_corpus(root, "motion", per_class={"train": 6})  # 24 videos, one per shard
+    output = f"s3://{s3_bucket}/datasets/killed"
+    cmd = [sys.executable, "jobs/ingest.py", "--no-progress", "dataset=killed", "format=kinetics",
+           f"annotations={root / 'annotations.csv'}", f"source={root / 'videos'}", f"output={output}",
+           "samples_per_shard=1", "transcode.short_side=48", "transcode.fps=16", "max_in_flight=1"]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(cmd, cwd=repo, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    storage = open_storage(output)
+    deadline = time.time() + 120
+    while time.time() < deadline and len([o for o in storage.list("shards/") if o.key.endswith(".tar")]) < 3:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local Ray, mid-run
+    proc.wait(timeout=30)
+    stored_before = [o.key for o in storage.list("shards/")]
+    assert 3 <= len(stored_before) < 24, "the kill should land mid-run"
+    assert not storage.list("indexes/")  # nothing committed: readers see no partial version
+
+    rerun = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    index, _ = load_index(output)
+    keys = [k for s in index.shards for k in s.keys]
+    assert len(keys) == len(set(keys)) == 24  # none missing, none twice
+    for shard in index.shards:
+        verify_shard(storage, shard)  # every referenced object is complete
+    assert set(stored_before) <= {s.url for s in index.shards}  # the killed run's shards were reused
+    again = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
