@@ -176,6 +176,7 @@ class IngestResult:
     seconds: float = 0.0
     quarantine: dict[str, dict[str, str]] = field(default_factory=dict)
     message: str = ""
+    mlflow_run_id: str | None = None
 
 
 def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress: bool) -> list[dict[str, Any]]:
@@ -207,8 +208,32 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
             ray.shutdown()
 
 
+def log_to_mlflow(cfg: IngestConfig, result: IngestResult, tracking_uri: str) -> str | None:
+    """Params, metrics and the quarantine report of a committed ingest, as an MLflow run in the experiment
+    ``ingest/<dataset>``. An unreachable tracking server is a warning, never an ingest failure."""
+    try:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(f"ingest/{cfg.dataset}")
+        with mlflow.start_run(run_name=f"{cfg.dataset}-v{result.version}") as run:
+            mlflow.log_params({"dataset": cfg.dataset, "version": result.version, "output": cfg.output,
+                               "samples_per_shard": cfg.samples_per_shard,
+                               **{f"transcode.{k}": v for k, v in asdict(cfg.transcode).items()}})
+            mlflow.log_metrics({"videos_in": result.videos_in, "videos_out": result.videos_out,
+                                "videos_failed": result.failed, "bytes_in": result.bytes_in,
+                                "seconds": result.seconds,
+                                "videos_per_s": result.videos_in / result.seconds if result.seconds else 0.0,
+                                **{f"plan.{k}": v for k, v in result.plan.items()}})
+            mlflow.log_dict(result.quarantine, "quarantine.json")
+            return run.info.run_id
+    except Exception as e:  # tracking must not undo a committed dataset version
+        log.warning("could not log the ingest to MLflow at %s: %s", tracking_uri, e)
+        return None
+
+
 def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bool = False,
-               progress: bool = True) -> IngestResult:
+               progress: bool = True, tracking_uri: str | None = None) -> IngestResult:
     t0 = time.time()
     storage = open_storage(cfg.output)
     storage.check()
@@ -254,6 +279,9 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
     finally:
         release_lease(storage, lease)
         result.seconds = time.time() - t0
+        tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if tracking_uri and result.version is not None:
+            result.mlflow_run_id = log_to_mlflow(cfg, result, tracking_uri)
 
 
 __all__ = ["IngestConfig", "IngestResult", "LeaseHeldError", "run_ingest", "ShardError"]

@@ -47,7 +47,8 @@ def test_ingest_quarantines_exactly_the_broken_videos_and_reruns_incrementally(t
     output = f"s3://{s3_bucket}/datasets/synthetic-motion"
     cfg = config(root, output)
 
-    first = run_ingest(cfg, progress=False)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = run_ingest(cfg, progress=False, tracking_uri=tracking)
     assert first.version == 1 and first.videos_in == 12 and first.videos_out == 9
     assert set(first.quarantine) == broken
     assert all(q["reason"] for q in first.quarantine.values())
@@ -57,6 +58,11 @@ def test_ingest_quarantines_exactly_the_broken_videos_and_reruns_incrementally(t
         verify_shard(storage, shard)
     report = json.loads(storage.get_bytes("reports/v000001-quarantine.json"))
     assert set(report) == broken
+    import mlflow
+
+    run = mlflow.MlflowClient(tracking_uri=tracking).get_run(first.mlflow_run_id)
+    assert run.data.metrics["videos_failed"] == 3 and run.data.metrics["videos_out"] == 9
+    assert run.data.params["version"] == "1"
     assert not storage.exists(LEASE_KEY)
 
     again = run_ingest(cfg, progress=False)
