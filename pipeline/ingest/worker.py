@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from pipeline.data.shards import ShardError, ShardInfo, ShardSample, read_shard, sha256_of, shard_bytes
 from pipeline.data.storage import ObjectMissingError, Storage, open_storage
-from pipeline.data.video import VideoDecodeError, _Opened, encode_video
+from pipeline.data.video import VideoDecodeError, _Opened
 from pipeline.ingest.plan import ShardPlan, Source
 
 
@@ -50,13 +51,54 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+class _Encoder:
+    """An in-memory H.264 (or other) encoder fed one frame at a time, created on the first frame."""
+
+    def __init__(self, cfg: TranscodeConfig) -> None:
+        self.cfg, self.out, self.stream, self.count = cfg, None, None, 0
+        self.buf = io.BytesIO()
+
+    def _open(self, width: int, height: int) -> None:
+        import av
+
+        self.out = av.open(self.buf, "w", format="mp4")
+        rate = max(1, round(self.cfg.fps))
+        self.time_base = Fraction(1, rate)
+        self.stream = self.out.add_stream(self.cfg.codec, rate=rate)
+        self.stream.codec_context.time_base = self.time_base
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        options = {"g": str(self.cfg.keyframe_interval), "keyint_min": str(self.cfg.keyframe_interval)}
+        if self.cfg.codec == "libx264":
+            options.update(crf=str(self.cfg.crf), preset=self.cfg.preset)
+        self.stream.options = options
+
+    def add(self, frame) -> None:  # an av.VideoFrame in yuv420p at the output size
+        if self.out is None:
+            self._open(frame.width, frame.height)
+        # constant output rate: frame n is shown at n / fps (the encoder takes its own reference to the
+        # frame, so a source frame shown twice can be sent twice with a new pts)
+        frame.pts, frame.time_base = self.count, self.time_base
+        for packet in self.stream.encode(frame):
+            self.out.mux(packet)
+        self.count += 1
+
+    def close(self) -> bytes:
+        if self.out is None:
+            return b""
+        for packet in self.stream.encode():
+            self.out.mux(packet)
+        self.out.close()
+        return self.buf.getvalue()
+
+
 def transcode(data: bytes, name: str, cfg: TranscodeConfig, start: float | None = None,
               end: float | None = None) -> tuple[bytes, dict[str, Any]]:
-    """The source's [start, end) at ``cfg.fps`` and ``cfg.short_side``, re-encoded; returns the bytes and
-    (duration, fps, num_frames, width, height)."""
+    """The source's [start, end) at ``cfg.fps`` and ``cfg.short_side``, re-encoded frame by frame (a long
+    video never sits in memory); returns the bytes and (duration, fps, num_frames, width, height)."""
+    from av.video.frame import VideoFrame
+
     start = max(0.0, start or 0.0)
-    frames: list[np.ndarray] = []
-    rotation = 0
+    enc = _Encoder(cfg)
     with _Opened(data, name, threads=1) as v:
         w, h = v.stream.codec_context.width, v.stream.codec_context.height
         if not w or not h:
@@ -66,13 +108,19 @@ def transcode(data: bytes, name: str, cfg: TranscodeConfig, start: float | None 
         step = 1.0 / cfg.fps
         if start > 0:
             v.seek(start)  # to the keyframe before the span
-        k, prev, prev_rgb = 0, None, None
+        k, prev, prev_out = 0, None, None
 
         def emit() -> None:
-            nonlocal prev_rgb
-            if prev_rgb is None:  # convert a frame only once, and only if it is shown
-                prev_rgb = prev.reformat(width=tw, height=th, format="rgb24").to_ndarray()
-            frames.append(prev_rgb)
+            nonlocal prev_out
+            if prev_out is None:  # scale and convert a frame once, and only if it is shown
+                rotation = int(round(getattr(prev, "rotation", 0) or 0)) % 360
+                if rotation:  # rare: turn it upright through RGB
+                    rgb = prev.reformat(width=tw, height=th, format="rgb24").to_ndarray()
+                    upright = np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))
+                    prev_out = VideoFrame.from_ndarray(upright, format="rgb24").reformat(format="yuv420p")
+                else:
+                    prev_out = prev.reformat(width=tw, height=th, format="yuv420p")
+            enc.add(prev_out)
 
         for frame in v.frames():
             t = (frame.time - v.start) if frame.time is not None else 0.0
@@ -81,20 +129,17 @@ def transcode(data: bytes, name: str, cfg: TranscodeConfig, start: float | None 
                 k += 1
             if end is not None and t >= end and prev is not None:
                 break
-            prev, prev_rgb = frame, None
-            rotation = int(round(getattr(frame, "rotation", 0) or 0)) % 360
+            prev, prev_out = frame, None
         if prev is not None and (end is None or start + k * step < end):
             emit()  # the last frame stays on screen
-        if rotation:
-            frames = [np.rot90(f, k=rotation // 90) for f in frames]
-    if len(frames) < cfg.min_frames:
-        raise VideoDecodeError(name, f"too short: {len(frames)} frame(s) in the requested span at {cfg.fps:g} fps "
+    if enc.count < cfg.min_frames:
+        enc.close()
+        raise VideoDecodeError(name, f"too short: {enc.count} frame(s) in the requested span at {cfg.fps:g} fps "
                                      f"(need {cfg.min_frames})")
-    video = encode_video(frames, cfg.fps, codec=cfg.codec, keyframe_interval=cfg.keyframe_interval, crf=cfg.crf,
-                         preset=cfg.preset)
-    fh, fw = frames[0].shape[:2]
-    return video, {"duration": len(frames) / cfg.fps, "fps": cfg.fps, "num_frames": len(frames),
-                   "width": fw - fw % 2, "height": fh - fh % 2}
+    out_w, out_h = enc.stream.width, enc.stream.height
+    count = enc.count
+    return enc.close(), {"duration": count / cfg.fps, "fps": cfg.fps, "num_frames": count,
+                         "width": out_w, "height": out_h}
 
 
 def _stored_shard(storage: Storage, plan: ShardPlan) -> ShardInfo | None:
