@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             per_core = results[("96x224", output)]["loader_clips_s"]
             print(f"TimeSformer-L at {args.gpu_rate:g} clips/s per GPU needs about {args.gpu_rate / per_core:.1f} "
                   f"loader cores per GPU with {output} clips ({per_core:.2f} clips/s per core).")
-    print("(uint8: clips are normalised on the GPU by pipeline.data.video.normalize_on_device; "
+    print("(uint8: clips are normalised on the GPU by pipeline.data.transforms.normalize_on_device; "
           "float: normalised by the loader.)")
     return 0
 

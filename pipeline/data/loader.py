@@ -29,14 +29,8 @@ from webdataset import tariterators
 
 from pipeline.data.shards import DatasetIndex
 from pipeline.data.storage import Storage
-from pipeline.data.video import (
-    FixedRateSampler,
-    SegmentSampler,
-    TestTransform,
-    TrainTransform,
-    VideoDecodeError,
-    decode_frames,
-)
+from pipeline.data.transforms import TestTransform, TrainTransform
+from pipeline.data.video import FixedRateSampler, SegmentSampler, VideoDecodeError, decode_frames
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +47,7 @@ class ClipConfig:
     scale: tuple[int, int] = (256, 320)
     flip: bool = True
     short_video: str = "loop"
-    output: str = "float"  # float: normalised; uint8: normalise on the device (video.normalize_on_device)
+    output: str = "float"  # float: normalised; uint8: normalise on the device (transforms.normalize_on_device)
 
 
 def _worker() -> tuple[int, int]:

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.data.transforms import TestTransform, TrainTransform
 from pipeline.data.video import (
     FixedRateSampler,
     SegmentSampler,
-    TestTransform,
-    TrainTransform,
     VideoDecodeError,
     decode_frames,
     encode_video,
@@ -269,7 +268,7 @@ def test_test_transform_three_crops_along_the_long_side():
 def test_cropping_before_resizing_matches_resizing_whole_frames():
     import torch.nn.functional as F
 
-    from pipeline.data.video import _frames_u8, _region_resize
+    from pipeline.data.transforms import _frames_u8, _region_resize
 
     yy, xx = np.meshgrid(np.arange(256), np.arange(340), indexing="ij")
     frame = np.stack([(yy * 0.9) % 256, (xx * 0.7) % 256, (yy + xx) % 256], -1).astype(np.uint8)[None]
@@ -287,7 +286,7 @@ def test_cropping_before_resizing_matches_resizing_whole_frames():
 
 
 def test_uint8_output_normalised_on_the_device_equals_float_output():
-    from pipeline.data.video import normalize_on_device
+    from pipeline.data.transforms import normalize_on_device
 
     frames = np.random.default_rng(0).integers(0, 256, size=(4, 64, 80, 3), dtype=np.uint8)
     as_float = TrainTransform(crop=48, scale=(56, 64))(frames, np.random.default_rng(3))
