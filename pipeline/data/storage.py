@@ -30,6 +30,7 @@ class ObjectMissingError(StorageError, FileNotFoundError):
 class ObjectInfo:
     key: str  # relative to the storage root
     size: int
+    etag: str = ""  # S3 only: changes whenever the object does
 
 
 class Storage(Protocol):
@@ -257,7 +258,7 @@ class S3Storage:
                 for obj in page.get("Contents", []):
                     key = obj["Key"][len(self.prefix) + 1:] if self.prefix else obj["Key"]
                     if key and not key.endswith("/"):  # skip directory marker objects
-                        out.append(ObjectInfo(key, obj["Size"]))
+                        out.append(ObjectInfo(key, obj["Size"], obj.get("ETag", "").strip('"')))
         except Exception as e:
             raise self._explain(e, prefix, "list") from e
         return sorted(out, key=lambda o: o.key)

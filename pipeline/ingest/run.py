@@ -9,6 +9,7 @@ run's lease does not block forever); the second run says who holds it and exits 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from pipeline.data.datasets import Manifest, read_diving48, read_howto100m, read
 from pipeline.data.shards import DatasetIndex, ShardError, commit_index, index_key, index_versions, load_index
 from pipeline.data.storage import Storage, StorageError, open_storage
 from pipeline.ingest.plan import Plan, Source, make_plan
-from pipeline.ingest.worker import TranscodeConfig, build_shard, sha256_file, source_for
+from pipeline.ingest.worker import TranscodeConfig, build_shard, sha256_file
 
 log = logging.getLogger(__name__)
 LEASE_KEY = "lease.json"
@@ -36,7 +37,7 @@ class IngestConfig:
     dataset: str
     format: str  # kinetics, ssv2, diving48, howto100m
     annotations: list[str]  # annotation files, as the format needs them
-    source: str  # directory of source videos
+    source: str  # source videos: a directory, an s3:// prefix, or a .txt file list
     output: str  # dataset root: s3://bucket/prefix or a local directory
     split: str = "train"  # for formats whose files are per split (ssv2, diving48)
     samples_per_shard: int = 64
@@ -95,19 +96,51 @@ def read_manifest(cfg: IngestConfig) -> Manifest:
     raise ValueError(f"format={cfg.format!r}: expected kinetics, ssv2, diving48 or howto100m")
 
 
-def resolve_sources(manifest: Manifest, source_dir: str) -> tuple[list[Source], dict[str, dict[str, str]]]:
+def _source_index(source: str) -> tuple[dict[str, str], dict[str, str]]:
+    """File name -> location, and location -> checksum when the listing gives one without reading the
+    bytes (S3 ETag and size), for a local directory, an ``s3://`` prefix or a file list (``.txt``: one
+    local path or ``s3://`` URI per line)."""
+    if source.startswith("s3://"):
+        storage = open_storage(source)
+        storage.check()
+        names, sums = {}, {}
+        for obj in storage.list():
+            uri = storage.uri(obj.key)
+            names[Path(obj.key).name] = uri
+            sums[uri] = f"s3:{obj.etag}:{obj.size}" if obj.etag else ""
+        return names, sums
+    path = Path(source)
+    if path.is_file() and path.suffix == ".txt":
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        return {Path(ln).name: ln for ln in lines}, {}
+    if path.is_dir():
+        return {p.name: str(p) for p in path.iterdir() if p.is_file()}, {}
+    raise ValueError(f"source {source}: expected a directory, an s3:// prefix or a .txt file list")
+
+
+def _checksum(location: str, listed: dict[str, str]) -> str:
+    if listed.get(location):
+        return listed[location]  # S3: ETag + size change whenever the object does
+    if location.startswith("s3://"):
+        bucket, _, key = location[5:].partition("/")
+        return "sha256:" + hashlib.sha256(open_storage(f"s3://{bucket}").get_bytes(key)).hexdigest()
+    return sha256_file(location)
+
+
+def resolve_sources(manifest: Manifest, source: str) -> tuple[list[Source], dict[str, dict[str, str]]]:
     """Each manifest entry's file and checksum; entries without a file go to the quarantine."""
-    root = Path(source_dir)
-    if not root.is_dir():
-        raise ValueError(f"source {source_dir}: not a directory")
+    names, listed = _source_index(source)
     sources, missing = [], {}
     for e in manifest.entries:
-        path = source_for(e.filenames, root)
-        if path is None:
+        location = next((names[n] for n in e.filenames if n in names), None)
+        if location is None:
             tried = ", ".join(e.filenames)
-            missing[e.video_id] = {"sha256": "", "reason": f"source file not found in {root} (tried {tried})"}
+            missing[e.video_id] = {"sha256": "", "reason": f"source file not found in {source} (tried {tried})"}
             continue
-        sources.append(Source(e, str(path), sha256_file(path)))
+        if not location.startswith("s3://") and not Path(location).exists():
+            missing[e.video_id] = {"sha256": "", "reason": f"{location}: listed but does not exist"}
+            continue
+        sources.append(Source(e, location, _checksum(location, listed)))
     return sources, missing
 
 

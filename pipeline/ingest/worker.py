@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.shards import ShardError, ShardInfo, ShardSample, read_shard, sha256_of, shard_bytes
-from pipeline.data.storage import ObjectMissingError, Storage, open_storage
+from pipeline.data.storage import ObjectMissingError, Storage, StorageError, open_storage
 from pipeline.data.video import VideoDecodeError, _Opened
 from pipeline.ingest.plan import ShardPlan, Source
 
@@ -37,10 +37,12 @@ class TranscodeConfig:
     min_frames: int = 2  # a clip with fewer frames is quarantined as too short
 
 
-def read_source(uri: str, source_storage: Storage | None) -> bytes:
-    if source_storage is not None:
-        return source_storage.get_bytes(uri)
-    return Path(uri).read_bytes()
+def read_source(location: str) -> bytes:
+    """A source video's bytes from a local path or an ``s3://bucket/key`` URI."""
+    if location.startswith("s3://"):
+        bucket, _, key = location[5:].partition("/")
+        return open_storage(f"s3://{bucket}").get_bytes(key)
+    return Path(location).read_bytes()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -158,8 +160,7 @@ def _stored_shard(storage: Storage, plan: ShardPlan) -> ShardInfo | None:
     return ShardInfo(plan.url, plan.split, len(keys), len(data), sha256_of(data), keys)
 
 
-def build_shard(plan: ShardPlan, output_uri: str, dataset: str, cfg: TranscodeConfig,
-                source_uri: str | None = None) -> dict[str, Any]:
+def build_shard(plan: ShardPlan, output_uri: str, dataset: str, cfg: TranscodeConfig) -> dict[str, Any]:
     """Make one shard. Returns {"shard": ShardInfo | None, "quarantine": {id: {sha256, reason}}, "stats": {...}}."""
     storage = open_storage(output_uri)
     existing = _stored_shard(storage, plan)
@@ -169,15 +170,14 @@ def build_shard(plan: ShardPlan, output_uri: str, dataset: str, cfg: TranscodeCo
                       for s in plan.sources if s.entry.video_id not in done}
         return {"shard": existing, "quarantine": quarantine, "stats": {"reused": 1, "videos": len(done),
                                                                        "bytes_in": 0}}
-    source_storage = open_storage(source_uri) if source_uri and source_uri.startswith("s3://") else None
     samples, quarantine, bytes_in = [], {}, 0
     for src in plan.sources:
         e = src.entry
         try:
-            data = read_source(src.uri, source_storage)
+            data = read_source(src.uri)
             bytes_in += len(data)
             video, info = transcode(data, src.uri, cfg, e.start if e.start else None, e.end)
-        except (VideoDecodeError, OSError) as err:
+        except (VideoDecodeError, OSError, StorageError) as err:
             quarantine[e.video_id] = {"sha256": src.sha256, "reason": str(err)}
             continue
         samples.append(ShardSample(e.video_id, video, {
@@ -194,12 +194,4 @@ def build_shard(plan: ShardPlan, output_uri: str, dataset: str, cfg: TranscodeCo
             "quarantine": quarantine, "stats": {"reused": 0, "videos": count, "bytes_in": bytes_in}}
 
 
-def source_for(entry_filenames: tuple[str, ...], root: Path) -> Path | None:
-    for name in entry_filenames:
-        p = root / name
-        if p.exists():
-            return p
-    return None
-
-
-__all__ = ["TranscodeConfig", "build_shard", "transcode", "sha256_file", "source_for", "Source"]
+__all__ = ["TranscodeConfig", "build_shard", "transcode", "sha256_file", "Source"]

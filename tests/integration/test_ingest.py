@@ -141,3 +141,28 @@ def test_a_killed_run_resumes_to_a_complete_index_without_duplicates(tmp_path, s
     assert set(stored_before) <= {s.url for s in index.shards}  # the killed run's shards were reused
     again = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do" in again.stdout
+
+
+def test_sources_from_an_s3_prefix_and_from_a_file_list(tmp_path, s3_bucket, ray_local):
+    root = tmp_path / "src"
+    make_corpus(root, "colour", per_class={"train": 1})  # 4 videos
+    src = open_storage(f"s3://{s3_bucket}/raw/videos")
+    for f in sorted((root / "videos").iterdir()):
+        src.put_file(f.name, f)
+    cfg = config(root, f"s3://{s3_bucket}/datasets/from-s3")
+    cfg.source = f"s3://{s3_bucket}/raw/videos"
+    first = run_ingest(cfg, progress=False)
+    assert first.version == 1 and first.videos_out == 4 and not first.quarantine
+    assert run_ingest(cfg, progress=False).version is None  # ETag checksums: unchanged means no work
+    src.put_bytes("colour00001.mp4", make_video("colour", "green", seed=999))  # the source changed
+    changed = run_ingest(cfg, progress=False)
+    assert changed.version == 2 and changed.plan["changed_videos"] == 1
+
+    listing = tmp_path / "list.txt"
+    videos = sorted((root / "videos").iterdir())
+    listing.write_text("# local paths and s3 URIs may mix\n" + str(videos[0]) + "\n"
+                       + "\n".join(src.uri(v.name) for v in videos[1:]) + "\n")
+    cfg2 = config(root, f"s3://{s3_bucket}/datasets/from-list")
+    cfg2.source = str(listing)
+    listed = run_ingest(cfg2, progress=False)
+    assert listed.version == 1 and listed.videos_out == 4 and not listed.quarantine
