@@ -223,7 +223,8 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
         ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  log_to_driver=False)
     try:
-        task = ray.remote(max_retries=3)(build_shard)
+        # a worker that dies is retried by Ray; so is a task that hit a storage error (network, throttling)
+        task = ray.remote(max_retries=3, retry_exceptions=[StorageError])(build_shard)
         limit = cfg.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
         todo, running, results = list(plan.build), [], []
         bar = tqdm(total=len(todo), unit="shard", desc="ingest", disable=not progress)

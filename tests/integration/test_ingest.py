@@ -166,3 +166,36 @@ def test_sources_from_an_s3_prefix_and_from_a_file_list(tmp_path, s3_bucket, ray
     cfg2.source = str(listing)
     listed = run_ingest(cfg2, progress=False)
     assert listed.version == 1 and listed.videos_out == 4 and not listed.quarantine
+
+
+def test_a_killed_ray_worker_is_retried_and_the_run_completes(tmp_path, s3_bucket, ray_local):
+    import signal
+    import threading
+
+    import psutil
+
+    root = tmp_path / "src"
+    make_corpus(root, "motion", per_class={"train": 4})  # 16 videos, one per shard
+    cfg = config(root, f"s3://{s3_bucket}/datasets/worker-killed")
+    cfg.samples_per_shard, cfg.max_in_flight = 1, 2
+    result = {}
+    runner = threading.Thread(target=lambda: result.setdefault("r", run_ingest(cfg, progress=False)))
+    runner.start()
+    killed = None
+    deadline = time.time() + 60
+    while killed is None and time.time() < deadline and runner.is_alive():
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            if "build_shard" in " ".join(proc.info["cmdline"] or []) or "build_shard" in (proc.info["name"] or ""):
+                proc.send_signal(signal.SIGKILL)  # a worker dies mid-task
+                killed = proc.pid
+                break
+        time.sleep(0.05)
+    runner.join(timeout=300)
+    assert killed is not None, "no running shard task was found to kill"
+    r = result["r"]
+    assert r.version == 1 and r.videos_out == 16 and not r.quarantine
+    index, storage = load_index(cfg.output)
+    keys = [k for s in index.shards for k in s.keys]
+    assert len(keys) == len(set(keys)) == 16
+    for shard in index.shards:
+        verify_shard(storage, shard)
