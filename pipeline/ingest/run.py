@@ -85,6 +85,9 @@ class IngestConfig:
 
 def read_manifest(cfg: IngestConfig) -> Manifest:
     a = cfg.annotations
+    missing = [f for f in a if not Path(f).is_file()]
+    if missing:
+        raise ValueError(f"annotation file(s) not found: {missing} (config key 'annotations', or --annotations)")
     if cfg.format == "kinetics":
         return read_kinetics(a, dataset=cfg.dataset)
     if cfg.format == "ssv2":

@@ -104,3 +104,12 @@ def test_config_errors_name_the_key(tmp_path):
         IngestConfig.load(None, required[:-1])
     ok = IngestConfig.load(None, required + ["transcode.fps=25"])
     assert ok.transcode.fps == 25 and ok.annotations == ["a.csv"]
+
+
+def test_missing_annotation_files_are_named(tmp_path):
+    from pipeline.ingest.run import run_ingest
+
+    cfg = IngestConfig.load(None, ["dataset=d", "format=kinetics", f"annotations={tmp_path / 'none.csv'}",
+                                   f"source={tmp_path}", f"output={tmp_path / 'out'}"])
+    with pytest.raises(ValueError, match=r"annotation file\(s\) not found: .*none.csv.*config key 'annotations'"):
+        run_ingest(cfg, dry_run=True, progress=False)
