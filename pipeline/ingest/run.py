@@ -276,19 +276,26 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
     storage.check()
     manifest = read_manifest(cfg)
     sources, missing = resolve_sources(manifest, cfg.source)
-    last = load_index(cfg.output)[0] if index_versions(storage) else None
     preprocessing = {"transcode": asdict(cfg.transcode)}
-    plan = make_plan(sources, preprocessing, cfg.samples_per_shard, last)
-    new_missing = {k: v for k, v in missing.items() if last is None or k not in last.quarantine}
-    result = IngestResult(None, plan.summary(), videos_in=len(manifest.entries))
+
+    def plan_now() -> tuple[DatasetIndex | None, Plan]:
+        last = load_index(cfg.output)[0] if index_versions(storage) else None
+        return last, make_plan(sources, preprocessing, cfg.samples_per_shard, last)
+
     if dry_run:
-        result.message = f"dry run: {plan.summary()}; {len(missing)} source file(s) missing"
-        return result
-    if plan.is_noop and not new_missing:
-        result.message = f"nothing to do: version {last.version} is up to date ({last.num_samples()} videos)"
-        return result
+        _, plan = plan_now()
+        return IngestResult(None, plan.summary(), videos_in=len(manifest.entries),
+                            message=f"dry run: {plan.summary()}; {len(missing)} source file(s) missing")
     lease = acquire_lease(storage, cfg.lease_seconds)
+    result = IngestResult(None, {}, videos_in=len(manifest.entries))
     try:
+        last, plan = plan_now()  # under the lease: no other run can commit in between
+        result.plan = plan.summary()
+        new_missing = {k: v for k, v in missing.items() if last is None or k not in last.quarantine}
+        if plan.is_noop and not new_missing:
+            result.message = (f"nothing to do: version {last.version} is up to date ({last.num_samples()} videos)"
+                              if last is not None else "nothing to do: the manifest lists no videos")
+            return result
         built = _build_all(plan, cfg, ray_address, progress)
         quarantine = dict(missing)
         if last is not None:  # unchanged quarantined videos stay quarantined
