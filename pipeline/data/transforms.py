@@ -20,28 +20,6 @@ MEAN = (0.45, 0.45, 0.45)  # the original's normalisation (issue #10 of the offi
 STD = (0.225, 0.225, 0.225)
 
 
-def to_tensor(frames_THWC: np.ndarray) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (T, 3, H, W) in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(frames_THWC)).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def resize_short_side(x_TCHW: torch.Tensor, size: int) -> torch.Tensor:
-    h, w = x_TCHW.shape[-2:]
-    if min(h, w) == size:
-        return x_TCHW
-    if h <= w:
-        new = (size, max(1, round(w * size / h)))
-    else:
-        new = (max(1, round(h * size / w)), size)
-    return F.interpolate(x_TCHW, size=new, mode="bilinear", align_corners=False)
-
-
-def normalize(x_TCHW: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    m = torch.tensor(mean, dtype=x_TCHW.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x_TCHW.dtype).view(1, -1, 1, 1)
-    return (x_TCHW - m) / s
-
-
 Frames = np.ndarray | Sequence[np.ndarray]  # (T, H, W, 3) uint8, or T arrays (H, W, 3)
 
 

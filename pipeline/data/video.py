@@ -67,8 +67,9 @@ class VideoInfo:
     keyframe_times: tuple[float, ...] | None  # from the demuxer index; None when unknown
 
 
-class _Opened:
-    """An open container with its video stream, time base and the source's name for errors."""
+class VideoReader:
+    """An open container with its video stream, time base and the source's name for errors (also used by
+    the ingest worker's streaming transcode)."""
 
     def __init__(self, source: VideoSource, name: str | None, threads: int) -> None:
         import av
@@ -101,7 +102,7 @@ class _Opened:
     def close(self) -> None:
         self.container.close()
 
-    def __enter__(self) -> _Opened:
+    def __enter__(self) -> VideoReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -157,7 +158,7 @@ def probe(source: VideoSource, name: str | None = None) -> VideoInfo:
     """Size, frame rate, duration, frame count, codec, rotation and keyframes. Decodes one frame (to
     prove the stream decodes and read its rotation), or all of them when the container states no
     duration or frame rate."""
-    with _Opened(source, name, threads=1) as v:
+    with VideoReader(source, name, threads=1) as v:
         fps, duration = v.fps(), v.duration()
         first = next(iter(v.frames()), None)
         if first is None:
@@ -236,7 +237,7 @@ def decode_frames(
         raise ValueError(f"strategy={strategy!r}: expected auto, seek or linear")
     if len(times) == 0:
         raise ValueError("decode_frames: no times requested")
-    with _Opened(source, name, threads) as v:
+    with VideoReader(source, name, threads) as v:
         fps = v.fps() or 30.0
         keyframes = sorted(v.keyframe_times() or ())
         if strategy == "auto":

@@ -22,7 +22,7 @@ import numpy as np
 
 from pipeline.data.shards import ShardError, ShardInfo, ShardSample, read_shard, sha256_of, shard_bytes
 from pipeline.data.storage import ObjectMissingError, Storage, StorageError, open_storage
-from pipeline.data.video import VideoDecodeError, _Opened
+from pipeline.data.video import VideoDecodeError, VideoReader
 from pipeline.ingest.plan import ShardPlan, Source
 
 
@@ -101,7 +101,7 @@ def transcode(data: bytes, name: str, cfg: TranscodeConfig, start: float | None 
 
     start = max(0.0, start or 0.0)
     enc = _Encoder(cfg)
-    with _Opened(data, name, threads=1) as v:
+    with VideoReader(data, name, threads=1) as v:
         w, h = v.stream.codec_context.width, v.stream.codec_context.height
         if not w or not h:
             raise VideoDecodeError(name, "the video stream has no frame size")
