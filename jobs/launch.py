@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Launch a training run: a recipe becomes a run directory and a multi-node DeepSpeed job on Slurm
+(through submitit), or local processes.
+
+    python jobs/launch.py --nodes 4 --recipe k400_long                       # 4 nodes x 8 GPUs on Slurm
+    python jobs/launch.py --nodes 4 --recipe k400_long --dry-run             # print everything, submit nothing
+    python jobs/launch.py --nodes 2 --recipe smoke --local --wait            # 2 local ranks (CPU, gloo)
+    python jobs/launch.py --nodes 2 --recipe k400_base --cluster configs/clusters/example_gpu.yaml \\
+        --partition a100 --time 2-00:00:00 train.zero_stage=3 optim.lr=0.01
+    python jobs/launch.py --resume runs/k400_long-20261126-101500           # continue a stopped run
+
+Recipes are configs/recipes/*.yaml (`--list`); any field can be overridden as key=value. The global batch
+is the recipe's whatever the world size (gradient accumulation); a world size that cannot meet it is
+refused here, not on the cluster. Exit codes: 0 submitted (or finished, with --wait), 1 the job failed,
+2 a bad recipe, override or dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pipeline.config import ConfigError, list_recipes  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help="a recipe name (configs/recipes) or a YAML path")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1); ranks = nodes x --gpus-per-node")
+    p.add_argument("--gpus-per-node", type=int, help="ranks per node (default: the recipe's cluster.gpus_per_node)")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS (the job requeues itself at it)")
+    p.add_argument("--name", help="run name (default <recipe>-<date>-<time>); the run directory's name")
+    p.add_argument("--cluster", help="a cluster file (configs/clusters/*.yaml) applied over the recipe")
+    p.add_argument("--runs-dir", help="where run directories go (default: runs/)")
+    p.add_argument("--local", action="store_true", help="run the ranks as local processes instead of Slurm")
+    p.add_argument("--dry-run", action="store_true", help="print config, DeepSpeed JSON, sbatch script; submit nothing")
+    p.add_argument("--resume", metavar="RUN_DIR", help="submit a run again (resumes from its newest checkpoint)")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument("--list", action="store_true", help="list the recipes and exit")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (train.zero_stage=3 data.num_workers=4 ...)")
+    args = p.parse_args(argv)
+    if args.list:
+        from pipeline.config import load_recipe
+
+        for name in list_recipes():
+            print(f"{name:32s} {load_recipe(name).description}")
+        return 0
+    from pipeline.train.launch import LaunchRequest, launch
+
+    req = LaunchRequest(recipe=args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                        partition=args.partition, time=args.time, name=args.name, local=args.local,
+                        dry_run=args.dry_run, resume=args.resume, cluster_file=args.cluster,
+                        runs_dir=args.runs_dir, overrides=args.overrides)
+    try:
+        info = launch(req)
+    except ConfigError as e:
+        print(f"launch: {e}", file=sys.stderr)
+        return 2
+    if not args.wait or args.dry_run:
+        return 0
+    return wait_for(info)
+
+
+def wait_for(info: dict) -> int:
+    """Wait for the job (requeues included) and print rank 0's result or the failure."""
+    import json
+    from pathlib import Path
+
+    job = info["job"]
+    result_file = Path(info["run_dir"]) / "result.json"
+    print(f"waiting for job {job.job_id} (logs: {info['logs']}_0_log.out) ...", flush=True)
+    try:
+        job.results()
+    except Exception as e:  # noqa: BLE001 -- a failed job: say why, with the log to read
+        if result_file.exists():  # a requeued job finished under the same id
+            print(json.dumps(json.loads(result_file.read_text()), indent=1))
+            return 0
+        print(f"job {job.job_id} failed: {str(e)[-3000:]}", file=sys.stderr)
+        return 1
+    if result_file.exists():
+        print(json.dumps(json.loads(result_file.read_text()), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""The training configuration: one typed tree, YAML recipes with ``inherits``, ``key=value`` overrides.
+
+Resolution order (later wins): the defaults below (TimeSformer 8x224 on Kinetics-400, the paper's
+recipe) < parent recipes < the recipe < command-line overrides. Every layer is checked on its own, so
+an unknown key or a wrong type is reported with the file (or "command line") and the dotted field
+that holds it. Derived values (gradient accumulation, steps) are computed from the resolved tree and
+the world size, never written by hand.
+
+    cfg = load_recipe("k400_long", ["train.micro_batch=2", "cluster.partition=gpu"])
+    plan = batch_plan(cfg, world_size=32)      # raises if the global batch cannot be met
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe, an override or a combination of values that cannot run; the message says where."""
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "timesformer_base"  # pipeline.models.timesformer.VARIANTS; frames and size come from data
+    attention_type: str = "divided_space_time"
+    pos_embed: str = "space_time"
+    num_classes: int = 400
+    drop_path_rate: float = 0.1
+    init: str = ""  # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors)
+    init_reset_head: bool = False  # fine-tuning on other classes: a fresh classifier over loaded features
+
+
+@dataclass
+class DataConfig:
+    index: str = ""  # dataset root written by ingest (s3://bucket/prefix or a directory)
+    version: int = 0  # dataset index version; 0 = the newest committed one
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "val"  # Kinetics reports the test protocol on its validation set
+    sampler: str = "fixed_rate"  # fixed_rate (Kinetics) or segment (SSv2)
+    num_frames: int = 8
+    sampling_rate: int = 32
+    ref_fps: float = 30.0
+    crop: int = 224
+    scale: list[int] = field(default_factory=lambda: [256, 320])
+    flip: bool = True
+    num_workers: int = 8  # DataLoader workers per rank
+    shuffle_buffer: int = 256
+    epoch_clips: int = 0  # clips per epoch; 0 = the train split's sample count
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd (the paper: Nesterov momentum) or adamw
+    lr: float = 0.005  # at the global batch below
+    momentum: float = 0.9
+    nesterov: bool = True
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    decay_embeddings: bool = True  # the original decays every parameter, embeddings included
+    lr_steps: list[float] = field(default_factory=lambda: [11.0, 14.0])  # epochs where lr *= lr_gamma
+    lr_gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    grad_clip: float = 0.0  # max gradient norm; 0 = off (the original does not clip)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 15.0
+    global_batch: int = 64  # clips per optimizer step, whatever the world size
+    micro_batch: int = 1  # clips per rank per forward pass
+    max_steps: int = 0  # 0 = epochs x steps per epoch
+    precision: str = "fp32"  # fp32 (the paper), bf16, fp16
+    zero_stage: int = 2
+    activation_checkpointing: str = "full"  # none, full, every_<k>, selective
+    engine: str = "deepspeed"  # deepspeed, or torch (plain PyTorch DDP: a baseline)
+    seed: int = 0
+    log_every: int = 20  # steps between metric lines
+    val_every: int = 0  # steps between clip-level validations; 0 = once per epoch; -1 = never
+    ckpt_every: int = 1000  # steps between checkpoints (also where the data stream is reseeded)
+    keep_checkpoints: int = 2
+    dist_timeout_s: int = 1800  # a collective waiting longer than this fails (a dead rank)
+
+
+@dataclass
+class TestConfig:
+    __test__ = False  # not a pytest class
+
+    enabled: bool = True
+    protocol: str = "multi_view"  # multi_view: k clips x crops per video; long_video: all covering clips
+    temporal_clips: int = 1
+    spatial_crops: int = 3
+    batch_size: int = 8  # views per forward pass
+    max_videos: int = 0  # 0 = all
+
+
+@dataclass
+class BudgetConfig:
+    gpu_hours: float = 0.0  # stop cleanly at this many accelerator-hours; 0 = no budget
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite in the runs directory
+    experiment: str = ""  # "" = the recipe name
+
+
+@dataclass
+class ClusterConfig:
+    accelerator: str = "gpu"  # gpu, or cpu (DeepSpeed on gloo; the development cluster)
+    gpus_per_node: int = 8  # ranks per node (one per GPU)
+    partition: str = ""
+    time_min: int = 72 * 60
+    cpus_per_task: int = 10
+    mem_gb: int = 0  # 0 = the partition's default
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    signal_delay_s: int = 120  # Slurm sends USR2 this long before the time limit: checkpoint, requeue
+    max_requeues: int = 20
+    env: dict[str, str] = field(default_factory=dict)  # exported on every rank (NCCL settings, ...)
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, ...)
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run name; "" = <recipe>-<timestamp>
+    recipe: str = ""
+    description: str = ""
+    runs_dir: str = "runs"  # run directories are created here
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.zero_stage": 2, ...}``: the resolved tree as dotted keys (MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(d: dict[str, Any], prefix: str) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict) and k != "env":
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    out[f"{prefix}{k}"] = v
+        walk(self.to_dict(), "")
+        return out
+
+
+# -- typed loading ---------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
+    """``value`` as type ``tp`` (ints accepted for floats), or a ConfigError naming where and which key."""
+    origin = typing.get_origin(tp)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}={value!r} ({type(value).__name__}): expected {expected}")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list of {item.__name__}")
+        return [_check_value(v, item, where, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return {str(k): str(v) for k, v in value.items()}
+    raise TypeError(f"unsupported config type {tp} for {key}")  # a schema bug, not a user error
+
+
+def _apply(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Set the fields of dataclass ``obj`` from ``data``, checking names and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {data!r}")
+    hints = _hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key {dotted!r}; known keys under "
+                              f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, where, f"{dotted}.")
+        else:
+            setattr(obj, key, _check_value(value, hints[key], where, dotted))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.zero_stage=3", "data.scale=[448,512]"]`` -> a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"command line: {item!r}: expected key=value (e.g. train.zero_stage=3)")
+        target = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            target = target.setdefault(p, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"command line: {item!r} conflicts with an earlier override of {p}")
+        target[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    candidate = RECIPES_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise ConfigError(f"recipe {name_or_path!r} not found: not a file, and no {candidate}; "
+                      f"known recipes: {', '.join(list_recipes())}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict[str, Any]]]:
+    """The YAML layers of a recipe, parents first: [(file, mapping without 'inherits'), ...]."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'inherits' forms a cycle: {' -> '.join(str(p.name) for p in (*seen, path))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    parents = data.pop("inherits", [])
+    parents = [parents] if isinstance(parents, str) else parents
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for parent in parents:
+        try:
+            ppath = recipe_path(parent) if not (path.parent / f"{parent}.yaml").is_file() \
+                else path.parent / f"{parent}.yaml"
+        except ConfigError as e:
+            raise ConfigError(f"{path}: inherits {parent!r}: {e}") from None
+        layers.extend(_layers(ppath, (*seen, path)))
+    layers.append((str(path), data))
+    return layers
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None,
+                extra_files: list[str] | None = None) -> RunConfig:
+    """Resolve a recipe (a name under configs/recipes or a YAML path), then ``extra_files`` (a cluster
+    file such as configs/clusters/example_gpu.yaml), then overrides; validate the result."""
+    path = recipe_path(name_or_path)
+    cfg = RunConfig()
+    layers = _layers(path)
+    for extra in extra_files or []:
+        if not Path(extra).is_file():
+            raise ConfigError(f"cluster/extra config {extra!r} not found")
+        layers.extend(_layers(Path(extra)))
+    for where, layer in layers:
+        _apply(cfg, layer, where)
+    if overrides:
+        _apply(cfg, parse_overrides(overrides), "command line")
+    if not cfg.recipe:
+        cfg.recipe = path.stem
+    validate(cfg)
+    return cfg
+
+
+def from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
+    """A resolved config written earlier (the run directory's config.yaml)."""
+    cfg = RunConfig()
+    _apply(cfg, data, where)
+    validate(cfg, where)
+    return cfg
+
+
+def load_resolved(path: str | Path) -> RunConfig:
+    return from_dict(yaml.safe_load(Path(path).read_text()) or {}, where=str(path))
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# -- validation and derived values -------------------------------------------------------------------
+
+
+def _choice(value: Any, choices: tuple, key: str, where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where}: {key}={value!r}: expected one of {', '.join(map(str, choices))}")
+
+
+def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
+    from pipeline.models.timesformer import ATTENTION_TYPES, POS_EMBED_TYPES, VARIANTS, parse_checkpoint_policy
+
+    where = f"{where} {cfg.recipe!r}" if cfg.recipe else where
+    _choice(cfg.model.variant, tuple(VARIANTS), "model.variant", where)
+    _choice(cfg.model.attention_type, ATTENTION_TYPES, "model.attention_type", where)
+    _choice(cfg.model.pos_embed, POS_EMBED_TYPES, "model.pos_embed", where)
+    _choice(cfg.data.sampler, ("fixed_rate", "segment"), "data.sampler", where)
+    _choice(cfg.optim.name, ("sgd", "adamw"), "optim.name", where)
+    _choice(cfg.train.precision, ("fp32", "bf16", "fp16"), "train.precision", where)
+    _choice(cfg.train.zero_stage, (0, 1, 2, 3), "train.zero_stage", where)
+    _choice(cfg.train.engine, ("deepspeed", "torch"), "train.engine", where)
+    _choice(cfg.test.protocol, ("multi_view", "long_video"), "test.protocol", where)
+    _choice(cfg.test.spatial_crops, (1, 3), "test.spatial_crops", where)
+    _choice(cfg.cluster.accelerator, ("gpu", "cpu"), "cluster.accelerator", where)
+    try:
+        parse_checkpoint_policy(cfg.train.activation_checkpointing)
+    except ValueError as e:
+        raise ConfigError(f"{where}: train.activation_checkpointing: {e}") from None
+    if len(cfg.data.scale) != 2 or cfg.data.scale[0] > cfg.data.scale[1]:
+        raise ConfigError(f"{where}: data.scale={cfg.data.scale}: expected [min, max] short-side sizes")
+    if cfg.data.scale[1] < cfg.data.crop:
+        raise ConfigError(f"{where}: data.scale={cfg.data.scale} is below data.crop={cfg.data.crop}")
+    positive = {"data.num_frames": cfg.data.num_frames, "data.sampling_rate": cfg.data.sampling_rate,
+                "data.crop": cfg.data.crop, "train.global_batch": cfg.train.global_batch,
+                "train.micro_batch": cfg.train.micro_batch, "train.log_every": cfg.train.log_every,
+                "train.ckpt_every": cfg.train.ckpt_every, "test.temporal_clips": cfg.test.temporal_clips,
+                "test.batch_size": cfg.test.batch_size, "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
+                "train.dist_timeout_s": cfg.train.dist_timeout_s}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{where}: {key}={value}: expected a positive integer")
+    if cfg.optim.lr <= 0 or cfg.train.epochs <= 0:
+        raise ConfigError(f"{where}: optim.lr and train.epochs must be positive")
+    if cfg.train.zero_stage > 0 and cfg.train.engine == "torch":
+        raise ConfigError(f"{where}: train.engine=torch has no ZeRO; set train.zero_stage=0 or engine=deepspeed")
+    if cfg.model.attention_type == "space_only" and cfg.model.pos_embed == "space_time":
+        pass  # space_only has no time embedding; pos_embed=space_time means 'space' there (as the original)
+    if sorted(cfg.optim.lr_steps) != list(cfg.optim.lr_steps):
+        raise ConfigError(f"{where}: optim.lr_steps={cfg.optim.lr_steps}: expected increasing epochs")
+    if not cfg.data.index:
+        raise ConfigError(f"{where}: data.index is empty: give the dataset root that ingest wrote "
+                          f"(data.index=s3://bucket/datasets/k400 or a directory)")
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the recipe's global batch is met on ``world_size`` ranks."""
+
+    world_size: int
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch} = micro batch {self.micro_batch} x accumulation "
+                f"{self.grad_accum} x {self.world_size} rank(s)")
+
+
+def batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
+    """Gradient accumulation so that the global batch is the recipe's; a refusal says what would work."""
+    per_step = cfg.train.micro_batch * world_size
+    gb = cfg.train.global_batch
+    if gb % per_step:
+        fits = [w for w in range(1, gb + 1) if gb % (cfg.train.micro_batch * w) == 0]
+        micro = [m for m in range(1, gb + 1) if gb % (m * world_size) == 0]
+        hint = (f"world sizes that work with micro batch {cfg.train.micro_batch}: {fits}" if fits else
+                f"no world size works with micro batch {cfg.train.micro_batch}")
+        alt = f"; or train.micro_batch in {micro}" if micro else ""
+        raise ConfigError(
+            f"recipe {cfg.recipe!r}: train.global_batch={gb} cannot be met on {world_size} rank(s) with "
+            f"train.micro_batch={cfg.train.micro_batch} (needs global_batch divisible by micro_batch x ranks = "
+            f"{per_step}). {hint}{alt}.")
+    return BatchPlan(world_size, cfg.train.micro_batch, gb // per_step, gb)
+
+
+def steps_per_epoch(cfg: RunConfig, train_samples: int) -> int:
+    clips = cfg.data.epoch_clips or train_samples
+    return max(1, clips // cfg.train.global_batch)
+
+
+def total_steps(cfg: RunConfig, train_samples: int) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * steps_per_epoch(cfg, train_samples)))
+
+
+def lr_factor(cfg: RunConfig, step: int, per_epoch: int) -> float:
+    """The learning-rate multiplier at optimizer step ``step``: linear warm-up, then steps at epochs."""
+    epoch = step / per_epoch
+    o = cfg.optim
+    if o.warmup_epochs > 0 and epoch < o.warmup_epochs:
+        return (epoch + 1.0 / per_epoch) / o.warmup_epochs
+    return o.lr_gamma ** sum(1 for e in o.lr_steps if epoch >= e)
+
+
+def copy_config(cfg: RunConfig) -> RunConfig:
+    return copy.deepcopy(cfg)

@@ -1,0 +1,92 @@
+"""Who am I in the job: rank, world size, local rank and the rendezvous address, from torchrun,
+Slurm's srun, or submitit (whose Slurm and local executors both look like one of those).
+
+``DistEnv.detect()`` reads the environment; ``export()`` writes the variables torch.distributed reads
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so DeepSpeed and plain PyTorch initialise the
+same way whatever started the process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun, slurm, submitit-local, single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def num_nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
+    def export(self) -> DistEnv:
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self.local_rank),
+                          LOCAL_WORLD_SIZE=str(self.local_world_size), MASTER_ADDR=self.master_addr,
+                          MASTER_PORT=str(self.master_port))
+        return self
+
+    @classmethod
+    def detect(cls, environ: dict[str, str] | None = None) -> DistEnv:
+        env = os.environ if environ is None else environ
+        if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:  # torchrun, or already exported
+            return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), env["MASTER_ADDR"],
+                       int(env.get("MASTER_PORT", 29500)), "torchrun")
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
+            ntasks = int(env["SLURM_NTASKS"])
+            nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
+            return cls(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)),
+                       max(1, ntasks // max(1, nodes)), first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                       job_port(env["SLURM_JOB_ID"]), "slurm")
+        if "SUBMITIT_LOCAL_GLOBALID" in env:
+            n = int(env["SUBMITIT_LOCAL_NTASKS"])
+            return cls(int(env["SUBMITIT_LOCAL_GLOBALID"]), n, int(env["SUBMITIT_LOCAL_LOCALID"]), n,
+                       "127.0.0.1", job_port(env.get("SUBMITIT_LOCAL_JOB_ID", "0")), "submitit-local")
+        return cls(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+
+
+def job_port(job_id: str) -> int:
+    """A rendezvous port every task of a job agrees on without talking (the same rule submitit uses:
+    derived from the job id), away from the well-known range."""
+    digits = re.sub(r"\D", "", str(job_id)) or "0"
+    return 20000 + int(digits[-4:]) % 20000
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """``n[1-3,5],gpu7`` -> ``['n1', 'n2', 'n3', 'n5', 'gpu7']`` (scontrol's rule; used without scontrol)."""
+    hosts: list[str] = []
+    for m in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = m.group(1), m.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            width = len(lo)
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{width}d}")
+    return hosts
+
+
+def first_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return expand_nodelist(nodelist)[0]

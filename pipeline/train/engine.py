@@ -1,0 +1,269 @@
+"""The training engine: the only module that imports DeepSpeed.
+
+The loop talks to a small interface (``train_micro_batch``, ``lr``, ``global_step``, ``save``, ``load``,
+``eval_module``), with two implementations:
+
+* ``DeepSpeedEngine``: ZeRO stage 0-3, bf16/fp16/fp32, gradient accumulation and clipping by DeepSpeed,
+  the optimizer and learning-rate schedule built here (torch SGD/AdamW: no JIT-compiled ops).
+* ``TorchEngine``: plain PyTorch (DDP when there are several ranks, autocast for bf16/fp16): the
+  baseline of the DeepSpeed-overhead benchmark, and a stand-in where DeepSpeed is not wanted.
+
+The DeepSpeed JSON is a function of the resolved config and the world size (``deepspeed_config``); the
+launcher writes it into the run directory, never edited by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import BatchPlan, RunConfig, lr_factor
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
+    """The DeepSpeed JSON for this recipe on ``plan.world_size`` ranks (global batch kept)."""
+    t = cfg.train
+    ds: dict[str, Any] = {
+        "train_batch_size": plan.global_batch,
+        "train_micro_batch_size_per_gpu": plan.micro_batch,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
+        "zero_allow_untested_optimizer": True,  # torch SGD (the paper's optimizer) under ZeRO
+        "steps_per_print": 10**9,  # the loop prints its own metric lines
+        "wall_clock_breakdown": False,
+    }
+    if t.zero_stage == 3:
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return ds
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum (the paper) or AdamW; weight decay on every parameter, as the original,
+    unless ``optim.decay_embeddings`` is off (then cls token, position and time embeddings are exempt)."""
+    o = cfg.optim
+    exempt = set() if o.decay_embeddings else set(getattr(model, "no_weight_decay", lambda: set())())
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in exempt]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in exempt]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig,
+                    per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, per_epoch))
+
+
+def init_distributed(cfg: RunConfig, rank: int, world_size: int, local_rank: int) -> torch.device:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) with the recipe's collective timeout."""
+    timeout = timedelta(seconds=cfg.train.dist_timeout_s)
+    device = torch.device("cpu")
+    if cfg.cluster.accelerator == "gpu" and torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if cfg.train.engine == "deepspeed":
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+        import deepspeed
+        import deepspeed.ops
+
+        # the shared-memory all-reduce op serves CPU inference only; building it is a ~100 s JIT compile
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed.init_distributed(timeout=timeout, init_method="env://", rank=rank, world_size=world_size)
+    elif not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                             rank=rank, world_size=world_size)
+    return device
+
+
+class DeepSpeedEngine:
+    def __init__(self, model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int,
+                 model_factory: Callable[[], nn.Module], ds_config: dict[str, Any] | None = None) -> None:
+        import deepspeed
+
+        self.cfg, self.plan, self.model_factory = cfg, plan, model_factory
+        self.ds_config = ds_config or deepspeed_config(cfg, plan)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = build_scheduler(optimizer, cfg, per_epoch)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.dtype = DTYPES[cfg.train.precision]
+        self.device = self.engine.device
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    @property
+    def global_step(self) -> int:
+        return int(self.engine.global_steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def train_micro_batch(self, video: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Forward, backward and (at an accumulation boundary) an optimizer step; returns the loss."""
+        self.engine.train()
+        logits = self.engine(video.to(self.device, self.dtype, non_blocking=True))
+        loss = F.cross_entropy(logits.float(), label.to(self.device))
+        self.engine.backward(loss)
+        self.engine.step()
+        return loss.detach()
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+        return client_state or {}
+
+    @contextlib.contextmanager
+    def eval_module(self) -> Iterator[tuple[nn.Module, torch.dtype]]:
+        """A module with every weight present on this rank, for evaluation at each rank's own pace.
+        ZeRO-3 partitions parameters, so its weights are gathered (collectively) into a plain copy."""
+        if self.cfg.train.zero_stage < 3:
+            was_training = self.engine.module.training
+            self.engine.module.eval()
+            try:
+                yield self.engine.module, self.dtype
+            finally:
+                self.engine.module.train(was_training)
+            return
+        import deepspeed
+
+        plain = self.model_factory()
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            full = {n: p.detach().clone() for n, p in self.engine.module.named_parameters()}
+        buffers = {n: b for n, b in self.engine.module.named_buffers()}
+        plain.load_state_dict({**full, **buffers}, strict=True)
+        yield plain.to(self.device, self.dtype).eval(), self.dtype
+
+
+class TorchEngine:
+    """Plain PyTorch: DDP over the process group when there are several ranks, autocast for bf16/fp16."""
+
+    def __init__(self, model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int,
+                 device: torch.device) -> None:
+        self.cfg, self.plan, self.device = cfg, plan, device
+        self.raw = model.to(device)
+        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        self.model = nn.parallel.DistributedDataParallel(self.raw) if distributed else self.raw
+        self.optimizer = build_optimizer(self.raw, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, per_epoch)
+        self.dtype = DTYPES[cfg.train.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        self.micro = 0
+        self.steps = 0
+        self._norm: float | None = None
+
+    @property
+    def module(self) -> nn.Module:
+        return self.raw
+
+    @property
+    def global_step(self) -> int:
+        return self.steps
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        return self._norm
+
+    def train_micro_batch(self, video: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.model.train()
+        self.micro += 1
+        boundary = self.micro % self.plan.grad_accum == 0
+        sync = contextlib.nullcontext() if boundary or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with sync:
+            with autocast:
+                logits = self.model(video.to(self.device, non_blocking=True))
+            loss = F.cross_entropy(logits.float(), label.to(self.device))
+            self.scaler.scale(loss / self.plan.grad_accum).backward()
+        if boundary:
+            self.scaler.unscale_(self.optimizer)
+            clip = self.cfg.optim.grad_clip or float("inf")
+            self._norm = float(nn.utils.clip_grad_norm_(self.raw.parameters(), clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.steps += 1
+        return loss.detach()
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            path = Path(ckpt_dir) / tag
+            path.mkdir(parents=True, exist_ok=True)
+            torch.save({"module": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                        "steps": self.steps, "micro": self.micro, "client_state": client_state},
+                       path / "torch_engine.pt")
+
+    def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        state = torch.load(Path(ckpt_dir) / tag / "torch_engine.pt", map_location=self.device, weights_only=False)
+        self.raw.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.steps, self.micro = state["steps"], state["micro"]
+        return state["client_state"]
+
+    @contextlib.contextmanager
+    def eval_module(self) -> Iterator[tuple[nn.Module, torch.dtype]]:
+        was_training = self.raw.training
+        self.raw.eval()
+        try:
+            yield self.raw, torch.float32
+        finally:
+            self.raw.train(was_training)
+
+
+def make_engine(model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int, device: torch.device,
+                model_factory: Callable[[], nn.Module]) -> DeepSpeedEngine | TorchEngine:
+    if cfg.train.engine == "torch":
+        return TorchEngine(model, cfg, plan, per_epoch, device)
+    return DeepSpeedEngine(model, cfg, plan, per_epoch, model_factory)
+
+
+def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of a checkpoint written by either engine (ZeRO shards merged), on one process."""
+    path = Path(ckpt_dir) / tag
+    if (path / "torch_engine.pt").exists():
+        return {k: v.float() for k, v in torch.load(path / "torch_engine.pt", map_location="cpu",
+                                                     weights_only=False)["module"].items()}
+    if any(path.glob("zero_pp_rank_*_optim_states.pt")) or any(path.glob("*zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return {k: v.float() for k, v in state.items()}
+    model_states = path / "mp_rank_00_model_states.pt"
+    if model_states.exists():  # ZeRO stage 0: the whole module is in the model states
+        return {k: v.float() for k, v in torch.load(model_states, map_location="cpu",
+                                                     weights_only=False)["module"].items()}
+    raise FileNotFoundError(f"{path}: not a checkpoint written by the DeepSpeed or torch engine")

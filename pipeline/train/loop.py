@@ -1,0 +1,136 @@
+"""The training loop: it reads top to bottom; engine, data, evaluation and checkpoints are calls.
+
+The data stream is cut into intervals of ``train.ckpt_every`` steps; each interval's stream is seeded by
+(seed, rank, worker, first step of the interval). A run resumed at any step re-opens its interval's stream
+and skips what was consumed (without decoding), so it sees exactly the batches the uninterrupted run saw,
+and a later interval never replays an earlier one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.data.loader import ClipConfig, make_loader
+
+log = logging.getLogger("pipeline.train")
+
+
+@dataclass
+class LoopState:
+    cfg: Any
+    engine: Any
+    plan: Any
+    index: Any
+    storage: Any
+    clip: ClipConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    per_epoch: int
+    total: int
+    run_dir: Path
+    sinks: Any
+    account: Any
+    stop: Any
+    save: Callable[[int], None]
+    validate: Callable[[], dict[str, float]]
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else
+                                     torch.distributed.ReduceOp.SUM)
+    return t.tolist()
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _interval_stream(s: LoopState, step: int):
+    every = s.cfg.train.ckpt_every
+    start = (step // every) * every
+    loader = make_loader(s.index, s.storage, s.cfg.data.train_split, train=True, batch_size=s.plan.micro_batch,
+                         num_workers=s.cfg.data.num_workers, endless=True, clip=s.clip, rank=s.rank,
+                         world_size=s.world_size, seed=s.cfg.train.seed, start_step=start,
+                         shuffle_buffer=s.cfg.data.shuffle_buffer, skip_batches=(step - start) * s.plan.grad_accum)
+    return iter(loader), min(start + every, s.total)
+
+
+def train_loop(s: LoopState) -> str:
+    """Train up to ``s.total`` steps; returns done, budget, preempted or terminated."""
+    t = s.cfg.train
+    val_every = s.per_epoch if t.val_every == 0 else t.val_every
+    step = s.engine.global_step
+    window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0}
+    while step < s.total:
+        batches, interval_end = _interval_stream(s, step)
+        while step < interval_end:
+            losses = []
+            for micro in range(s.plan.grad_accum):
+                t_wait = time.perf_counter()
+                batch = next(batches)
+                window["wait"] += time.perf_counter() - t_wait
+                # drop-path draws depend only on (seed, rank, step, micro): a resumed run draws the same
+                torch.manual_seed(int(np.random.SeedSequence([t.seed, s.rank, step, micro]).generate_state(1)[0]))
+                losses.append(s.engine.train_micro_batch(batch["video"], batch["label"]))
+            step = s.engine.global_step
+            window["loss"] += float(torch.stack(losses).mean())
+            window["steps"] += 1
+            flags = [s.stop.reason == "preempted", s.stop.reason == "terminated",
+                     s.rank == 0 and s.account.exhausted]
+            preempted, terminated, budget = (bool(v) for v in _all_reduce([float(f) for f in flags], s.device, "max"))
+            if step % t.log_every == 0 or step == s.total:
+                log_step(s, step, window)
+            if val_every > 0 and (step % val_every == 0 or step == s.total):
+                metrics = s.validate()
+                if s.rank == 0:
+                    s.sinks.log_metrics({**metrics, "gpu_hours": s.account.hours}, step)
+                    log.info("step %d validation: %s", step, _fmt(metrics))
+            stopping = preempted or terminated or budget
+            if step % t.ckpt_every == 0 or step == s.total or stopping:
+                s.save(step)
+            if stopping:
+                return "preempted" if preempted else "terminated" if terminated else "budget"
+        del batches  # the interval's workers exit; the next interval reseeds
+    return "done"
+
+
+def log_step(s: LoopState, step: int, window: dict[str, float]) -> None:
+    elapsed = time.perf_counter() - window["t0"]
+    loss_sum, wait = _all_reduce([window["loss"], window["wait"]], s.device)
+    n = max(1, window["steps"])
+    metrics = {
+        "loss": loss_sum / (n * s.world_size),
+        "lr": s.engine.lr,
+        "epoch": step / s.per_epoch,
+        "clips_per_s": n * s.plan.global_batch / max(elapsed, 1e-9),
+        "data_wait_frac": min(1.0, wait / s.world_size / max(elapsed, 1e-9)),
+        "memory_gib": _memory_gib(s.device),
+        "gpu_hours": s.account.hours,
+    }
+    norm = s.engine.grad_norm()
+    if norm is not None and math.isfinite(norm):
+        metrics["grad_norm"] = norm
+    if s.rank == 0:
+        s.sinks.log_metrics(metrics, step)
+        log.info("step %d/%d %s", step, s.total, _fmt(metrics))
+        s.account.save()
+    window.update(t0=time.perf_counter(), wait=0.0, steps=0, loss=0.0)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -1,0 +1,289 @@
+"""One rank's run of a training job, from a run directory that ``jobs/launch.py`` prepared.
+
+distributed init -> model -> activation checkpointing -> engine -> resume from the newest complete
+checkpoint -> the loop (periodic validation and checkpoints) -> final test protocol -> export.
+
+A preemption or time-limit signal (Slurm's USR2, sent ``cluster.signal_delay_s`` before the end) is
+turned into a flag that all ranks agree on at the next step: they save a checkpoint, rank 0 requeues the
+job (submitit: ``scontrol requeue``, or a restart of the local tasks), and the requeued job resumes into
+the same run directory and MLflow run. SIGTERM (a cancel) saves and stops without requeueing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import RunConfig, batch_plan, load_resolved, steps_per_epoch, total_steps
+from pipeline.data.loader import ClipConfig, make_loader
+from pipeline.data.shards import load_index
+from pipeline.distributed import DistEnv
+from pipeline.models.convert import load_checkpoint, save_safetensors
+from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, variant_config
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.budget import GpuHours
+from pipeline.train.engine import consolidated_state_dict, init_distributed, make_engine
+from pipeline.train.evaluate import test_protocol, validate
+from pipeline.train.loop import LoopState, train_loop
+
+log = logging.getLogger("pipeline.train")
+EXIT_REQUEUED = 3
+
+
+def model_config(cfg: RunConfig):
+    m = cfg.model
+    return variant_config(m.variant, num_frames=cfg.data.num_frames, img_size=cfg.data.crop,
+                          attention_type=m.attention_type, pos_embed=m.pos_embed, num_classes=m.num_classes,
+                          drop_path_rate=m.drop_path_rate)
+
+
+def build_model(cfg: RunConfig) -> TimeSformer:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every restart
+    model = TimeSformer(model_config(cfg))
+    if cfg.model.init:
+        load_checkpoint(model, cfg.model.init, reset_head=cfg.model.init_reset_head)
+    return model
+
+
+def clip_config(cfg: RunConfig) -> ClipConfig:
+    d = cfg.data
+    return ClipConfig(num_frames=d.num_frames, sampling_rate=d.sampling_rate, ref_fps=d.ref_fps, sampler=d.sampler,
+                      crop=d.crop, scale=(d.scale[0], d.scale[1]), flip=d.flip)
+
+
+class StopSignal:
+    """Remembers the first preemption (USR2) or termination (TERM) signal; the loop polls it."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        signal.signal(signal.SIGUSR2, self._on("preempted"))
+        signal.signal(signal.SIGTERM, self._on("terminated"))
+
+    def _on(self, reason: str):
+        def handler(signum, frame):
+            if self.reason is None:
+                self.reason = reason
+                log.warning("received %s: checkpoint at the next step, then %s", signal.Signals(signum).name,
+                            "requeue" if reason == "preempted" else "stop")
+        return handler
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    for noisy in ("torch.distributed", "DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir).resolve()
+    cfg = load_resolved(run_dir / "config.yaml")
+    os.environ.update(cfg.cluster.env)
+    stop = StopSignal()
+    denv = DistEnv.detect().export()
+    setup_logging(denv.rank)
+    device = init_distributed(cfg, denv.rank, denv.world_size, denv.local_rank)
+    plan = batch_plan(cfg, denv.world_size)
+    index, storage = load_index(cfg.data.index, cfg.data.version or None)
+    per_epoch = steps_per_epoch(cfg, index.num_samples(cfg.data.train_split))
+    total = total_steps(cfg, index.num_samples(cfg.data.train_split))
+    if denv.is_main:
+        log.info("run %s: %s; %d steps (%d per epoch) on dataset %s v%d (%d train clips); %s launcher",
+                 run_dir.name, plan.describe(), total, per_epoch, index.dataset, index.version,
+                 index.num_samples(cfg.data.train_split), denv.launcher)
+
+    model = build_model(cfg)
+    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    engine = make_engine(model, cfg, plan, per_epoch, device, model_factory=lambda: TimeSformer(model_config(cfg)))
+    resumed = resume(engine, run_dir, denv.world_size)
+
+    from pipeline.tracking.sink import open_sinks
+
+    sinks = open_sinks(run_dir, denv.is_main)
+    devices = denv.world_size
+    account = GpuHours(run_dir, devices, "gpu" if device.type == "cuda" else "cpu-process", cfg.budget.gpu_hours)
+    if denv.is_main:
+        sinks.set_tags({"resumed_from_step": str(resumed), "world_size": str(denv.world_size),
+                        "attempts": str(len(account.attempts)), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
+        if resumed == 0:
+            sinks.log_params(cfg.flat())
+            for name in ("config.yaml", "deepspeed.json", "launch.json"):
+                if (run_dir / name).exists():
+                    sinks.log_artifact(run_dir / name)
+    state = LoopState(cfg=cfg, engine=engine, plan=plan, index=index, storage=storage, clip=clip_config(cfg),
+                      rank=denv.rank, world_size=denv.world_size, device=device, per_epoch=per_epoch,
+                      total=total, run_dir=run_dir, sinks=sinks, account=account, stop=stop,
+                      save=lambda s: save_checkpoint(engine, run_dir, s, cfg, account, denv),
+                      validate=lambda: run_validation(engine, cfg, index, storage, device, denv))
+    try:
+        outcome = train_loop(state)
+    except BaseException:
+        if denv.is_main:
+            account.save()
+            sinks.close("FAILED")
+        raise
+    step = engine.global_step
+    if outcome in ("preempted", "terminated"):
+        requeue_or_exit(outcome, run_dir, cfg, denv, sinks)
+    # done, or the budget ended it: the final test protocol, then the consolidated model
+    if outcome == "budget" and denv.is_main:
+        log.warning("GPU-hour budget %.3g reached at step %d (%.4g %s-hours): stopping, then the test protocol",
+                    cfg.budget.gpu_hours, step, account.hours, account.unit)
+        sinks.set_tags({"stopped_by": "budget"})
+    report = None
+    if cfg.test.enabled:
+        report = run_test(engine, cfg, index, storage, device, denv)
+    result: dict[str, Any] = {"rank": denv.rank, "outcome": outcome, "step": step, "resumed_from": resumed}
+    if denv.is_main:
+        if report is not None:
+            out = run_dir / "eval" / "test.json"
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(json.dumps(report, indent=1))
+            sinks.log_metrics({"test_top1": report["top1"], "test_top5": report["top5"],
+                               "gpu_hours": account.hours}, step)
+            sinks.log_artifact(out, "eval")
+            result.update(test_top1=report["top1"], test_top5=report["top5"], test_videos=report["videos"])
+        export = export_model(run_dir, cfg)
+        sinks.log_artifact(export, "model")
+        account.save()
+        sinks.set_tags({"outcome": outcome, "gpu_hours": f"{account.hours:.6f}", "gpu_hours_unit": account.unit})
+        sinks.close("FINISHED")
+        result.update(export=str(export), gpu_hours=account.hours, run_dir=str(run_dir))
+        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return result
+
+
+def resume(engine, run_dir: Path, world_size: int) -> int:
+    """Load the newest complete checkpoint, if any; the step it was taken at (0 when starting fresh)."""
+    latest = ckpt.latest_complete(run_dir)
+    if latest is None:
+        return 0
+    step, tag = latest
+    marker = ckpt.read_marker(run_dir, tag)
+    if marker.get("world_size") not in (None, world_size) and marker.get("zero_stage", 0) > 0:
+        raise RuntimeError(
+            f"{run_dir}: checkpoint {tag} was written by {marker['world_size']} ranks with ZeRO stage "
+            f"{marker['zero_stage']}, and this job has {world_size}: its optimizer shards do not fit. Relaunch "
+            f"with the same --nodes x --gpus-per-node, or export it (jobs/export.py) and fine-tune from the model.")
+    engine.load(ckpt.checkpoint_root(run_dir), tag)
+    if engine.global_step != step:
+        raise RuntimeError(f"{run_dir}/{tag}: engine resumed at step {engine.global_step}, marker says {step}")
+    log.info("resumed from %s (step %d)", tag, step)
+    return step
+
+
+def save_checkpoint(engine, run_dir: Path, step: int, cfg: RunConfig, account: GpuHours, denv: DistEnv) -> None:
+    tag = ckpt.tag_for(step)
+    t0 = time.time()
+    engine.save(ckpt.checkpoint_root(run_dir), tag, {"step": step})
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's shard is on disk before the marker
+    if denv.is_main:
+        ckpt.mark_complete(run_dir, tag, {"step": step, "world_size": denv.world_size,
+                                          "zero_stage": cfg.train.zero_stage if cfg.train.engine == "deepspeed" else 0,
+                                          "engine": cfg.train.engine, "gpu_hours": account.hours})
+        account.save()
+        removed = ckpt.prune(run_dir, cfg.train.keep_checkpoints)
+        log.info("checkpoint %s saved in %.1fs%s", tag, time.time() - t0, f"; pruned {removed}" if removed else "")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def run_validation(engine, cfg: RunConfig, index, storage, device, denv: DistEnv) -> dict[str, float]:
+    import dataclasses
+
+    loader = make_loader(index, storage, cfg.data.val_split, train=False, batch_size=cfg.train.micro_batch,
+                         num_workers=min(cfg.data.num_workers, 2), rank=denv.rank, world_size=denv.world_size,
+                         clip=dataclasses.replace(clip_config(cfg)))
+    with engine.eval_module() as (module, dtype):
+        return validate(module, dtype, loader, device)
+
+
+def run_test(engine, cfg: RunConfig, index, storage, device, denv: DistEnv) -> dict[str, Any] | None:
+    with engine.eval_module() as (module, dtype):
+        return test_protocol(module, dtype, index, storage, split=cfg.data.test_split, clip=clip_config(cfg),
+                             protocol=cfg.test.protocol, temporal_clips=cfg.test.temporal_clips,
+                             spatial_crops=cfg.test.spatial_crops, batch_size=cfg.test.batch_size, device=device,
+                             num_workers=min(cfg.data.num_workers, 2), max_videos=cfg.test.max_videos)
+
+
+def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Path | None = None) -> Path:
+    """The consolidated fp32 model of a checkpoint (default: the newest complete) as model.safetensors."""
+    if tag is None:
+        latest = ckpt.latest_complete(run_dir)
+        if latest is None:
+            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
+        tag = latest[1]
+    state = consolidated_state_dict(ckpt.checkpoint_root(run_dir), tag)
+    model = TimeSformer(model_config(cfg))
+    model.load_state_dict(state, strict=True)
+    return save_safetensors(model, out or (run_dir / "export" / "model.safetensors"))
+
+
+def requeue_or_exit(reason: str, run_dir: Path, cfg: RunConfig, denv: DistEnv, sinks) -> None:
+    """After the signal checkpoint: rank 0 requeues the job (preemption/time limit) and every rank exits
+    without a result, so the scheduler runs it again; a termination just stops (resume with --resume)."""
+    requeues_file = run_dir / "requeues.json"
+    if denv.is_main:
+        history = json.loads(requeues_file.read_text()) if requeues_file.exists() else []
+        requeue = reason == "preempted" and len(history) < cfg.cluster.max_requeues
+        history.append({"time": time.time(), "reason": reason, "requeued": requeue,
+                        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")})
+        requeues_file.write_text(json.dumps(history, indent=1))
+        sinks.set_tags({"requeues": str(sum(h["requeued"] for h in history)), "last_stop": reason})
+        if requeue and denv.launcher in ("slurm", "submitit-local"):
+            log.warning("requeueing the job (%d of at most %d)", len(history), cfg.cluster.max_requeues)
+            if denv.launcher == "slurm":
+                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
+            else:
+                from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+                sys.exit(LOCAL_REQUEUE_RETURN_CODE)
+        else:
+            log.warning("stopped (%s) after a checkpoint; continue with: python jobs/launch.py --resume %s",
+                        reason, run_dir)
+            sinks.close("KILLED")
+    sys.exit(EXIT_REQUEUED)
+
+
+class TrainJob:
+    """The submitit callable: picklable, and stateless (everything is in the run directory)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = str(run_dir)
+
+    def __call__(self) -> dict[str, Any]:
+        return run(self.run_dir)
+
+    def checkpoint(self, *args, **kwargs):
+        """submitit's own preemption handler (a signal before ours is installed): requeue as is; the
+        run resumes from its newest complete checkpoint."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(TrainJob(self.run_dir))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.train.main RUN_DIR``: one rank under torchrun or srun."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Run one rank of a prepared training run (see jobs/launch.py).")
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    run(args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
