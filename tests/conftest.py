@@ -46,3 +46,25 @@ def s3_bucket(seaweedfs) -> str:
     name = f"t-{uuid.uuid4().hex[:12]}"
     seaweedfs.create_bucket(name)
     return name
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """The Slurm development cluster (infra/slurm_dev.py): 2 fake nodes, started for this session and
+    stopped after; installs slurm-wlm and munge first where they are missing (Debian, root)."""
+    import socket
+
+    from infra.slurm_dev import SlurmDevCluster
+
+    with socket.socket() as s:  # a free port for slurmctld; the slurmd ports follow it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1] % 20000 + 30000
+    cluster = SlurmDevCluster(tmp_path_factory.mktemp("slurm"), nodes=2, port=port)
+    try:
+        cluster.up()
+    except RuntimeError as e:
+        pytest.skip(f"no Slurm development cluster here: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.down()

@@ -88,9 +88,12 @@ def run(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     cfg = load_resolved(run_dir / "config.yaml")
     os.environ.update(cfg.cluster.env)
+    if "OMP_NUM_THREADS" in cfg.cluster.env:  # torch read the variable at import; the recipe's value rules
+        torch.set_num_threads(int(cfg.cluster.env["OMP_NUM_THREADS"]))
     stop = StopSignal()
     denv = DistEnv.detect().export()
     setup_logging(denv.rank)
+    record_process(run_dir, denv)
     device = init_distributed(cfg, denv.rank, denv.world_size, denv.local_rank)
     plan = batch_plan(cfg, denv.world_size)
     index, storage = load_index(cfg.data.index, cfg.data.version or None)
@@ -106,8 +109,13 @@ def run(run_dir: str | Path) -> dict[str, Any]:
     engine = make_engine(model, cfg, plan, per_epoch, device, model_factory=lambda: TimeSformer(model_config(cfg)))
     resumed = resume(engine, run_dir, denv.world_size)
 
-    from pipeline.tracking.sink import open_sinks
+    from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri, open_sinks
 
+    if denv.is_main and not (run_dir / MLFLOW_FILE).exists():  # MLflow was unreachable at launch: try again
+        from pipeline.train.launch import git_state, mlflow_tags
+
+        create_run(run_dir, cfg.tracking.uri or default_tracking_uri(run_dir.parent), cfg.tracking.experiment or
+                   cfg.recipe, cfg.name, mlflow_tags(cfg, denv.num_nodes, git_state()))
     sinks = open_sinks(run_dir, denv.is_main)
     devices = denv.world_size
     account = GpuHours(run_dir, devices, "gpu" if device.type == "cuda" else "cpu-process", cfg.budget.gpu_hours)
@@ -162,6 +170,16 @@ def run(run_dir: str | Path) -> dict[str, Any]:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return result
+
+
+def record_process(run_dir: Path, denv: DistEnv) -> None:
+    """``pids/rank<r>.json``: where each rank runs (to find, signal or kill a rank of a live job)."""
+    import socket
+
+    (run_dir / "pids").mkdir(exist_ok=True)
+    (run_dir / "pids" / f"rank{denv.rank}.json").write_text(json.dumps(
+        {"rank": denv.rank, "pid": os.getpid(), "host": socket.gethostname(), "launcher": denv.launcher,
+         "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"), "time": time.time()}))
 
 
 def resume(engine, run_dir: Path, world_size: int) -> int:
