@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
     p.add_argument("overrides", nargs="*", help="key=value overrides (train.zero_stage=3 data.num_workers=4 ...)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     if args.list:
         from pipeline.config import load_recipe
 

@@ -363,3 +363,24 @@ def load_checkpoint(model: TimeSformer, source: str | os.PathLike | Mapping[str,
     elif fmt != "ours":
         raise ValueError(f"unknown checkpoint format {fmt!r}: expected auto, ours, official, hf or timm_vit")
     return load_into(model, state, reset_head=reset_head, where=where)
+
+
+def save_hf(model: TimeSformer, directory: str | os.PathLike, labels: list[str] | None = None) -> Path:
+    """A Hugging Face ``TimesformerForVideoClassification`` directory (config.json + model.safetensors)
+    holding this model: ``transformers`` loads it with ``from_pretrained(directory)``."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = hf_config_dict(model.cfg)
+    labels = labels or [f"LABEL_{i}" for i in range(model.cfg.num_classes)]
+    if len(labels) != model.cfg.num_classes:
+        raise ValueError(f"{len(labels)} label names for a model with {model.cfg.num_classes} classes")
+    config.pop("num_labels")
+    config.update(model_type="timesformer", architectures=["TimesformerForVideoClassification"],
+                  id2label={str(i): name for i, name in enumerate(labels)},
+                  label2id={name: i for i, name in enumerate(labels)})
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    state = {k: v.detach().float().contiguous().cpu() for k, v in to_hf(model.state_dict()).items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory

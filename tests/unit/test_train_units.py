@@ -1,0 +1,118 @@
+"""Training pieces without a process group: rank detection, checkpoint markers, the GPU-hour account,
+the launcher's dry run and refusals, the engines' optimizer setup."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import batch_plan, load_recipe
+from pipeline.distributed import DistEnv, expand_nodelist, job_port
+from pipeline.models.timesformer import create_model
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.budget import GpuHours
+from pipeline.train.engine import TorchEngine, build_optimizer
+from pipeline.train.launch import parse_time
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_rank_detection_from_each_launcher(monkeypatch):
+    torchrun = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "a",
+                "MASTER_PORT": "1234"}
+    assert DistEnv.detect(torchrun) == DistEnv(3, 8, 1, 2, "a", 1234, "torchrun")
+    slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "4",
+             "SLURM_JOB_NODELIST": "gpu[07-08,10],cpu1", "SLURM_JOB_ID": "98765"}
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is expanded here
+    env = DistEnv.detect(slurm)
+    assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr) == (5, 8, 1, 2, "gpu07")
+    assert env.master_port == job_port("98765") and env.num_nodes == 4
+    local = {"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_LOCALID": "1",
+             "SUBMITIT_LOCAL_JOB_ID": "4242"}
+    assert DistEnv.detect(local).launcher == "submitit-local" and DistEnv.detect(local).world_size == 2
+    assert DistEnv.detect({}).launcher == "single"
+    assert expand_nodelist("n[1-3,5],gpu7") == ["n1", "n2", "n3", "n5", "gpu7"]
+
+
+def test_only_complete_checkpoints_are_resumed_and_old_ones_pruned(tmp_path):
+    root = ckpt.checkpoint_root(tmp_path)
+    for step in (10, 20, 30):
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        ckpt.mark_complete(tmp_path, ckpt.tag_for(step), {"step": step})
+    (root / ckpt.tag_for(40)).mkdir()  # a job killed while saving: no marker
+    assert ckpt.latest_complete(tmp_path) == (30, "step000000030")
+    assert ckpt.prune(tmp_path, keep=2) == ["step000000010"]
+    assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [20, 30]
+    assert (root / "step000000040").exists()  # newer than the newest complete one: maybe still being written
+    assert ckpt.latest_complete(tmp_path / "nothing") is None
+
+
+def test_gpu_hours_accumulate_across_attempts(tmp_path):
+    first = GpuHours(tmp_path, devices=8, unit="gpu", budget=1.0)
+    first.start -= 1800  # this attempt ran half an hour on 8 GPUs
+    first.save()
+    assert first.hours == pytest.approx(4.0, rel=1e-3) and first.exhausted
+    second = GpuHours(tmp_path, devices=4, unit="gpu")
+    second.start -= 900
+    assert second.hours == pytest.approx(5.0, rel=1e-3)
+    second.save()
+    state = json.loads((tmp_path / "gpu_hours.json").read_text())
+    assert len(state["attempts"]) == 2 and state["attempts"][0]["devices"] == 8
+
+
+def test_time_limits_in_slurm_forms():
+    assert parse_time("90") == 90 and parse_time("1:30:00") == 90 and parse_time("2-00:00:00") == 2880
+    assert parse_time("10:30") == 11  # MM:SS rounds up
+
+
+def launch_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "launch.py"), *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120)
+
+
+def test_dry_run_prints_everything_and_writes_nothing(tmp_path):
+    p = launch_cli("--nodes", "4", "--recipe", "k400_long", "--partition", "a100", "--time", "1-00:00:00",
+                   "--dry-run", "--runs-dir", str(tmp_path / "runs"), "--cluster",
+                   str(REPO / "configs/clusters/example_gpu.yaml"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "32 rank(s); global batch 64 = micro batch 2 x accumulation 1 x 32 rank(s)" in out
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=a100", "#SBATCH --time=1440", "#SBATCH --signal=USR2@180", "#SBATCH --requeue",
+                 "export NCCL_IB_DISABLE=0", '"stage": 2', "variant: timesformer_l"):
+        assert line in out, line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unsatisfiable_world_and_bad_overrides_are_refused_before_anything_runs(tmp_path):
+    p = launch_cli("--nodes", "3", "--recipe", "smoke", "--local", "--runs-dir", str(tmp_path), cwd=tmp_path)
+    assert p.returncode == 2 and "global_batch=8 cannot be met on 3 rank(s)" in p.stderr
+    p = launch_cli("--nodes", "2", "--recipe", "smoke", "--local", "train.zero_stag=2", cwd=tmp_path)
+    assert p.returncode == 2 and "unknown key 'train.zero_stag'" in p.stderr
+    p = launch_cli("--nodes", "2", "--recipe", "smoke", "--local", f"data.index={tmp_path / 'none'}", cwd=tmp_path)
+    assert p.returncode == 2 and "cannot be read" in p.stderr and "jobs/ingest.py" in p.stderr
+    assert not list(tmp_path.glob("smoke-*"))
+
+
+def test_optimizer_groups_and_the_plain_engine_accumulates():
+    model = create_model("timesformer_tiny", num_frames=2, num_classes=3)
+    cfg = load_recipe("smoke", ["optim.name=sgd", "optim.decay_embeddings=false", "optim.weight_decay=0.5",
+                                "train.engine=torch", "train.zero_stage=0", "train.micro_batch=2"])
+    opt = build_optimizer(model, cfg)
+    assert opt.param_groups[0]["nesterov"] and opt.param_groups[1]["weight_decay"] == 0.0
+    exempt = {id(p) for p in opt.param_groups[1]["params"]}
+    assert exempt == {id(model.pos_embed), id(model.time_embed), id(model.cls_token)}
+    plan = batch_plan(cfg, 1)  # global 8 = micro 2 x 4 accumulation steps
+    engine = TorchEngine(model, cfg, plan, per_epoch=10, device=torch.device("cpu"))
+    before = model.head.weight.detach().clone()
+    x, y = torch.randn(2, 3, 2, 32, 32), torch.tensor([0, 1])
+    for i in range(3):
+        engine.train_micro_batch(x, y)
+        assert engine.global_step == 0 and torch.equal(model.head.weight, before), i
+    engine.train_micro_batch(x, y)
+    assert engine.global_step == 1 and not torch.equal(model.head.weight, before)
