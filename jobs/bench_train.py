@@ -1,0 +1,132 @@
+#!/usr/bin/env python
+"""DeepSpeed's overhead: training steps of one model through our DeepSpeed engine (ZeRO, activation
+checkpointing, bf16) next to plain PyTorch (AMP bf16, same checkpointing, same SGD) in the same process.
+
+    python jobs/bench_train.py                                   # TimeSformer-L 96x224, micro batch 4, GPU
+    python jobs/bench_train.py --recipe k400_hr --micro-batch 2
+    python jobs/bench_train.py --device cpu --variant timesformer_tiny --frames 8 --size 64   # runs anywhere
+
+Phases run A-B-A (plain, DeepSpeed, plain again) so drift shows; each phase reports the median step time,
+clips/s and its own peak memory (the engine before it is freed). Inputs are random tensors already on
+the device: this measures the engine, not the data loader (jobs/bench_loader.py does that). The target
+(issue 5): DeepSpeed's overhead <= 10%. Writes --out JSON when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="k400_long")
+    p.add_argument("--variant", help="model variant override (e.g. timesformer_tiny for a CPU check)")
+    p.add_argument("--frames", type=int, help="frames per clip override")
+    p.add_argument("--size", type=int, help="crop size override")
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--ac", default="full", help="activation checkpointing policy (none, full, every_2, selective)")
+    p.add_argument("--steps", type=int, default=10, help="measured steps per phase")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", help="write the numbers as JSON here")
+    args = p.parse_args(argv)
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
+    import torch
+
+    from pipeline.config import batch_plan, load_recipe
+    from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing
+    from pipeline.train.engine import DeepSpeedEngine, TorchEngine, init_distributed
+    from pipeline.train.main import model_config
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_train: no CUDA device; use --device cpu (with a small --variant) to check the script", file=sys.stderr)
+        return 2
+    overrides = [f"train.micro_batch={args.micro_batch}", f"train.global_batch={args.micro_batch}",
+                 f"train.zero_stage={args.zero_stage}", f"train.precision={args.precision}",
+                 f"train.activation_checkpointing={args.ac}", "optim.name=sgd",
+                 f"cluster.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "data.index=unused"]
+    if args.variant:
+        overrides.append(f"model.variant={args.variant}")
+    if args.frames:
+        overrides.append(f"data.num_frames={args.frames}")
+    if args.size:
+        overrides += [f"data.crop={args.size}", f"data.scale=[{args.size},{args.size}]"]
+    cfg = load_recipe(args.recipe, overrides)
+    device = init_distributed(cfg, 0, 1, 0)
+    plan = batch_plan(cfg, 1)
+    mcfg = model_config(cfg)
+    x = torch.randn(args.micro_batch, 3, mcfg.num_frames, mcfg.img_size, mcfg.img_size, device=device)
+    y = torch.randint(0, mcfg.num_classes, (args.micro_batch,), device=device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def phase(kind: str) -> dict:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        torch.manual_seed(0)
+        model = TimeSformer(mcfg)
+        apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+        if kind == "deepspeed":
+            engine = DeepSpeedEngine(model, cfg, plan, per_epoch=1000, model_factory=lambda: TimeSformer(mcfg))
+        else:
+            engine = TorchEngine(model, cfg, plan, per_epoch=1000, device=device)
+        times, losses = [], []
+        for i in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            loss = engine.train_micro_batch(x, y)
+            losses.append(float(loss))  # .item() syncs: the step is finished when the clock stops
+            sync()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        step = statistics.median(times)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        del engine, model
+        return {"engine": kind, "step_ms": 1000 * step, "clips_per_s": args.micro_batch / step, "peak_gib": peak,
+                "first_loss": losses[0], "last_loss": losses[-1]}
+
+    rows = [phase("torch"), phase("deepspeed"), phase("torch")]
+    base = statistics.mean([rows[0]["clips_per_s"], rows[2]["clips_per_s"]])
+    overhead = base / rows[1]["clips_per_s"] - 1
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"{cfg.model.variant} {mcfg.num_frames}x{mcfg.img_size}, micro batch {args.micro_batch}, {args.precision}, "
+          f"activation checkpointing {args.ac}, ZeRO-{args.zero_stage}; device {name}")
+    print(f"{'engine':10s} {'step ms':>9s} {'clips/s':>9s} {'peak GiB':>9s} {'loss first->last':>18s}")
+    for r in rows:
+        print(f"{r['engine']:10s} {r['step_ms']:9.1f} {r['clips_per_s']:9.2f} {r['peak_gib']:9.2f} "
+              f"{r['first_loss']:8.4f} -> {r['last_loss']:.4f}")
+    drift = abs(rows[0]["clips_per_s"] / rows[2]["clips_per_s"] - 1)
+    print(f"DeepSpeed overhead vs plain PyTorch: {100 * overhead:+.1f}% (target <= 10%); "
+          f"plain-PyTorch drift between its two phases {100 * drift:.1f}%")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": name, "args": vars(args), "rows": rows, "overhead": overhead, "drift": drift}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
