@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.train.main import model_config
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_train: no CUDA device; use --device cpu (with a small --variant) to check the script", file=sys.stderr)
+        print("bench_train: no CUDA device; use --device cpu (and a small --variant) to check the script",
+              file=sys.stderr)
         return 2
     overrides = [f"train.micro_batch={args.micro_batch}", f"train.global_batch={args.micro_batch}",
                  f"train.zero_stage={args.zero_stage}", f"train.precision={args.precision}",
