@@ -29,15 +29,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from pipeline.models.convert import hf_config_dict, to_hf  # noqa: E402
-from pipeline.models.flops import flops_per_view  # noqa: E402
+from pipeline.models.flops import device_peak_tflops, flops_per_view  # noqa: E402
 from pipeline.models.timesformer import (  # noqa: E402
     TimeSformer,
     apply_activation_checkpointing,
     variant_config,
 )
-
-# Dense bf16 peak (TFLOP/s) for MFU, by device-name fragment.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
 @dataclass(frozen=True)
@@ -214,13 +211,6 @@ def profile_case(case: Case, impl: str, device: torch.device, dtype: torch.dtype
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
 
 
-def device_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -272,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
-    peak = device_peak(device)
+    peak = device_peak_tflops(device)
     print(f"device: {name}   dtype: {dtype}   torch {torch.__version__}", flush=True)
     results = []
     header = f"{'case':18s} {'impl':15s} {'batch':>5s} {'clips/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s}"

@@ -68,3 +68,21 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.down()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(seaweedfs, tmp_path_factory):
+    """A real `mlflow server` (sqlite backend, artifacts in a SeaweedFS bucket) on 127.0.0.1."""
+    import socket
+
+    from infra.mlflow_server import MLflowServer
+
+    seaweedfs.create_bucket("mlflow")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow"), port=port, artifacts="s3://mlflow/artifacts").start()
+    try:
+        yield server
+    finally:
+        server.stop()

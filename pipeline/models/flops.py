@@ -121,3 +121,17 @@ def training_flops_per_clip(cfg: TimeSformerConfig, recompute_forward: bool = Fa
     forward of the blocks when activation checkpointing recomputes them. Used for achieved TFLOP/s."""
     fwd = flops_per_view(cfg)
     return 3 * fwd + (fwd if recompute_forward else 0)
+
+
+# Dense bf16 peak (TFLOP/s) per device for MFU, by device-name fragment (vendor data sheets, SXM parts).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "V100": 125.0}
+
+
+def device_peak_tflops(device) -> float | None:
+    """The dense bf16 (V100: fp16) peak of a CUDA device, or None when unknown or not a GPU."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)

@@ -35,6 +35,7 @@ def create_run(run_dir: Path, tracking_uri: str, experiment: str, run_name: str,
     """Create the MLflow run of a training run (at launch) and record it in the run directory.
     Returns the record, or None (with a warning) when the server cannot be reached."""
     try:
+        _quick_failing_http()
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri)
@@ -77,39 +78,68 @@ class JsonlSink:
 
 
 class MLflowSink:
-    """Rank 0's MLflow client for one run; failed calls are buffered and replayed, never raised."""
+    """Rank 0's MLflow client for one run. Calls are queued and delivered by a background thread, so a
+    slow or unreachable server never holds up a training step; failed deliveries are retried with
+    backoff (the queue keeps their order), warned about once a minute, and flushed on close."""
 
-    def __init__(self, record: dict[str, str], max_buffer: int = 100_000) -> None:
+    def __init__(self, record: dict[str, str], max_buffer: int = 100_000, flush_timeout: float = 60.0) -> None:
+        import queue
+        import threading
+
+        _quick_failing_http()
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(record["tracking_uri"])
         self.run_id = record["run_id"]
         self.uri = record["tracking_uri"]
-        self.pending: list[tuple[str, tuple, dict]] = []
-        self.max_buffer = max_buffer
+        self.queue: queue.Queue = queue.Queue(maxsize=max_buffer)
+        self.flush_timeout = flush_timeout
         self.warned_at = 0.0
+        self.failures = 0
+        self.thread = threading.Thread(target=self._deliver, name="mlflow-sink", daemon=True)
+        self.thread.start()
 
-    def _call(self, name: str, *args, **kwargs) -> None:
-        self.pending.append((name, args, kwargs))
-        if len(self.pending) > self.max_buffer:
-            self.pending = self.pending[-self.max_buffer:]
-        while self.pending:
-            fn, a, kw = self.pending[0]
-            try:
-                getattr(self, f"_{fn}")(*a, **kw)
-            except Exception as e:
-                if time.time() - self.warned_at > 60:
-                    log.warning("MLflow at %s unavailable (%s); %d call(s) buffered, retrying on the next one",
-                                self.uri, e, len(self.pending))
-                    self.warned_at = time.time()
+    def _deliver(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
                 return
-            self.pending.pop(0)
+            fn, args = item
+            delay = 1.0
+            while True:
+                try:
+                    getattr(self, f"_{fn}")(*args)
+                    break
+                except Exception as e:  # noqa: BLE001 -- the server is down or refused: retry, never raise
+                    self.failures += 1
+                    if time.time() - self.warned_at > 60:
+                        log.warning("MLflow at %s unavailable (%s); %d call(s) queued, retrying (metrics.jsonl in "
+                                    "the run directory has every number)", self.uri, e, self.queue.qsize() + 1)
+                        self.warned_at = time.time()
+                    if self._closing and time.time() > self._deadline:
+                        return
+                    time.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+
+    _closing = False
+    _deadline = 0.0
+
+    def _call(self, name: str, *args) -> None:
+        import queue
+
+        try:
+            self.queue.put_nowait((name, args))
+        except queue.Full:
+            log.warning("MLflow queue full (%d calls): dropping %s; metrics.jsonl keeps everything",
+                        self.queue.maxsize, name)
 
     def _metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
     def _params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -130,22 +160,33 @@ class MLflowSink:
         self.client.set_terminated(self.run_id, status)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._call("metrics", metrics, step)
+        self._call("metrics", dict(metrics), step)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self._call("params", params)
+        self._call("params", dict(params))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._call("tags", tags)
+        self._call("tags", dict(tags))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call("artifact", str(path), artifact_path)
 
     def close(self, status: str = "FINISHED") -> None:
+        """Deliver what is queued (up to ``flush_timeout`` seconds), then stop the thread."""
         self._call("terminate", status)
-        if self.pending:
-            log.warning("MLflow at %s: %d call(s) could not be delivered; metrics.jsonl in the run directory "
-                        "has the numbers", self.uri, len(self.pending))
+        self._closing, self._deadline = True, time.time() + self.flush_timeout
+        self.queue.put(None)
+        self.thread.join(self.flush_timeout + 5)
+        left = self.queue.qsize()
+        if self.thread.is_alive() or left:
+            log.warning("MLflow at %s: %d call(s) not delivered before exit; metrics.jsonl in the run directory "
+                        "has the numbers", self.uri, left)
+
+
+def _quick_failing_http() -> None:
+    """MLflow's HTTP client retries a refused call for minutes by default; our sink retries on its own."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
 class Sinks:

@@ -13,13 +13,14 @@ FILE = "gpu_hours.json"
 
 
 class GpuHours:
-    def __init__(self, run_dir: Path, devices: int, unit: str, budget: float = 0.0) -> None:
+    def __init__(self, run_dir: Path, devices: int, unit: str, budget: float = 0.0,
+                 start: float | None = None) -> None:
         self.path = Path(run_dir) / FILE
         self.devices, self.unit, self.budget = devices, unit, budget
         prior = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.prior_hours = float(prior.get("hours", 0.0))
         self.attempts = list(prior.get("attempts", []))
-        self.start = time.time()
+        self.start = start or time.time()
         self.attempts.append({"started": self.start, "devices": devices, "seconds": 0.0})
 
     @property

@@ -44,6 +44,8 @@ class LoopState:
     stop: Any
     save: Callable[[int], None]
     validate: Callable[[], dict[str, float]]
+    flops_per_clip: float = 0.0  # model FLOPs of one training clip (forward + backward, no recompute)
+    peak_tflops: float | None = None  # per device, when known: MFU
 
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
@@ -113,23 +115,41 @@ def log_step(s: LoopState, step: int, window: dict[str, float]) -> None:
     elapsed = time.perf_counter() - window["t0"]
     loss_sum, wait = _all_reduce([window["loss"], window["wait"]], s.device)
     n = max(1, window["steps"])
+    clips_per_s = n * s.plan.global_batch / max(elapsed, 1e-9)
     metrics = {
         "loss": loss_sum / (n * s.world_size),
         "lr": s.engine.lr,
         "epoch": step / s.per_epoch,
-        "clips_per_s": n * s.plan.global_batch / max(elapsed, 1e-9),
+        "clips_per_s": clips_per_s,
         "data_wait_frac": min(1.0, wait / s.world_size / max(elapsed, 1e-9)),
         "memory_gib": _memory_gib(s.device),
         "gpu_hours": s.account.hours,
+        **system_metrics(),
     }
+    if s.flops_per_clip:
+        metrics["tflops_per_s"] = clips_per_s * s.flops_per_clip / 1e12
+        if s.peak_tflops:
+            metrics["mfu"] = metrics["tflops_per_s"] / (s.peak_tflops * s.world_size)
     norm = s.engine.grad_norm()
     if norm is not None and math.isfinite(norm):
         metrics["grad_norm"] = norm
     if s.rank == 0:
         s.sinks.log_metrics(metrics, step)
-        log.info("step %d/%d %s", step, s.total, _fmt(metrics))
+        log.info("step %d/%d %s", step, s.total, _fmt({k: v for k, v in metrics.items() if "/" not in k}))
         s.account.save()
     window.update(t0=time.perf_counter(), wait=0.0, steps=0, loss=0.0)
+
+
+def system_metrics() -> dict[str, float]:
+    """This host's CPU and memory use, as MLflow names them (rank 0's host)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    mem = psutil.virtual_memory()
+    return {"system/cpu_utilization_percentage": psutil.cpu_percent(interval=None),
+            "system/system_memory_usage_percentage": mem.percent,
+            "system/process_rss_gib": psutil.Process().memory_info().rss / 2**30}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

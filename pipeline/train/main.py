@@ -118,7 +118,8 @@ def run(run_dir: str | Path) -> dict[str, Any]:
                    cfg.recipe, cfg.name, mlflow_tags(cfg, denv.num_nodes, git_state()))
     sinks = open_sinks(run_dir, denv.is_main)
     devices = denv.world_size
-    account = GpuHours(run_dir, devices, "gpu" if device.type == "cuda" else "cpu-process", cfg.budget.gpu_hours)
+    account = GpuHours(run_dir, devices, "gpu" if device.type == "cuda" else "cpu-process", cfg.budget.gpu_hours,
+                       start=process_start_time())
     if denv.is_main:
         sinks.set_tags({"resumed_from_step": str(resumed), "world_size": str(denv.world_size),
                         "attempts": str(len(account.attempts)), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
@@ -127,11 +128,15 @@ def run(run_dir: str | Path) -> dict[str, Any]:
             for name in ("config.yaml", "deepspeed.json", "launch.json"):
                 if (run_dir / name).exists():
                     sinks.log_artifact(run_dir / name)
+    from pipeline.models.flops import device_peak_tflops, training_flops_per_clip
+
     state = LoopState(cfg=cfg, engine=engine, plan=plan, index=index, storage=storage, clip=clip_config(cfg),
                       rank=denv.rank, world_size=denv.world_size, device=device, per_epoch=per_epoch,
                       total=total, run_dir=run_dir, sinks=sinks, account=account, stop=stop,
                       save=lambda s: save_checkpoint(engine, run_dir, s, cfg, account, denv),
-                      validate=lambda: run_validation(engine, cfg, index, storage, device, denv))
+                      validate=lambda: run_validation(engine, cfg, index, storage, device, denv),
+                      flops_per_clip=2.0 * training_flops_per_clip(model_config(cfg)),
+                      peak_tflops=device_peak_tflops(device))
     try:
         outcome = train_loop(state)
     except BaseException:
@@ -159,6 +164,9 @@ def run(run_dir: str | Path) -> dict[str, Any]:
             sinks.log_metrics({"test_top1": report["top1"], "test_top5": report["top5"],
                                "gpu_hours": account.hours}, step)
             sinks.log_artifact(out, "eval")
+            image = confusion_image(report, index.classes, out.with_name("confusion.png"))
+            if image is not None:
+                sinks.log_artifact(image, "eval")
             result.update(test_top1=report["top1"], test_top5=report["top5"], test_videos=report["videos"])
         export = export_model(run_dir, cfg)
         sinks.log_artifact(export, "model")
@@ -170,6 +178,16 @@ def run(run_dir: str | Path) -> dict[str, Any]:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return result
+
+
+def process_start_time() -> float:
+    """When this process started: the account counts the allocation from there (start-up included)."""
+    try:
+        import psutil
+
+        return psutil.Process().create_time()
+    except Exception:  # noqa: BLE001 -- without psutil, from now
+        return time.time()
 
 
 def record_process(run_dir: Path, denv: DistEnv) -> None:
@@ -234,6 +252,38 @@ def run_test(engine, cfg: RunConfig, index, storage, device, denv: DistEnv) -> d
                              protocol=cfg.test.protocol, temporal_clips=cfg.test.temporal_clips,
                              spatial_crops=cfg.test.spatial_crops, batch_size=cfg.test.batch_size, device=device,
                              num_workers=min(cfg.data.num_workers, 2), max_videos=cfg.test.max_videos)
+
+
+def confusion_image(report: dict[str, Any], classes: list[str], path: Path) -> Path | None:
+    """The test confusion matrix as a PNG (rows: true class, columns: predicted), for people to look at."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    matrix = report["confusion"]
+    n = len(matrix)
+    size = min(20.0, 2.0 + 0.35 * n)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    if n <= 60:
+        names = [c[:20] for c in classes[:n]]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+        if n <= 20:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{report['split']}: top-1 {report['top1']:.1f}% over {report['videos']} videos "
+                 f"({report['protocol']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Path | None = None) -> Path:

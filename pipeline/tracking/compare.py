@@ -1,0 +1,183 @@
+"""The paper's kind of comparison (Table 2: accuracy, cost, GPU-hours) from MLflow runs: a table (terminal,
+CSV, Markdown) and a plot of accuracy against GPU-hours, one curve per run, with each run's budget."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+COLUMNS = [("run", "run"), ("model", "model"), ("attention", "attention"), ("clip", "frames x rate"),
+           ("resolution", "res"), ("params_m", "params (M)"), ("tflops_views", "TFLOPs x views"),
+           ("gpu_hours", "GPU-h"), ("top1", "top-1"), ("top5", "top-5"), ("clips_per_s", "clips/s")]
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    run: str
+    model: str
+    attention: str
+    clip: str
+    resolution: str
+    params_m: float | None
+    tflops_views: str
+    gpu_hours: float | None
+    gpu_hours_unit: str
+    top1: float | None
+    top5: float | None
+    clips_per_s: float | None
+    budget: float | None
+    status: str
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (gpu_hours, val_top1)
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def summarize(client, run) -> RunSummary:
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    views = "all" if params.get("test.protocol") == "long_video" else str(
+        int(params.get("test.temporal_clips", 1)) * int(params.get("test.spatial_crops", 1)))
+    gflops = float(tags["gflops_per_view"]) if "gflops_per_view" in tags else None
+    hours = _history(client, run.info.run_id, "gpu_hours")
+    val = _history(client, run.info.run_id, "val_top1")
+    curve = sorted((hours[s], v) for s, v in val.items() if s in hours)
+    speed = [m.value for m in client.get_metric_history(run.info.run_id, "clips_per_s")]
+    budget = float(params.get("budget.gpu_hours", 0) or 0)
+    return RunSummary(
+        run_id=run.info.run_id, run=run.info.run_name or run.info.run_id[:8], model=tags.get("variant", "?"),
+        attention=tags.get("attention_type", "?"),
+        clip=f"{tags.get('frames', '?')} x {tags.get('sampling_rate', '?')}", resolution=tags.get("resolution", "?"),
+        params_m=int(tags["params"]) / 1e6 if "params" in tags else None,
+        tflops_views=f"{gflops / 1e3:.3g} x {views}" if gflops is not None else "?",
+        gpu_hours=metrics.get("gpu_hours"), gpu_hours_unit=tags.get("gpu_hours_unit", "gpu"),
+        top1=metrics.get("test_top1"), top5=metrics.get("test_top5"),
+        clips_per_s=sum(speed) / len(speed) if speed else None, budget=budget or None,
+        status=run.info.status, curve=curve)
+
+
+def fetch(tracking_uri: str, experiment: str, run_ids: list[str] | None = None) -> list[RunSummary]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"no experiment {experiment!r} at {tracking_uri}; experiments there: {names}")
+    runs = client.search_runs([exp.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"])
+    runs = [r for r in runs if r.data.tags.get("kind") != "comparison"]
+    if run_ids:
+        wanted = set(run_ids)
+        runs = [r for r in runs if r.info.run_id in wanted or r.info.run_name in wanted]
+        missing = wanted - {r.info.run_id for r in runs} - {r.info.run_name for r in runs}
+        if missing:
+            raise ValueError(f"run(s) {sorted(missing)} not found in experiment {experiment!r}")
+    return [summarize(client, r) for r in runs]
+
+
+def _cell(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 0.01 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def rows(summaries: list[RunSummary]) -> list[list[str]]:
+    return [[_cell(getattr(s, key)) for key, _ in COLUMNS] for s in summaries]
+
+
+def table_text(summaries: list[RunSummary]) -> str:
+    header = [title for _, title in COLUMNS]
+    body = rows(summaries)
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+    units = {s.gpu_hours_unit for s in summaries}
+    if units - {"gpu"}:
+        lines.append(f"(GPU-h counts {' / '.join(sorted(units))}-hours: runs on CPU count processes)")
+    return "\n".join(lines)
+
+
+def table_csv(summaries: list[RunSummary]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["run_id"] + [key for key, _ in COLUMNS] + ["gpu_hours_unit", "budget", "status"])
+    for s in summaries:
+        writer.writerow([s.run_id] + [getattr(s, key) for key, _ in COLUMNS] + [s.gpu_hours_unit, s.budget, s.status])
+    return out.getvalue()
+
+
+def table_markdown(summaries: list[RunSummary]) -> str:
+    header = [title for _, title in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(summaries)]
+    return "\n".join(lines) + "\n"
+
+
+def plot(summaries: list[RunSummary], path: Path, title: str) -> Path:
+    """Validation top-1 against GPU-hours, a curve per run; the final test top-1 as a star; budgets dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, s in enumerate(summaries):
+        colour = f"C{i % 10}"
+        if s.curve:
+            ax.plot([h for h, _ in s.curve], [a for _, a in s.curve], "-o", color=colour, ms=3,
+                    label=f"{s.run} ({s.attention})")
+        if s.top1 is not None and s.gpu_hours is not None:
+            ax.plot([s.gpu_hours], [s.top1], "*", color=colour, ms=14,
+                    label=None if s.curve else f"{s.run} ({s.attention})")
+        if s.budget:
+            ax.axvline(s.budget, color=colour, ls="--", lw=1)
+    units = sorted({s.gpu_hours_unit for s in summaries})
+    ax.set_xlabel(f"{' / '.join(units)}-hours")
+    ax.set_ylabel("top-1 (%)  - validation curve, * test protocol")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if summaries:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(summaries: list[RunSummary], out_dir: Path, experiment: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"table.txt": table_text(summaries), "table.csv": table_csv(summaries),
+             "table.md": table_markdown(summaries),
+             "runs.json": json.dumps([asdict(s) for s in summaries], indent=1)}
+    paths = {}
+    for name, text in files.items():
+        (out_dir / name).write_text(text)
+        paths[name] = out_dir / name
+    paths["accuracy_vs_gpu_hours.png"] = plot(summaries, out_dir / "accuracy_vs_gpu_hours.png",
+                                              f"{experiment}: accuracy against GPU-hours")
+    return paths
+
+
+def log_comparison(tracking_uri: str, experiment: str, summaries: list[RunSummary], paths: dict[str, Path]) -> str:
+    """The comparison as its own MLflow run (tag kind=comparison) with the table and the plot as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    run = client.create_run(exp.experiment_id, run_name=f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
+                            tags={"kind": "comparison", "compared_runs": ",".join(s.run_id for s in summaries),
+                                  "mlflow.note.content": "```\n" + table_text(summaries) + "\n```"})
+    for path in paths.values():
+        client.log_artifact(run.info.run_id, str(path), "comparison")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
