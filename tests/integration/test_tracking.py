@@ -174,9 +174,10 @@ def test_the_mlflow_ui_shows_the_runs_and_the_comparison_plot(two_runs, mlflow_s
         page.goto(f"{mlflow_server.uri}/#/experiments/{exp.experiment_id}/runs/{comparison.info.run_id}/artifacts/"
                   "comparison/accuracy_vs_gpu_hours.png", wait_until="load")
         page.get_by_text("accuracy_vs_gpu_hours.png").first.wait_for(timeout=60_000)
-        image = page.locator("img[src*='accuracy_vs_gpu_hours.png']").first
+        image = page.locator("img[src^='blob:']").first  # the UI fetches the artifact and shows it as a blob
         image.wait_for(timeout=60_000)
-        assert page.evaluate("(img) => img.naturalWidth", image.element_handle()) > 100  # the plot loaded
+        page.wait_for_function("(img) => img.complete && img.naturalWidth > 400", arg=image.element_handle(),
+                               timeout=60_000)  # the plot itself (880 px wide), not an icon
         page.screenshot(path=str(shots / "mlflow-comparison-plot.png"))
         browser.close()
     assert (shots / "mlflow-runs.png").stat().st_size > 20_000
