@@ -16,8 +16,8 @@ def write_dataset(uri: str, kind: str = "colour", per_class: dict[str, int] | No
     shards, n = [], 0
     for split, count in (per_class or {"train": 8, "val": 2}).items():
         samples = []
-        for label_index, label in enumerate(names):
-            for _ in range(count):
+        for _ in range(count):  # classes interleaved, as ingest mixes them: no shard holds one class
+            for label_index, label in enumerate(names):
                 meta = {"label": label_index, "label_name": label, "dataset": f"test-{kind}", "split": split,
                         "source": "synthetic", "duration": spec.num_frames / spec.fps, "fps": spec.fps,
                         "num_frames": spec.num_frames, "source_sha256": "-"}

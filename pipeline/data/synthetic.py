@@ -34,6 +34,7 @@ class SyntheticSpec:
     fps: float = 16.0
     square: int = 20
     speed: float = 1.0  # pixels per frame
+    square_style: str = "texture"  # texture: cut from the background's noise; solid: a bright square
 
 
 def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -45,6 +46,8 @@ def motion_frames(label: str, rng: np.random.Generator, spec: SyntheticSpec = Sy
     dy, dx = _DIRECTIONS[label]
     s, n = spec.size, spec.num_frames
     background, patch = _texture(rng, s, s), _texture(rng, spec.square, spec.square)
+    if spec.square_style == "solid":
+        patch = np.full_like(patch, 250)
     travel = int(round(spec.speed * (n - 1)))
     lo, hi = 0, s - spec.square - travel
     y0 = int(rng.integers(0, s - spec.square + 1)) if dy == 0 else int(rng.integers(lo, hi + 1))

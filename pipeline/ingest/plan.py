@@ -1,8 +1,9 @@
 """The shard plan: which videos go into which shard, deterministically, and what changed since the last
 committed dataset version.
 
-Same inputs, same shards: videos are ordered by (split, video id) and cut into groups of
-``samples_per_shard``; a shard's name is a hash of its members' ids, source checksums and the
+Same inputs, same shards: videos are ordered by split, then by a hash of their id (annotation files are
+often sorted by label, and shards of one class would defeat the loader's shuffle buffer), and cut into
+groups of ``samples_per_shard``; a shard's name is a hash of its members' ids, source checksums and the
 preprocessing parameters, so rebuilding an unchanged group gives the same name (and the worker the same
 bytes). Incremental: a shard of the last version whose members are all still present, unchanged, is
 kept as it is; new videos, changed ones (another source checksum) and the survivors of shards that lost
@@ -64,6 +65,10 @@ def shard_name(sources: list[Source], preprocessing: dict[str, Any]) -> str:
     return h.hexdigest()[:20]
 
 
+def _mix(video_id: str) -> str:
+    return hashlib.sha256(video_id.encode()).hexdigest()
+
+
 def make_plan(sources: list[Source], preprocessing: dict[str, Any], samples_per_shard: int,
               last: DatasetIndex | None = None) -> Plan:
     """Plan the next version from all current sources and (optionally) the last committed index. Videos
@@ -90,7 +95,7 @@ def make_plan(sources: list[Source], preprocessing: dict[str, Any], samples_per_
         last_ids = {k for shard in last.shards for k in shard.keys}
         plan.removed = sorted(last_ids - set(by_id))
         plan.changed = sorted(k for k in last_ids & set(by_id) if old.get(k) != by_id[k].sha256)
-    todo = sorted((by_id[i] for i in pending), key=lambda s: (s.entry.split, s.entry.video_id))
+    todo = sorted((by_id[i] for i in pending), key=lambda s: (s.entry.split, _mix(s.entry.video_id)))
     for split in sorted({s.entry.split for s in todo}):
         group = [s for s in todo if s.entry.split == split]
         for i in range(0, len(group), samples_per_shard):
