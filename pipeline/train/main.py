@@ -121,7 +121,8 @@ def run(run_dir: str | Path) -> dict[str, Any]:
     account = GpuHours(run_dir, devices, "gpu" if device.type == "cuda" else "cpu-process", cfg.budget.gpu_hours,
                        start=process_start_time())
     if denv.is_main:
-        sinks.set_tags({"resumed_from_step": str(resumed), "world_size": str(denv.world_size),
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+        sinks.set_tags({"resumed_from_step": str(resumed), "world_size": str(denv.world_size), "device": device_name,
                         "attempts": str(len(account.attempts)), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
         if resumed == 0:
             sinks.log_params(cfg.flat())
