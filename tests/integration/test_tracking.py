@@ -77,10 +77,18 @@ def test_a_training_run_logs_params_tags_metrics_and_artifacts_to_s3(two_runs, m
     assert any(k.endswith(f"{record['run_id']}/artifacts/eval/confusion.png") for k in keys)
 
 
-def test_compare_builds_the_table_and_plot_from_two_runs_and_logs_them(two_runs, mlflow_server, tmp_path):
+@pytest.fixture(scope="module")
+def compared(two_runs, mlflow_server, tmp_path_factory):
+    """jobs/compare.py over the two runs (once: the UI test looks for the comparison run it logs)."""
+    out = tmp_path_factory.mktemp("cmp")
     p = subprocess.run([sys.executable, str(REPO / "jobs" / "compare.py"), "--experiment", "schemes",
-                        "--tracking-uri", mlflow_server.uri, "--out", str(tmp_path / "cmp")],
+                        "--tracking-uri", mlflow_server.uri, "--out", str(out / "cmp")],
                        capture_output=True, text=True, timeout=180)
+    return p, out
+
+
+def test_compare_builds_the_table_and_plot_from_two_runs_and_logs_them(compared, mlflow_server):
+    p, tmp_path = compared
     assert p.returncode == 0, p.stderr
     table = p.stdout
     assert "divided_space_time" in table and "space_only" in table and "TFLOPs x views" in table
@@ -150,7 +158,7 @@ def chromium() -> str:
     return path
 
 
-def test_the_mlflow_ui_shows_the_runs_and_the_comparison_plot(two_runs, mlflow_server, chromium, tmp_path):
+def test_the_mlflow_ui_shows_the_runs_and_the_comparison_plot(compared, mlflow_server, chromium, tmp_path):
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
