@@ -29,7 +29,8 @@ from pipeline.config import ConfigError, list_recipes  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="a recipe name (configs/recipes) or a YAML path")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1); ranks = nodes x --gpus-per-node")
+    p.add_argument("--nodes", type=int, help="nodes (default 1, or the run's last on --resume); ranks = nodes x "
+                   "--gpus-per-node")
     p.add_argument("--gpus-per-node", type=int, help="ranks per node (default: the recipe's cluster.gpus_per_node)")
     p.add_argument("--partition", help="Slurm partition")
     p.add_argument("--time", help="time limit: minutes, HH:MM:SS or D-HH:MM:SS (the job requeues itself at it)")

@@ -36,6 +36,11 @@ class ModelConfig:
     pos_embed: str = "space_time"
     num_classes: int = 400
     drop_path_rate: float = 0.1
+    # 0: the variant's own; set to shrink or grow a variant (the demo's 4x4 patches, width studies)
+    patch_size: int = 0
+    embed_dim: int = 0
+    depth: int = 0
+    num_heads: int = 0
     init: str = ""  # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors)
     init_reset_head: bool = False  # fine-tuning on other classes: a fresh classifier over loaded features
 
@@ -68,6 +73,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-4
     decay_embeddings: bool = True  # the original decays every parameter, embeddings included
+    schedule: str = "steps"  # steps (the paper: lr *= lr_gamma at lr_steps) or cosine (to 0 at the last step)
     lr_steps: list[float] = field(default_factory=lambda: [11.0, 14.0])  # epochs where lr *= lr_gamma
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
@@ -335,6 +341,7 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     _choice(cfg.model.pos_embed, POS_EMBED_TYPES, "model.pos_embed", where)
     _choice(cfg.data.sampler, ("fixed_rate", "segment"), "data.sampler", where)
     _choice(cfg.optim.name, ("sgd", "adamw"), "optim.name", where)
+    _choice(cfg.optim.schedule, ("steps", "cosine"), "optim.schedule", where)
     _choice(cfg.train.precision, ("fp32", "bf16", "fp16"), "train.precision", where)
     _choice(cfg.train.zero_stage, (0, 1, 2, 3), "train.zero_stage", where)
     _choice(cfg.train.engine, ("deepspeed", "torch"), "train.engine", where)
@@ -414,11 +421,17 @@ def total_steps(cfg: RunConfig, train_samples: int) -> int:
 
 
 def lr_factor(cfg: RunConfig, step: int, per_epoch: int) -> float:
-    """The learning-rate multiplier at optimizer step ``step``: linear warm-up, then steps at epochs."""
+    """The learning-rate multiplier at optimizer step ``step``: linear warm-up, then the paper's steps at
+    epochs (or a cosine decay to zero at the run's last step)."""
     epoch = step / per_epoch
     o = cfg.optim
     if o.warmup_epochs > 0 and epoch < o.warmup_epochs:
         return (epoch + 1.0 / per_epoch) / o.warmup_epochs
+    if o.schedule == "cosine":
+        total = cfg.train.max_steps or math.ceil(cfg.train.epochs * per_epoch)
+        start = o.warmup_epochs * per_epoch
+        progress = min(1.0, max(0.0, (step - start) / max(1.0, total - start)))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
     return o.lr_gamma ** sum(1 for e in o.lr_steps if epoch >= e)
 
 

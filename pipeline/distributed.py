@@ -40,22 +40,36 @@ class DistEnv:
 
     @classmethod
     def detect(cls, environ: dict[str, str] | None = None) -> DistEnv:
+        """A job submitted by submitit says which executor ran it (its variables win: a launching shell's
+        stray RANK must not leak into a Slurm job); otherwise torchrun's variables, then srun's."""
         env = os.environ if environ is None else environ
-        if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:  # torchrun, or already exported
+        executor = env.get("SUBMITIT_EXECUTOR", "")
+        if executor == "local" and "SUBMITIT_LOCAL_GLOBALID" in env:
+            return cls._submitit_local(env)
+        if executor == "slurm" and "SLURM_PROCID" in env:
+            return cls._slurm(env)
+        if "RANK" in env and "WORLD_SIZE" in env and "MASTER_ADDR" in env:  # torchrun, or exported already
             return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])), env["MASTER_ADDR"],
                        int(env.get("MASTER_PORT", 29500)), "torchrun")
-        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:
-            ntasks = int(env["SLURM_NTASKS"])
-            nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
-            return cls(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)),
-                       max(1, ntasks // max(1, nodes)), first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                       job_port(env["SLURM_JOB_ID"]), "slurm")
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_ID" in env:  # srun python -m ...
+            return cls._slurm(env)
         if "SUBMITIT_LOCAL_GLOBALID" in env:
-            n = int(env["SUBMITIT_LOCAL_NTASKS"])
-            return cls(int(env["SUBMITIT_LOCAL_GLOBALID"]), n, int(env["SUBMITIT_LOCAL_LOCALID"]), n,
-                       "127.0.0.1", job_port(env.get("SUBMITIT_LOCAL_JOB_ID", "0")), "submitit-local")
+            return cls._submitit_local(env)
         return cls(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+
+    @classmethod
+    def _slurm(cls, env) -> DistEnv:
+        ntasks = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", 1)))
+        return cls(int(env["SLURM_PROCID"]), ntasks, int(env.get("SLURM_LOCALID", 0)), max(1, ntasks // max(1, nodes)),
+                   first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")), job_port(env["SLURM_JOB_ID"]), "slurm")
+
+    @classmethod
+    def _submitit_local(cls, env) -> DistEnv:
+        n = int(env["SUBMITIT_LOCAL_NTASKS"])
+        return cls(int(env["SUBMITIT_LOCAL_GLOBALID"]), n, int(env["SUBMITIT_LOCAL_LOCALID"]), n, "127.0.0.1",
+                   job_port(env.get("SUBMITIT_LOCAL_JOB_ID", "0")), "submitit-local")
 
 
 def job_port(job_id: str) -> int:

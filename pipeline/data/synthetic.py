@@ -88,21 +88,30 @@ def classes(kind: str) -> tuple[str, ...]:
 
 
 def make_corpus(root: str | Path, kind: str = "motion", per_class: dict[str, int] | None = None,
-                spec: SyntheticSpec = SyntheticSpec(), seed: int = 0) -> Path:
-    """Write ``<root>/videos/<id>.mp4`` and ``<root>/annotations.csv`` (Kinetics format); returns the CSV."""
+                spec: SyntheticSpec = SyntheticSpec(), seed: int = 0, progress: bool = False) -> Path:
+    """Write ``<root>/videos/<id>.mp4`` and ``<root>/annotations.csv`` (Kinetics format); returns the CSV.
+    Videos already there (same name) are kept, so a rerun is quick."""
+    from tqdm import tqdm
+
     root = Path(root)
     (root / "videos").mkdir(parents=True, exist_ok=True)
     per_class = per_class or {"train": 8, "val": 2}
     rows = []
     n = 0
+    total = sum(per_class.values()) * len(classes(kind))
+    bar = tqdm(total=total, unit="video", desc=f"synthetic {kind} videos", disable=not progress)
     for split, count in per_class.items():
         for label in classes(kind):
             for _ in range(count):
                 vid = f"{kind}{n:05d}"
-                (root / "videos" / f"{vid}.mp4").write_bytes(make_video(kind, label, seed * 100003 + n, spec))
+                path = root / "videos" / f"{vid}.mp4"
+                if not path.exists():
+                    path.write_bytes(make_video(kind, label, seed * 100003 + n, spec))
                 rows.append({"label": label, "youtube_id": vid, "time_start": 0,
                              "time_end": round(spec.num_frames / spec.fps, 3), "split": split})
                 n += 1
+                bar.update(1)
+    bar.close()
     csv_path = root / "annotations.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["label", "youtube_id", "time_start", "time_end", "split"])

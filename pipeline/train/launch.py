@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 @dataclass
 class LaunchRequest:
     recipe: str | None = None
-    nodes: int = 1
+    nodes: int | None = None  # None: 1, or on --resume the nodes of the run's last job
     gpus_per_node: int | None = None
     partition: str | None = None
     time: str | None = None
@@ -188,6 +188,11 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
 
     cfg, run_dir = resolve(req)
     nodes = req.nodes
+    if nodes is None:
+        nodes = 1
+        if req.resume and (run_dir / "launch.json").exists():
+            jobs = json.loads((run_dir / "launch.json").read_text()).get("jobs", [])
+            nodes = jobs[-1]["nodes"] if jobs else 1
     world = nodes * cfg.cluster.gpus_per_node
     plan = batch_plan(cfg, world)
     ds_json = deepspeed_config(cfg, plan)

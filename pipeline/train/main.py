@@ -41,9 +41,10 @@ EXIT_REQUEUED = 3
 
 def model_config(cfg: RunConfig):
     m = cfg.model
+    sizes = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(m, k)}
     return variant_config(m.variant, num_frames=cfg.data.num_frames, img_size=cfg.data.crop,
                           attention_type=m.attention_type, pos_embed=m.pos_embed, num_classes=m.num_classes,
-                          drop_path_rate=m.drop_path_rate)
+                          drop_path_rate=m.drop_path_rate, **sizes)
 
 
 def build_model(cfg: RunConfig) -> TimeSformer:
@@ -238,11 +239,9 @@ def save_checkpoint(engine, run_dir: Path, step: int, cfg: RunConfig, account: G
 
 
 def run_validation(engine, cfg: RunConfig, index, storage, device, denv: DistEnv) -> dict[str, float]:
-    import dataclasses
-
     loader = make_loader(index, storage, cfg.data.val_split, train=False, batch_size=cfg.train.micro_batch,
                          num_workers=min(cfg.data.num_workers, 2), rank=denv.rank, world_size=denv.world_size,
-                         clip=dataclasses.replace(clip_config(cfg)))
+                         clip=clip_config(cfg))
     with engine.eval_module() as (module, dtype):
         return validate(module, dtype, loader, device)
 

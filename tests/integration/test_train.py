@@ -75,13 +75,15 @@ def test_zero_stages_and_activation_checkpointing_train_the_same_model(tmp_path,
     runs = {}
     for stage, ac in ((1, "full"), (3, "full"), (2, "none")):
         info = run_local(tmp_path, f"zero{stage}-{ac}", colour_index,
-                         SHORT + ["train.max_steps=6", f"train.zero_stage={stage}",
+                         SHORT + ["train.max_steps=6", f"train.zero_stage={stage}", "train.val_every=6",
                                   f"train.activation_checkpointing={ac}"])
         run_dir = Path(info["run_dir"])
         runs[(stage, ac)] = losses(run_dir)
         assert json.loads((run_dir / "deepspeed.json").read_text())["zero_optimization"]["stage"] == stage
         assert json.loads((run_dir / "deepspeed.json").read_text())["gradient_accumulation_steps"] == 2
         assert (run_dir / "export" / "model.safetensors").exists()
+        val = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_top1" in line]
+        assert len(val) == 1 and val[0]["val_clips"] == 8  # every val video once (ZeRO-3: weights gathered)
     base = {s: reference[s] for s in range(1, 7)}  # ZeRO-2 with full checkpointing
     for key, got in runs.items():
         assert sorted(got) == list(range(1, 7)), key

@@ -104,5 +104,7 @@ def test_learning_rate_schedule_is_the_papers():
     lrs = [cfg.optim.lr * lr_factor(cfg, step, per_epoch) for step in (0, 1099, 1100, 1399, 1400, 1499)]
     assert lrs == pytest.approx([0.005, 0.005, 0.0005, 0.0005, 0.00005, 0.00005])
     assert total_steps(cfg, 240_000) == 15 * (240_000 // 64)
+    cos = load_recipe("smoke", ["optim.schedule=cosine", "train.max_steps=100"])
+    assert [lr_factor(cos, s, 10) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
     warm = load_recipe("k400_base", ["optim.warmup_epochs=1"])
     assert lr_factor(warm, 0, 10) == pytest.approx(0.1) and lr_factor(warm, 9, 10) == pytest.approx(1.0)

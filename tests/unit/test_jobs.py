@@ -15,7 +15,7 @@ def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_demo_prints_the_paper_numbers_and_classifies():
-    out = run_job("jobs/demo.py", "--quick")
+    out = run_job("jobs/model_demo.py", "--quick")
     assert out.returncode == 0, out.stderr
     assert "121.57M" in out.stdout and "0.59T" in out.stdout and "7.15T" in out.stdout
     assert out.stdout.count("-> class") == 5  # one forward pass per attention scheme

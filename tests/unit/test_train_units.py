@@ -32,6 +32,8 @@ def test_rank_detection_from_each_launcher(monkeypatch):
     env = DistEnv.detect(slurm)
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.master_addr) == (5, 8, 1, 2, "gpu07")
     assert env.master_port == job_port("98765") and env.num_nodes == 4
+    stray = {**slurm, "SUBMITIT_EXECUTOR": "slurm", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "x"}
+    assert DistEnv.detect(stray).rank == 5  # a launching shell's RANK does not leak into the Slurm job
     local = {"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_LOCALID": "1",
              "SUBMITIT_LOCAL_JOB_ID": "4242"}
     assert DistEnv.detect(local).launcher == "submitit-local" and DistEnv.detect(local).world_size == 2
