@@ -153,7 +153,9 @@ def chromium() -> str:
         subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env,
                        capture_output=True, timeout=900)
         path = shutil.which("chromium")
-    if path is None:
+        if path is None:
+            pytest.fail("apt-get install chromium did not give a chromium binary")
+    if path is None:  # not root on Debian: nothing to install with
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     return path
 
