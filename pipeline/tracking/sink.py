@@ -73,7 +73,7 @@ class JsonlSink:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
-    def close(self, status: str = "FINISHED") -> None:
+    def close(self, status: str | None = "FINISHED") -> None:
         pass
 
 
@@ -171,9 +171,11 @@ class MLflowSink:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call("artifact", str(path), artifact_path)
 
-    def close(self, status: str = "FINISHED") -> None:
-        """Deliver what is queued (up to ``flush_timeout`` seconds), then stop the thread."""
-        self._call("terminate", status)
+    def close(self, status: str | None = "FINISHED") -> None:
+        """Deliver what is queued (up to ``flush_timeout`` seconds), then stop the thread. ``status`` None
+        leaves the run open (a requeued job continues it)."""
+        if status is not None:
+            self._call("terminate", status)
         self._closing, self._deadline = True, time.time() + self.flush_timeout
         self.queue.put(None)
         self.thread.join(self.flush_timeout + 5)

@@ -312,6 +312,7 @@ def requeue_or_exit(reason: str, run_dir: Path, cfg: RunConfig, denv: DistEnv, s
         sinks.set_tags({"requeues": str(sum(h["requeued"] for h in history)), "last_stop": reason})
         if requeue and denv.launcher in ("slurm", "submitit-local"):
             log.warning("requeueing the job (%d of at most %d)", len(history), cfg.cluster.max_requeues)
+            sinks.close(None)  # deliver what is queued; the run stays open for the requeued job
             if denv.launcher == "slurm":
                 subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
             else:
