@@ -112,7 +112,7 @@ def test_compare_builds_the_table_and_plot_from_two_runs_and_logs_them(compared,
 
 
 def test_a_budget_stops_training_within_a_step_and_hours_survive_a_requeue(tmp_path, mlflow_server, motion_index):
-    budget = 0.008  # process-hours: ~14 s of 2 ranks, start-up included
+    budget = 0.02  # process-hours: ~36 s of 2 ranks, start-up included (two start-ups on a loaded CI box fit)
     info = launch(LaunchRequest(recipe="smoke", nodes=2, local=True, name="budget", runs_dir=str(tmp_path), overrides=[
         f"data.index={motion_index}", "train.max_steps=100000", "train.log_every=1", "train.ckpt_every=1000",
         "train.val_every=-1", f"budget.gpu_hours={budget}", f"tracking.uri={mlflow_server.uri}",
@@ -129,7 +129,7 @@ def test_a_budget_stops_training_within_a_step_and_hours_survive_a_requeue(tmp_p
     assert len(account["attempts"]) == 2 and account["unit"] == "cpu-process"
     counted = sum(a["seconds"] * a["devices"] for a in account["attempts"]) / 3600
     assert account["hours"] == pytest.approx(counted, rel=1e-6)  # both attempts, each counted once
-    assert budget <= account["hours"] < budget + 0.002
+    assert budget <= account["hours"] < budget + 0.01  # the test protocol and export after the stop count too
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     over = [r["step"] for r in rows if r["gpu_hours"] >= budget]
     assert len(over) <= 2 and over[-1] == rows[-1]["step"] == result["step"]  # stopped within one step
