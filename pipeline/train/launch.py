@@ -96,6 +96,11 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
         raise ConfigError("--recipe is required (or --resume RUN_DIR)")
     extra = [req.cluster_file] if req.cluster_file else []
     cfg = load_recipe(req.recipe, req.overrides + flags, extra_files=extra)
+    # local paths are read by the ranks, whose working directory may differ: fix them to absolute here
+    if cfg.data.index and "://" not in cfg.data.index:
+        cfg.data.index = str(Path(cfg.data.index).resolve())
+    if cfg.model.init and "://" not in cfg.model.init:
+        cfg.model.init = str(Path(cfg.model.init).resolve())
     name = req.name or cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg.name = name
     run_dir = (Path(cfg.runs_dir) if Path(cfg.runs_dir).is_absolute() else Path.cwd() / cfg.runs_dir) / name

@@ -98,6 +98,8 @@ def test_unsatisfiable_world_and_bad_overrides_are_refused_before_anything_runs(
     assert p.returncode == 2 and "unknown key 'train.zero_stag'" in p.stderr
     p = launch_cli("--nodes", "2", "--recipe", "smoke", "--local", f"data.index={tmp_path / 'none'}", cwd=tmp_path)
     assert p.returncode == 2 and "cannot be read" in p.stderr and "jobs/ingest.py" in p.stderr
+    p = launch_cli("--nodes", "2", "--recipe", "smoke", "--local", "data.index=rel/ds", cwd=tmp_path)
+    assert p.returncode == 2 and f"'{tmp_path / 'rel' / 'ds'}'" in p.stderr  # made absolute where launched
     assert not list(tmp_path.glob("smoke-*"))
 
 
