@@ -253,7 +253,7 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
                            "git": git, "resume": bool(req.resume)})
     record_path.write_text(json.dumps(record, indent=1))
     info.update(job_id=str(job.job_id), job=job, mlflow=tracking,
-                logs=str(run_dir / "submitit" / str(job.job_id)))
+                logs=str(run_dir / "submitit" / str(job.job_id) / str(job.job_id)))
     out(f"submitted   job {job.job_id} ({executor_kind}, {nodes} node(s) x {cfg.cluster.gpus_per_node} rank(s))")
     out(f"run dir     {run_dir}\nbatch       {plan.describe()}\ndata        {data}")
     out(f"logs        {info['logs']}_<rank>_log.out")

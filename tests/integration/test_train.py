@@ -141,6 +141,8 @@ def test_smoke_recipe_on_two_slurm_nodes_streams_from_s3_and_completes_the_run(t
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "submitted   job" in p.stdout and "(slurm, 2 node(s) x 1 rank(s))" in p.stdout
     run_dir = tmp_path / "smoke"
+    printed_logs = next(line.split()[1] for line in p.stdout.splitlines() if line.startswith("logs "))
+    assert Path(printed_logs.replace("<rank>", "0")).exists()  # the log path it prints is where the log is
     # one rank on each fake node
     logs = "".join(f.read_text() for f in run_dir.glob("submitit/*/*_log.out"))
     assert "node=0(2), global_rank=0(2)" in logs and "node=1(2), global_rank=1(2)" in logs
