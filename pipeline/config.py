@@ -12,7 +12,6 @@ the world size, never written by hand.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import typing
@@ -173,10 +172,6 @@ class RunConfig:
 # -- typed loading ---------------------------------------------------------------------------------
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
 def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
     """``value`` as type ``tp`` (ints accepted for floats), or a ConfigError naming where and which key."""
     origin = typing.get_origin(tp)
@@ -216,7 +211,7 @@ def _apply(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None
     """Set the fields of dataclass ``obj`` from ``data``, checking names and types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {data!r}")
-    hints = _hints(type(obj))
+    hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -369,8 +364,7 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         raise ConfigError(f"{where}: optim.lr and train.epochs must be positive")
     if cfg.train.zero_stage > 0 and cfg.train.engine == "torch":
         raise ConfigError(f"{where}: train.engine=torch has no ZeRO; set train.zero_stage=0 or engine=deepspeed")
-    if cfg.model.attention_type == "space_only" and cfg.model.pos_embed == "space_time":
-        pass  # space_only has no time embedding; pos_embed=space_time means 'space' there (as the original)
+    # space_only with pos_embed=space_time is valid: that scheme has no time embedding (as the original)
     if sorted(cfg.optim.lr_steps) != list(cfg.optim.lr_steps):
         raise ConfigError(f"{where}: optim.lr_steps={cfg.optim.lr_steps}: expected increasing epochs")
     if not cfg.data.index:
@@ -433,7 +427,3 @@ def lr_factor(cfg: RunConfig, step: int, per_epoch: int) -> float:
         progress = min(1.0, max(0.0, (step - start) / max(1.0, total - start)))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     return o.lr_gamma ** sum(1 for e in o.lr_steps if epoch >= e)
-
-
-def copy_config(cfg: RunConfig) -> RunConfig:
-    return copy.deepcopy(cfg)

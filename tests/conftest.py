@@ -74,15 +74,12 @@ def slurm_cluster(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mlflow_server(seaweedfs, tmp_path_factory):
     """A real `mlflow server` (sqlite backend, artifacts in a SeaweedFS bucket) on 127.0.0.1."""
-    import socket
-
     from infra.mlflow_server import MLflowServer
+    from infra.seaweedfs import free_port
 
     seaweedfs.create_bucket("mlflow")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = MLflowServer(tmp_path_factory.mktemp("mlflow"), port=port, artifacts="s3://mlflow/artifacts").start()
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow"), port=free_port(),
+                          artifacts="s3://mlflow/artifacts").start()
     try:
         yield server
     finally:
