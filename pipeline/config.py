@@ -42,6 +42,9 @@ class ModelConfig:
     num_heads: int = 0
     init: str = ""  # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors)
     init_reset_head: bool = False  # fine-tuning on other classes: a fresh classifier over loaded features
+    # 0: zeros, as the original (it starts from an image model); > 0: trunc-normal start, which a model
+    # trained from scratch on little data needs to tell frame order early (the demo uses 0.1)
+    time_embed_init_std: float = 0.0
 
 
 @dataclass
@@ -347,6 +350,9 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         parse_checkpoint_policy(cfg.train.activation_checkpointing)
     except ValueError as e:
         raise ConfigError(f"{where}: train.activation_checkpointing: {e}") from None
+    if not 0.0 <= cfg.model.time_embed_init_std <= 1.0:
+        raise ConfigError(f"{where}: model.time_embed_init_std={cfg.model.time_embed_init_std!r}: expected a standard "
+                          "deviation in [0, 1] (0: zeros, the original)")
     if len(cfg.data.scale) != 2 or cfg.data.scale[0] > cfg.data.scale[1]:
         raise ConfigError(f"{where}: data.scale={cfg.data.scale}: expected [min, max] short-side sizes")
     if cfg.data.scale[1] < cfg.data.crop:

@@ -1,10 +1,15 @@
 """Real encoded videos with known labels, for tests, the demo and the attention-scheme comparison.
 
-Two kinds of class:
+Three kinds of class:
 
 * ``motion`` (needs time): a textured square drifts over a textured background in one of four
   directions. The square and the background are cut from the same kind of noise and the start
   position is random, so one frame cannot tell the class; the order of frames can.
+* ``order`` (needs time; the demo's task): a still square changes colour once, part-way through
+  (red then blue, blue then red, green then yellow, yellow then green). Any frame shows one of two
+  colours that both classes of a pair share, and a clip holds both colours in like proportions
+  whichever came first: only the order of frames tells the class. A model that averages per-frame
+  features (space-only attention) can find the pair, not the order: 50% at best.
 * ``colour`` (needs only space): a still square whose colour is the class; any frame tells.
 
 Each video is an H.264 mp4 in memory; ``make_corpus`` writes a directory of them with a CSV of
@@ -25,6 +30,7 @@ MOTION_CLASSES = ("moving_left", "moving_right", "moving_up", "moving_down")
 COLOUR_CLASSES = ("red", "green", "blue", "yellow")
 _DIRECTIONS = {"moving_left": (0, -1), "moving_right": (0, 1), "moving_up": (-1, 0), "moving_down": (1, 0)}
 _COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230), "yellow": (230, 220, 40)}
+ORDER_CLASSES = ("red_then_blue", "blue_then_red", "green_then_yellow", "yellow_then_green")
 
 
 @dataclass(frozen=True)
@@ -71,20 +77,39 @@ def colour_frames(label: str, rng: np.random.Generator, spec: SyntheticSpec = Sy
     return np.repeat(frame[None], spec.num_frames, axis=0)
 
 
+def order_frames(label: str, rng: np.random.Generator, spec: SyntheticSpec = SyntheticSpec()) -> np.ndarray:
+    """A still square on texture whose colour switches once, at a random frame in the middle third. The
+    switch is spread symmetrically about the middle, so neither colour fills more of the video on average:
+    the share of each colour in a clip says nothing about which came first."""
+    first, _, second = label.partition("_then_")
+    s, n, q = spec.size, spec.num_frames, spec.square
+    frames = np.repeat(_texture(rng, s, s)[None], n, axis=0)
+    y, x = (int(v) for v in rng.integers(0, s - q + 1, size=2))
+    lo = max(1, int(0.35 * n))
+    switch = int(rng.integers(lo, n - lo + 1))  # frames [0, switch) show the first colour
+    frames[:switch, y:y + q, x:x + q] = _COLOURS[first]
+    frames[switch:, y:y + q, x:x + q] = _COLOURS[second]
+    return frames
+
+
 def make_video(kind: str, label: str, seed: int, spec: SyntheticSpec = SyntheticSpec(),
                keyframe_interval: int = 8) -> bytes:
     rng = np.random.default_rng(seed)
     if kind == "motion":
         frames = motion_frames(label, rng, spec)
+    elif kind == "order":
+        frames = order_frames(label, rng, spec)
     elif kind == "colour":
         frames = colour_frames(label, rng, spec)
     else:
-        raise ValueError(f"kind={kind!r}: expected motion or colour")
+        raise ValueError(f"kind={kind!r}: expected motion, order or colour")
     return encode_video(frames, spec.fps, keyframe_interval=keyframe_interval)
 
 
 def classes(kind: str) -> tuple[str, ...]:
-    return {"motion": MOTION_CLASSES, "colour": COLOUR_CLASSES}[kind]
+    if kind not in ("motion", "order", "colour"):
+        raise ValueError(f"kind={kind!r}: expected motion, order or colour")
+    return {"motion": MOTION_CLASSES, "order": ORDER_CLASSES, "colour": COLOUR_CLASSES}[kind]
 
 
 def make_corpus(root: str | Path, kind: str = "motion", per_class: dict[str, int] | None = None,

@@ -94,6 +94,10 @@ class TimeSformerConfig:
     # Interpolation used when an input's patch grid or frame count differs from the embeddings'.
     pos_embed_resize: str = "bicubic"
     time_embed_resize: str = "nearest"
+    # The original starts the time embedding at zero: frames are interchangeable at step 0, which is right
+    # when an image model is the starting point. A small random start (e.g. 0.1) breaks that symmetry for
+    # a model trained from scratch on a small dataset (the end-to-end demo); 0 keeps the original.
+    time_embed_init_std: float = 0.0
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -117,6 +121,8 @@ class TimeSformerConfig:
                 raise bad(name, "a probability in [0, 1)")
         if self.mlp_ratio <= 0:
             raise bad("mlp_ratio", "a positive number")
+        if not 0.0 <= self.time_embed_init_std <= 1.0:
+            raise bad("time_embed_init_std", "a standard deviation in [0, 1] (0: zeros, the original)")
         if self.pos_embed_resize not in ("nearest", "bilinear", "bicubic"):
             raise bad("pos_embed_resize", "nearest, bilinear or bicubic")
         if self.time_embed_resize not in ("nearest", "linear"):
@@ -386,7 +392,10 @@ class TimeSformer(nn.Module):
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         if self.time_embed is not None:
-            nn.init.zeros_(self.time_embed)
+            if self.cfg.time_embed_init_std > 0:
+                nn.init.trunc_normal_(self.time_embed, std=self.cfg.time_embed_init_std)
+            else:
+                nn.init.zeros_(self.time_embed)
         for blk in self.blocks:
             for step in EXTRA_STEPS[self.cfg.attention_type]:
                 fc = getattr(blk, f"{step}_fc")

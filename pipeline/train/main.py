@@ -44,7 +44,7 @@ def model_config(cfg: RunConfig):
     sizes = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(m, k)}
     return variant_config(m.variant, num_frames=cfg.data.num_frames, img_size=cfg.data.crop,
                           attention_type=m.attention_type, pos_embed=m.pos_embed, num_classes=m.num_classes,
-                          drop_path_rate=m.drop_path_rate, **sizes)
+                          drop_path_rate=m.drop_path_rate, time_embed_init_std=m.time_embed_init_std, **sizes)
 
 
 def build_model(cfg: RunConfig) -> TimeSformer:

@@ -28,7 +28,7 @@ def test_the_demo_runs_end_to_end_and_leaves_its_outputs(tmp_path):
     assert set(result["runs"]) == {"divided_space_time", "space_only"}
     for run_dir in result["runs"].values():
         assert (Path(run_dir) / "eval/test.json").exists() and (Path(run_dir) / "export/model.safetensors").exists()
-    compare = tmp_path / "runs/compare-demo_motion"
+    compare = tmp_path / "runs/compare-demo_order"
     assert (compare / "accuracy_vs_gpu_hours.png").stat().st_size > 10_000
     assert (compare / "table.md").read_text().count("demo-") == 2
     assert (tmp_path / "runs/mlflow.db").exists()
