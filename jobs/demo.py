@@ -68,14 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.time()
     from pipeline.config import load_recipe
-    from pipeline.data.synthetic import SyntheticSpec, make_corpus
+    from pipeline.data.synthetic import balanced_order_spec, make_corpus
     from pipeline.ingest.run import IngestConfig, run_ingest
     from pipeline.ingest.worker import TranscodeConfig
 
     recipe = load_recipe(RECIPE)
     print(f"[1/5] synthetic videos: 4 colour orders x ({args.train_per_class} train + {args.val_per_class} val); "
           f"one frame cannot tell the class, the order of frames can", flush=True)
-    spec = SyntheticSpec(square=16)
+    # the square: half the frame, so the colours fill several patches; the switch: balanced for the recipe's
+    # sampler, so the colours' shares in a clip say nothing about which came first
+    spec = balanced_order_spec(recipe.data.sampling_rate / recipe.data.ref_fps, square=32)
     videos = Path(args.videos)
     csv_path = make_corpus(videos, "order", {"train": args.train_per_class, "val": args.val_per_class}, spec,
                            progress=True)

@@ -41,6 +41,9 @@ class SyntheticSpec:
     square: int = 20
     speed: float = 1.0  # pixels per frame
     square_style: str = "texture"  # texture: cut from the background's noise; solid: a bright square
+    # order: where the colour switches, as a fraction of the video (the middle of the spread); see
+    # switch_center_for, which balances the two colours over the clips a sampler takes
+    switch_center: float = 0.5
 
 
 def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -78,18 +81,55 @@ def colour_frames(label: str, rng: np.random.Generator, spec: SyntheticSpec = Sy
 
 
 def order_frames(label: str, rng: np.random.Generator, spec: SyntheticSpec = SyntheticSpec()) -> np.ndarray:
-    """A still square on texture whose colour switches once, at a random frame in the middle third. The
-    switch is spread symmetrically about the middle, so neither colour fills more of the video on average:
-    the share of each colour in a clip says nothing about which came first."""
+    """A still square on texture whose colour switches once. The switch frame is spread uniformly and
+    symmetrically about ``spec.switch_center`` (over about 30% of the video), so that over the clips a
+    sampler takes, neither colour shows more often: the colours' shares in a clip say nothing about
+    which came first. Raises ValueError when no symmetric spread exists (the centre is not on a frame
+    boundary or half-way between two)."""
     first, _, second = label.partition("_then_")
     s, n, q = spec.size, spec.num_frames, spec.square
+    lo, hi = switch_range(spec)
     frames = np.repeat(_texture(rng, s, s)[None], n, axis=0)
     y, x = (int(v) for v in rng.integers(0, s - q + 1, size=2))
-    lo = max(1, int(0.35 * n))
-    switch = int(rng.integers(lo, n - lo + 1))  # frames [0, switch) show the first colour
+    switch = int(rng.integers(lo, hi + 1))  # frames [0, switch) show the first colour
     frames[:switch, y:y + q, x:x + q] = _COLOURS[first]
     frames[switch:, y:y + q, x:x + q] = _COLOURS[second]
     return frames
+
+
+def switch_range(spec: SyntheticSpec) -> tuple[int, int]:
+    """First and last switch frame of ``order`` videos: symmetric about ``switch_center * num_frames``."""
+    n, c2 = spec.num_frames, 2 * spec.switch_center * spec.num_frames
+    if abs(c2 - round(c2)) > 1e-6:
+        raise ValueError(f"switch_center={spec.switch_center} x {n} frames = {c2 / 2:g}: the switch can only be "
+                         "spread symmetrically about a frame boundary or half-way between two; pick a centre "
+                         "whose double is a whole number of frames")
+    c2 = int(round(c2))
+    lo = c2 // 2 - max(1, round(0.15 * n))
+    lo, hi = lo, c2 - lo
+    if lo < 1 or hi > n - 1:
+        raise ValueError(f"switch_center={spec.switch_center}: the switch spread [{lo}, {hi}] leaves the video "
+                         f"(1..{n - 1}); move the centre towards the middle")
+    return lo, hi
+
+
+def switch_center_for(step_s: float, duration_s: float) -> float:
+    """The ``switch_center`` that balances the colours over a fixed-rate sampler's clips: clips start
+    anywhere in [0, duration - clip] and their frames, ``step_s`` apart, reach ``duration - step_s`` (the
+    original's convention: a clip spans num_frames x rate frames), so the stretch sampled, evenly, is
+    [0, duration - step_s]: its middle."""
+    return (duration_s - step_s) / 2 / duration_s
+
+
+def balanced_order_spec(step_s: float, seconds: float = 2.0, fps: float = 15.0, **fields) -> SyntheticSpec:
+    """A spec for ``order`` videos whose colours are balanced under a fixed-rate sampler taking a frame
+    every ``step_s`` seconds (the demo: 8 frames every 6 at 30 fps, so 0.2 s): ``seconds`` long at ``fps``,
+    the switch spread about ``switch_center_for``. The frame rate must put that centre on a frame boundary
+    or half-way (15 fps with a 0.2 s step: 13.5 of 30 frames)."""
+    spec = SyntheticSpec(num_frames=int(round(seconds * fps)), fps=fps,
+                         switch_center=switch_center_for(step_s, seconds), **fields)
+    switch_range(spec)  # refuses a geometry that cannot be balanced
+    return spec
 
 
 def make_video(kind: str, label: str, seed: int, spec: SyntheticSpec = SyntheticSpec(),
@@ -115,12 +155,21 @@ def classes(kind: str) -> tuple[str, ...]:
 def make_corpus(root: str | Path, kind: str = "motion", per_class: dict[str, int] | None = None,
                 spec: SyntheticSpec = SyntheticSpec(), seed: int = 0, progress: bool = False) -> Path:
     """Write ``<root>/videos/<id>.mp4`` and ``<root>/annotations.csv`` (Kinetics format); returns the CSV.
-    Videos already there (same name) are kept, so a rerun is quick."""
+    Videos already there (same name) are kept, so a rerun is quick, unless they were made with another
+    spec, seed or counts (recorded in ``<root>/spec-<kind>.json``; a video's id fixes its label only for
+    given counts): then they are made again."""
+    import json
+    from dataclasses import asdict
+
     from tqdm import tqdm
 
     root = Path(root)
-    (root / "videos").mkdir(parents=True, exist_ok=True)
     per_class = per_class or {"train": 8, "val": 2}
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    record = root / f"spec-{kind}.json"
+    wanted = json.dumps({"spec": asdict(spec), "seed": seed, "per_class": per_class}, sort_keys=True)
+    remake = not record.exists() or record.read_text() != wanted
+    record.unlink(missing_ok=True)  # written again once every video matches it
     rows = []
     n = 0
     total = sum(per_class.values()) * len(classes(kind))
@@ -130,13 +179,14 @@ def make_corpus(root: str | Path, kind: str = "motion", per_class: dict[str, int
             for _ in range(count):
                 vid = f"{kind}{n:05d}"
                 path = root / "videos" / f"{vid}.mp4"
-                if not path.exists():
+                if remake or not path.exists():
                     path.write_bytes(make_video(kind, label, seed * 100003 + n, spec))
                 rows.append({"label": label, "youtube_id": vid, "time_start": 0,
                              "time_end": round(spec.num_frames / spec.fps, 3), "split": split})
                 n += 1
                 bar.update(1)
     bar.close()
+    record.write_text(wanted)
     csv_path = root / "annotations.csv"
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["label", "youtube_id", "time_start", "time_end", "split"])

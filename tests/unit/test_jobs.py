@@ -34,3 +34,14 @@ def test_bench_compares_with_hugging_face_and_writes_json(tmp_path):
 def test_bench_rejects_an_unknown_case_by_name():
     out = run_job("jobs/bench.py", "--cases", "huge_train")
     assert out.returncode == 2 and "unknown case(s) ['huge_train']" in out.stderr
+
+
+def test_demo_study_trains_over_seeds_and_reports_each(tmp_path):
+    result = tmp_path / "study.json"
+    out = run_job("jobs/demo_study.py", "--seeds", "0", "1", "--steps", "4", "--every", "2", "--train-per-class", "2",
+                  "--val-per-class", "1", "--jobs", "1", "--out", str(result))
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(result.read_text())
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert all([s for s, _ in r["curve"]] == [2, 4] and 0 <= r["final_top1"] <= 100 for r in rows)
+    assert "time_embed_init_std=0.5 square=32: " in out.stdout and "seeds reach 90%" in out.stdout

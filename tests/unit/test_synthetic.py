@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_recipe
-from pipeline.data.synthetic import ORDER_CLASSES, SyntheticSpec, classes, make_video, order_frames
-from pipeline.data.video import decode_frames, probe
+from pipeline.data.synthetic import (ORDER_CLASSES, SyntheticSpec, balanced_order_spec, classes, make_corpus, make_video,
+                                     order_frames, switch_range)
+from pipeline.data.video import FixedRateSampler, decode_frames, probe
 from pipeline.models.timesformer import TimeSformer, variant_config
 
 SPEC = SyntheticSpec()
@@ -33,7 +34,7 @@ def test_order_videos_decode_to_the_first_colour_then_the_second():
     assert square_colour(frames[1], blue) > 0.8 * SQUARE and square_colour(frames[1], red) < 0.1 * SQUARE
 
 
-def test_the_switch_is_symmetric_about_the_middle_so_colour_shares_say_nothing():
+def test_the_switch_is_symmetric_about_its_centre():
     n = SPEC.num_frames
     firsts = []
     for seed in range(400):
@@ -42,9 +43,38 @@ def test_the_switch_is_symmetric_about_the_middle_so_colour_shares_say_nothing()
         k = green.index(False)  # frames [0, k) are green, then yellow to the end
         assert all(green[:k]) and not any(green[k:])
         firsts.append(k)
-    assert min(firsts) >= int(0.35 * n) and max(firsts) <= n - int(0.35 * n)
-    assert min(firsts) + max(firsts) == n  # the support is symmetric about n / 2
+    assert (min(firsts), max(firsts)) == switch_range(SPEC) == (11, 21)  # about frame 16 of 32
     assert abs(np.mean(firsts) - n / 2) < 0.5
+    with pytest.raises(ValueError, match="frame boundary or half-way"):
+        switch_range(SyntheticSpec(num_frames=32, switch_center=0.41))
+
+
+def first_colour_share(spec: SyntheticSpec, sampler: FixedRateSampler) -> float:
+    """Mean share of a training clip's frames that show the first colour, over switches and clip starts."""
+    lo, hi = switch_range(spec)
+    duration = spec.num_frames / spec.fps
+    shares = []
+    for k in range(lo, hi + 1):
+        for pos in np.linspace(0, 1, 201):
+            times = sampler.sample(duration, position=float(pos)).times
+            shares.append(np.mean([int(t * spec.fps + 1e-9) < k for t in times]))
+    return float(np.mean(shares))
+
+
+def test_the_demo_videos_balance_the_colours_over_the_recipes_clips():
+    """Over the clips the demo's sampler takes, each colour shows half the time, so a bag of frames says
+    nothing about the order. A switch centred on the video is not enough: clips never reach its last
+    sampling step, so the first colour would show more, and majority-first would beat chance."""
+    data = load_recipe("demo_order").data
+    sampler = FixedRateSampler(data.num_frames, data.sampling_rate, data.ref_fps)
+    step = data.sampling_rate / data.ref_fps
+    spec = balanced_order_spec(step, square=32)
+    assert (spec.num_frames, spec.fps, switch_range(spec)) == (30, 15.0, (9, 18))
+    assert abs(first_colour_share(spec, sampler) - 0.5) < 0.005
+    centred = SyntheticSpec(num_frames=30, fps=15.0)  # switch about frame 15 of 30
+    assert first_colour_share(centred, sampler) > 0.53
+    with pytest.raises(ValueError, match="frame boundary"):
+        balanced_order_spec(step, fps=16.0)  # 0.9 s = 14.4 frames: no symmetric spread
 
 
 def test_classes_pair_up_by_colours_and_unknown_kinds_are_refused():
@@ -83,4 +113,19 @@ def test_time_embed_init_std_is_zero_by_default_and_checked():
         variant_config("timesformer_tiny", time_embed_init_std=-0.1)
     with pytest.raises(ConfigError, match="model.time_embed_init_std"):
         load_recipe("demo_order", ["model.time_embed_init_std=2"])
-    assert load_recipe("demo_order").model.time_embed_init_std == 0.1
+    from pipeline.train.main import model_config
+
+    demo = load_recipe("demo_order")
+    assert demo.model.time_embed_init_std > 0  # the demo's model is not order-blind at step 0
+    assert model_config(demo).time_embed_init_std == demo.model.time_embed_init_std
+
+
+def test_a_corpus_is_remade_when_its_spec_or_counts_change(tmp_path):
+    make_corpus(tmp_path, "order", {"train": 1})
+    first = (tmp_path / "videos/order00001.mp4").read_bytes()  # blue_then_red with 1 per class
+    make_corpus(tmp_path, "order", {"train": 1})
+    assert (tmp_path / "videos/order00001.mp4").read_bytes() == first  # kept
+    csv_path = make_corpus(tmp_path, "order", {"train": 2})  # ids now mean other labels: made again
+    assert "red_then_blue,order00001," in csv_path.read_text()
+    assert (tmp_path / "videos/order00001.mp4").read_bytes() != first
+    assert (tmp_path / "videos/order00001.mp4").read_bytes() == make_video("order", "red_then_blue", seed=1)
