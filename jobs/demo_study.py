@@ -30,7 +30,7 @@ def run_one(setting: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data.synthetic import ORDER_CLASSES, SyntheticSpec, motion_frames, order_frames, MOTION_CLASSES
+    from pipeline.data.synthetic import MOTION_CLASSES, ORDER_CLASSES, SyntheticSpec, motion_frames, order_frames
     from pipeline.models.timesformer import TimeSformer, variant_config
 
     torch.set_num_threads(1)

@@ -72,9 +72,10 @@ def normalize_on_device(video_BCTHW: torch.Tensor, device: torch.device | str | 
     x = video_BCTHW.to(device, non_blocking=True) if device is not None else video_BCTHW
     if x.dtype != torch.uint8:
         return x.to(dtype)
-    m = torch.tensor(mean, device=x.device, dtype=dtype).view(1, -1, 1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=dtype).view(1, -1, 1, 1, 1)
-    return (x.to(dtype) / 255.0 - m) / s
+    # in float32 whatever ``dtype``: bf16 arithmetic on 0..255 would round the normalised values twice
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    return ((x.to(torch.float32) / 255.0 - m) / s).to(dtype)
 
 
 @dataclass(frozen=True)

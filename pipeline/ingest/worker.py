@@ -98,7 +98,9 @@ def transcode(data: bytes, name: str, cfg: TranscodeConfig, start: float | None 
     """The source's [start, end) at ``cfg.fps`` and ``cfg.short_side``, re-encoded frame by frame (a long
     video never sits in memory); returns the bytes and (duration, fps, num_frames, width, height)."""
     from av.video.frame import VideoFrame
+    from av.video.reformatter import VideoReformatter
 
+    scaler = VideoReformatter()  # one swscale context for the video; frame.reformat makes one per frame
     start = max(0.0, start or 0.0)
     enc = _Encoder(cfg)
     with VideoReader(data, name, threads=1) as v:
@@ -121,7 +123,7 @@ def transcode(data: bytes, name: str, cfg: TranscodeConfig, start: float | None 
                     upright = np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))
                     prev_out = VideoFrame.from_ndarray(upright, format="rgb24").reformat(format="yuv420p")
                 else:
-                    prev_out = prev.reformat(width=tw, height=th, format="yuv420p")
+                    prev_out = scaler.reformat(prev, width=tw, height=th, format="yuv420p")
             enc.add(prev_out)
 
         for frame in v.frames():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import BatchPlan, RunConfig, lr_factor
+from pipeline.data.transforms import normalize_on_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,7 +125,7 @@ class DeepSpeedEngine:
     def train_micro_batch(self, video: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Forward, backward and (at an accumulation boundary) an optimizer step; returns the loss."""
         self.engine.train()
-        logits = self.engine(video.to(self.device, self.dtype, non_blocking=True))
+        logits = self.engine(normalize_on_device(video, self.device, dtype=self.dtype))
         loss = F.cross_entropy(logits.float(), label.to(self.device))
         self.engine.backward(loss)
         self.engine.step()
@@ -202,7 +203,7 @@ class TorchEngine:
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with sync:
             with autocast:
-                logits = self.model(video.to(self.device, non_blocking=True))
+                logits = self.model(normalize_on_device(video, self.device))
             loss = F.cross_entropy(logits.float(), label.to(self.device))
             self.scaler.scale(loss / self.plan.grad_accum).backward()
         if boundary:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data.loader import view_loader
+from pipeline.data.transforms import normalize_on_device
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        logits = module(batch["video"].to(device, dtype)).float()
+        logits = module(normalize_on_device(batch["video"], device, dtype=dtype)).float()
         labels = batch["label"].to(device)
         loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         top1 += topk_correct(logits, labels, 1)
@@ -83,8 +84,9 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index, storage, *, spli
         if limit and i >= limit:
             break
         views = item["views"]
-        probs = torch.cat([F.softmax(module(views[j:j + batch_size].to(device, dtype)).float(), -1)
-                           for j in range(0, len(views), batch_size)])
+        chunks = [normalize_on_device(views[j:j + batch_size], device, dtype=dtype)
+                  for j in range(0, len(views), batch_size)]
+        probs = torch.cat([F.softmax(module(chunk).float(), -1) for chunk in chunks])
         mean = probs.mean(0)
         rows.append({"key": item["key"], "label": item["label"], "pred": int(mean.argmax()),
                      "top5": mean.topk(min(5, mean.numel())).indices.tolist(), "views": len(views),

@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_recipe
-from pipeline.data.synthetic import (ORDER_CLASSES, SyntheticSpec, balanced_order_spec, classes, make_corpus, make_video,
-                                     order_frames, switch_range)
+from pipeline.data.synthetic import (
+    ORDER_CLASSES,
+    SyntheticSpec,
+    balanced_order_spec,
+    classes,
+    make_corpus,
+    make_video,
+    order_frames,
+    switch_range,
+)
 from pipeline.data.video import FixedRateSampler, decode_frames, probe
 from pipeline.models.timesformer import TimeSformer, variant_config
 

@@ -120,3 +120,31 @@ def test_optimizer_groups_and_the_plain_engine_accumulates():
         assert engine.global_step == 0 and torch.equal(model.head.weight, before), i
     engine.train_micro_batch(x, y)
     assert engine.global_step == 1 and not torch.equal(model.head.weight, before)
+
+
+def test_gpu_recipes_take_uint8_clips_and_every_path_normalises_them_like_the_loader():
+    from pipeline.data.transforms import finish_clip
+    from pipeline.train.evaluate import validate
+    from pipeline.train.main import clip_config
+
+    assert clip_config(load_recipe("k400_long")).output == "uint8"  # normalised on the GPU
+    assert clip_config(load_recipe("smoke")).output == "float"
+    torch.manual_seed(0)
+    u8 = torch.randint(0, 256, (2, 2, 3, 32, 32), dtype=torch.uint8)  # (B, T, C, H, W) frames
+    as_uint8 = torch.stack([finish_clip(c, output="uint8") for c in u8])
+    as_float = torch.stack([finish_clip(c, output="float") for c in u8])
+    model = create_model("timesformer_tiny", num_frames=2, num_classes=3).eval()
+    labels = torch.tensor([0, 2])
+    cpu = torch.device("cpu")
+    a = validate(model, torch.float32, [{"video": as_uint8, "label": labels}], cpu)
+    b = validate(model, torch.float32, [{"video": as_float, "label": labels}], cpu)
+    assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5) and a["val_top1"] == b["val_top1"]
+    cfg = load_recipe("smoke", ["train.engine=torch", "train.zero_stage=0", "train.micro_batch=2",
+                                "train.global_batch=2"])
+    losses = []
+    for video in (as_uint8, as_float):
+        torch.manual_seed(1)
+        m = create_model("timesformer_tiny", num_frames=2, num_classes=3)
+        engine = TorchEngine(m, cfg, batch_plan(cfg, 1), per_epoch=10, device=cpu)
+        losses.append(float(engine.train_micro_batch(video, labels)))
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
