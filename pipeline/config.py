@@ -43,7 +43,7 @@ class ModelConfig:
     init: str = ""  # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors)
     init_reset_head: bool = False  # fine-tuning on other classes: a fresh classifier over loaded features
     # 0: zeros, as the original (it starts from an image model); > 0: trunc-normal start, which a model
-    # trained from scratch on little data needs to tell frame order early (the demo uses 0.1)
+    # trained from scratch on little data needs to tell frame order early (the demo uses 0.5)
     time_embed_init_std: float = 0.0
 
 

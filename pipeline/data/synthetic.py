@@ -7,9 +7,10 @@ Three kinds of class:
   position is random, so one frame cannot tell the class; the order of frames can.
 * ``order`` (needs time; the demo's task): a still square changes colour once, part-way through
   (red then blue, blue then red, green then yellow, yellow then green). Any frame shows one of two
-  colours that both classes of a pair share, and a clip holds both colours in like proportions
-  whichever came first: only the order of frames tells the class. A model that averages per-frame
-  features (space-only attention) can find the pair, not the order: 50% at best.
+  colours that both classes of a pair share, and (with ``balanced_order_spec`` for the sampler in
+  use) a clip holds both colours in like proportions whichever came first: only the order of frames
+  tells the class. A model that averages per-frame features (space-only attention) can find the
+  pair, not the order: 50% at best.
 * ``colour`` (needs only space): a still square whose colour is the class; any frame tells.
 
 Each video is an H.264 mp4 in memory; ``make_corpus`` writes a directory of them with a CSV of
@@ -106,7 +107,7 @@ def switch_range(spec: SyntheticSpec) -> tuple[int, int]:
                          "whose double is a whole number of frames")
     c2 = int(round(c2))
     lo = c2 // 2 - max(1, round(0.15 * n))
-    lo, hi = lo, c2 - lo
+    hi = c2 - lo
     if lo < 1 or hi > n - 1:
         raise ValueError(f"switch_center={spec.switch_center}: the switch spread [{lo}, {hi}] leaves the video "
                          f"(1..{n - 1}); move the centre towards the middle")

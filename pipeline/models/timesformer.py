@@ -95,8 +95,8 @@ class TimeSformerConfig:
     pos_embed_resize: str = "bicubic"
     time_embed_resize: str = "nearest"
     # The original starts the time embedding at zero: frames are interchangeable at step 0, which is right
-    # when an image model is the starting point. A small random start (e.g. 0.1) breaks that symmetry for
-    # a model trained from scratch on a small dataset (the end-to-end demo); 0 keeps the original.
+    # when an image model is the starting point. A random start breaks that symmetry for a model trained
+    # from scratch on a small dataset (the end-to-end demo uses std 0.5); 0 keeps the original.
     time_embed_init_std: float = 0.0
 
     def __post_init__(self) -> None:
