@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """How reliably the demo's tiny TimeSformer learns its task, over seeds, in minutes: the numbers behind
-configs/recipes/demo_order.yaml. Not the product path: clips are cut in memory from the synthetic videos'
-frames (no encoding, no shards, one process), with the demo's geometry (8 frames every 0.2 s of a 2 s
-video, short side in [32, 37], 32x32 crops, 8x8 patches), AdamW with a cosine schedule.
+configs/recipes/demo_order.yaml. Clips come from the synthetic videos' frames in memory (no encoding, no
+shards, one process) through the product's sampler and transforms with the demo's geometry (8 frames
+every 0.2 s of a 2 s video, short side in [32, 37], 32x32 crops, 8x8 patches); AdamW, cosine schedule.
 
     python jobs/demo_study.py                                      # the demo's settings, seeds 0-4
     python jobs/demo_study.py --time-embed-init-std 0 0.1 0.5      # compare starts of the time embedding
@@ -30,12 +30,16 @@ def run_one(setting: dict) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from pipeline.data.synthetic import MOTION_CLASSES, ORDER_CLASSES, SyntheticSpec, motion_frames, order_frames
+    from pipeline.data.synthetic import MOTION_CLASSES, ORDER_CLASSES, balanced_order_spec, motion_frames, order_frames
+    from pipeline.data.transforms import TestTransform, TrainTransform
+    from pipeline.data.video import FixedRateSampler
     from pipeline.models.timesformer import TimeSformer, variant_config
 
     torch.set_num_threads(1)
     s = setting
-    spec = SyntheticSpec(square=s["square"])
+    frames_n, rate, crop = 8, 6, 32  # the demo recipe's clips: 8 frames every 6 at 30 fps, 32x32 crops
+    sampler = FixedRateSampler(frames_n, rate)
+    spec = balanced_order_spec(rate / sampler.ref_fps, square=s["square"])  # what jobs/demo.py makes
     kind_classes = ORDER_CLASSES if s["kind"] == "order" else MOTION_CLASSES
     make = order_frames if s["kind"] == "order" else motion_frames
 
@@ -44,20 +48,14 @@ def run_one(setting: dict) -> dict:
                 for ci, c in enumerate(kind_classes) for i in range(per_class)]
 
     train, val = corpus(s["train_per_class"], 1), corpus(s["val_per_class"], 999_999)
-    frames_n, rate_s, crop = 8, 0.2, 32
     duration = spec.num_frames / spec.fps
-    span = (frames_n - 1) * rate_s
+    train_tf = TrainTransform(crop=crop, scale=(crop, crop + 5), flip=False)
+    test_tf = TestTransform(crop=crop, num_crops=1)
 
     def clip(frames: np.ndarray, rng: np.random.Generator, training: bool) -> torch.Tensor:
-        start = rng.uniform(0, duration - span) if training else (duration - span) / 2
-        idx = [min(spec.num_frames - 1, int(math.floor((start + k * rate_s) * spec.fps + 1e-6)))
-               for k in range(frames_n)]
-        x = torch.from_numpy(frames[idx]).permute(0, 3, 1, 2).float() / 255.0
-        size = int(rng.integers(crop, crop + 6)) if training else crop
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        oy, ox = (int(v) for v in rng.integers(0, size - crop + 1, size=2)) if training else (0, 0)
-        x = x[:, :, oy:oy + crop, ox:ox + crop]
-        return ((x - 0.45) / 0.225).permute(1, 0, 2, 3)
+        times = sampler.sample(duration, rng, "random" if training else "center").times
+        picked = [frames[min(spec.num_frames - 1, int(t * spec.fps + 1e-9))] for t in times]
+        return train_tf(picked, rng) if training else test_tf(picked)[0]
 
     torch.manual_seed(s["seed"])
     rng = np.random.default_rng(s["seed"])
