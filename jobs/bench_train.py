@@ -8,7 +8,9 @@ checkpointing, bf16) next to plain PyTorch (AMP bf16, same checkpointing, same S
 
 Phases run A-B-A (plain, DeepSpeed, plain again) so drift shows; each phase reports the median step time,
 clips/s and its own peak memory (the engine before it is freed). Inputs are random tensors already on
-the device: this measures the engine, not the data loader (jobs/bench_loader.py does that). The target
+the host as the loader hands them to GPU recipes (uint8, pinned): each engine moves and normalises them, so
+this measures the engine, not the data loader (jobs/bench_loader.py does that). TFLOP/s count the
+recomputed forward of activation checkpointing; MFU is against the card's dense bf16 peak. The target
 (issue 5): DeepSpeed's overhead <= 10%. Writes --out JSON when given.
 """
 
@@ -48,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.config import batch_plan, load_recipe
-    from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing
+    from pipeline.models.flops import PEAK_TFLOPS, training_flops_per_clip
+    from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, model_config
     from pipeline.train.engine import DeepSpeedEngine, TorchEngine, init_distributed
-    from pipeline.train.main import model_config
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_train: no CUDA device; use --device cpu (and a small --variant) to check the script",
@@ -70,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     device = init_distributed(cfg, 0, 1, 0)
     plan = batch_plan(cfg, 1)
     mcfg = model_config(cfg)
-    x = torch.randn(args.micro_batch, 3, mcfg.num_frames, mcfg.img_size, mcfg.img_size, device=device)
+    # uint8 clips on the host, as the loader hands them to GPU recipes: each engine moves and normalises them
+    x = torch.randint(0, 256, (args.micro_batch, 3, mcfg.num_frames, mcfg.img_size, mcfg.img_size), dtype=torch.uint8)
+    if device.type == "cuda":
+        x = x.pin_memory()
+    flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=args.ac != "none")  # multiply-adds x 2
     y = torch.randint(0, mcfg.num_classes, (args.micro_batch,), device=device)
 
     def sync() -> None:
@@ -102,25 +108,33 @@ def main(argv: list[str] | None = None) -> int:
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         del engine, model
         return {"engine": kind, "step_ms": 1000 * step, "clips_per_s": args.micro_batch / step, "peak_gib": peak,
+                "tflops": flops * args.micro_batch / step / 1e12,
                 "first_loss": losses[0], "last_loss": losses[-1]}
 
     rows = [phase("torch"), phase("deepspeed"), phase("torch")]
     base = statistics.mean([rows[0]["clips_per_s"], rows[2]["clips_per_s"]])
     overhead = base / rows[1]["clips_per_s"] - 1
+    import deepspeed
+
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak_tflops = next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
+    versions = {"torch": torch.__version__, "deepspeed": deepspeed.__version__}
     print(f"{cfg.model.variant} {mcfg.num_frames}x{mcfg.img_size}, micro batch {args.micro_batch}, {args.precision}, "
-          f"activation checkpointing {args.ac}, ZeRO-{args.zero_stage}; device {name}")
-    print(f"{'engine':10s} {'step ms':>9s} {'clips/s':>9s} {'peak GiB':>9s} {'loss first->last':>18s}")
+          f"activation checkpointing {args.ac}, ZeRO-{args.zero_stage}; device {name}; "
+          f"torch {versions['torch']}, deepspeed {versions['deepspeed']}")
+    print(f"{'engine':10s} {'step ms':>9s} {'clips/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
+          f"{'loss first->last':>18s}")
     for r in rows:
-        print(f"{r['engine']:10s} {r['step_ms']:9.1f} {r['clips_per_s']:9.2f} {r['peak_gib']:9.2f} "
+        print(f"{r['engine']:10s} {r['step_ms']:9.1f} {r['clips_per_s']:9.2f} {r['tflops']:8.1f} "
+              f"{100 * r['tflops'] / peak_tflops:5.1f}% {r['peak_gib']:9.2f} "
               f"{r['first_loss']:8.4f} -> {r['last_loss']:.4f}")
     drift = abs(rows[0]["clips_per_s"] / rows[2]["clips_per_s"] - 1)
     print(f"DeepSpeed overhead vs plain PyTorch: {100 * overhead:+.1f}% (target <= 10%); "
           f"plain-PyTorch drift between its two phases {100 * drift:.1f}%")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": name, "args": vars(args), "rows": rows, "overhead": overhead, "drift": drift}, f,
-                      indent=1)
+            json.dump({"device": name, "versions": versions, "args": vars(args), "rows": rows, "overhead": overhead,
+                       "drift": drift}, f, indent=1)
     return 0
 
 

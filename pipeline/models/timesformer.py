@@ -630,6 +630,16 @@ def variant_config(name: str, **overrides: Any) -> TimeSformerConfig:
     return TimeSformerConfig.from_dict({**VARIANTS[name].overrides, **overrides}, where=f"variant {name}")
 
 
+def model_config(cfg: Any) -> TimeSformerConfig:
+    """The model of a resolved run config (``pipeline.config.RunConfig``): its variant with the recipe's
+    frames, crop, scheme, embeddings, classes and any explicit sizes."""
+    m = cfg.model
+    sizes = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(m, k)}
+    return variant_config(m.variant, num_frames=cfg.data.num_frames, img_size=cfg.data.crop,
+                          attention_type=m.attention_type, pos_embed=m.pos_embed, num_classes=m.num_classes,
+                          drop_path_rate=m.drop_path_rate, time_embed_init_std=m.time_embed_init_std, **sizes)
+
+
 def create_model(name: str, **overrides: Any) -> TimeSformer:
     """Build a registered variant: ``create_model("timesformer_l", num_classes=600)``."""
     return TimeSformer(variant_config(name, **overrides))
@@ -641,6 +651,6 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = [
     "ATTENTION_TYPES", "POS_EMBED_TYPES", "VARIANTS", "TimeSformer", "TimeSformerConfig", "Block", "Attention",
-    "apply_activation_checkpointing", "parse_checkpoint_policy", "create_model", "variant_config",
+    "apply_activation_checkpointing", "parse_checkpoint_policy", "create_model", "variant_config", "model_config",
     "resize_pos_embed", "resize_time_embed", "count_parameters",
 ]

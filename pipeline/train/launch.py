@@ -176,7 +176,7 @@ def check_data(cfg: RunConfig) -> str:
 
 def mlflow_tags(cfg: RunConfig, nodes: int, git: dict[str, Any]) -> dict[str, str]:
     from pipeline.models.flops import flops_per_view, parameter_count
-    from pipeline.train.main import model_config
+    from pipeline.models.timesformer import model_config
 
     mc = model_config(cfg)
     return {"recipe": cfg.recipe, "variant": cfg.model.variant, "attention_type": cfg.model.attention_type,

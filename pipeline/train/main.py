@@ -28,7 +28,7 @@ from pipeline.data.loader import ClipConfig, make_loader
 from pipeline.data.shards import load_index
 from pipeline.distributed import DistEnv
 from pipeline.models.convert import load_checkpoint, save_safetensors
-from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, variant_config
+from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, model_config
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
 from pipeline.train.engine import consolidated_state_dict, init_distributed, make_engine
@@ -37,14 +37,6 @@ from pipeline.train.loop import LoopState, train_loop
 
 log = logging.getLogger("pipeline.train")
 EXIT_REQUEUED = 3
-
-
-def model_config(cfg: RunConfig):
-    m = cfg.model
-    sizes = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(m, k)}
-    return variant_config(m.variant, num_frames=cfg.data.num_frames, img_size=cfg.data.crop,
-                          attention_type=m.attention_type, pos_embed=m.pos_embed, num_classes=m.num_classes,
-                          drop_path_rate=m.drop_path_rate, time_embed_init_std=m.time_embed_init_std, **sizes)
 
 
 def build_model(cfg: RunConfig) -> TimeSformer:

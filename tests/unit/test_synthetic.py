@@ -121,7 +121,7 @@ def test_time_embed_init_std_is_zero_by_default_and_checked():
         variant_config("timesformer_tiny", time_embed_init_std=-0.1)
     with pytest.raises(ConfigError, match="model.time_embed_init_std"):
         load_recipe("demo_order", ["model.time_embed_init_std=2"])
-    from pipeline.train.main import model_config
+    from pipeline.models.timesformer import model_config
 
     demo = load_recipe("demo_order")
     assert demo.model.time_embed_init_std > 0  # the demo's model is not order-blind at step 0
