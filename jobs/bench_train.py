@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", help="write the numbers as JSON here")
+    p.add_argument("--profile", help="after timing, profile 3 steps of each engine (torch.profiler) and write the "
+                                     "ops' CPU and GPU times here: where an overhead comes from")
     args = p.parse_args(argv)
 
     from infra.seaweedfs import free_port
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             sync()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+        if args.profile and kind not in profiled:
+            profiled[kind] = profile(engine)
         step = statistics.median(times)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
         del engine, model
@@ -111,6 +115,28 @@ def main(argv: list[str] | None = None) -> int:
                 "tflops": flops * args.micro_batch / step / 1e12,
                 "first_loss": losses[0], "last_loss": losses[-1]}
 
+    def profile(engine) -> str:
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync()
+        t0 = time.perf_counter()
+        with torch_profile(activities=activities) as prof:
+            for _ in range(3):
+                float(engine.train_micro_batch(x, y))
+            sync()
+        wall = (time.perf_counter() - t0) / 3
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        gpu = sum(e.self_device_time_total for e in kernels) / 3 / 1000  # microseconds -> ms per step
+        head = f"wall {1000 * wall:.1f} ms per step (profiled), GPU kernels busy {gpu:.1f} ms per step"
+        cpu = events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        cuda = events.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60)
+        return f"{head}\n{cpu}\n{cuda}"
+
+    profiled: dict[str, str] = {}
     rows = [phase("torch"), phase("deepspeed"), phase("torch")]
     base = statistics.mean([rows[0]["clips_per_s"], rows[2]["clips_per_s"]])
     overhead = base / rows[1]["clips_per_s"] - 1
@@ -131,6 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     drift = abs(rows[0]["clips_per_s"] / rows[2]["clips_per_s"] - 1)
     print(f"DeepSpeed overhead vs plain PyTorch: {100 * overhead:+.1f}% (target <= 10%); "
           f"plain-PyTorch drift between its two phases {100 * drift:.1f}%")
+    if args.profile:
+        with open(args.profile, "w") as f:
+            for kind, text in profiled.items():
+                f.write(f"=== {kind}: {text}\n\n")
+        for kind, text in profiled.items():
+            print(f"{kind:10s} {text.splitlines()[0]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "versions": versions, "args": vars(args), "rows": rows, "overhead": overhead,
