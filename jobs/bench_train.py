@@ -6,7 +6,8 @@ checkpointing, bf16) next to plain PyTorch (AMP bf16, same checkpointing, same S
     python jobs/bench_train.py --recipe k400_hr --micro-batch 2
     python jobs/bench_train.py --device cpu --variant timesformer_tiny --frames 8 --size 64   # runs anywhere
 
-Phases run A-B-A (plain, DeepSpeed, plain again) so drift shows; each phase reports the median step time,
+Phases run A-B-A (plain, DeepSpeed, plain again; with --overflow-check DeepSpeed's default bf16 overflow
+check gets a phase too) so drift shows; each phase reports the median step time,
 clips/s and its own peak memory (the engine before it is freed). Inputs are random tensors already on
 the host as the loader hands them to GPU recipes (uint8, pinned): each engine moves and normalises them, so
 this measures the engine, not the data loader (jobs/bench_loader.py does that). TFLOP/s count the
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", help="write the numbers as JSON here")
+    p.add_argument("--overflow-check", action="store_true",
+                   help="also time DeepSpeed with its per-parameter bf16 overflow check on (its default; ours is off)")
     p.add_argument("--profile", help="after timing, profile 3 steps of each engine (torch.profiler) and write the "
                                      "ops' CPU and GPU times here: where an overhead comes from")
     args = p.parse_args(argv)
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import batch_plan, load_recipe
     from pipeline.models.flops import PEAK_TFLOPS, training_flops_per_clip
     from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, model_config
-    from pipeline.train.engine import DeepSpeedEngine, TorchEngine, init_distributed
+    from pipeline.train.engine import DeepSpeedEngine, TorchEngine, deepspeed_config, init_distributed
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_train: no CUDA device; use --device cpu (and a small --variant) to check the script",
@@ -93,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         model = TimeSformer(mcfg)
         apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
-        if kind == "deepspeed":
-            engine = DeepSpeedEngine(model, cfg, plan, per_epoch=1000, model_factory=lambda: TimeSformer(mcfg))
+        if kind.startswith("deepspeed"):
+            ds = deepspeed_config(cfg, plan)
+            if kind == "deepspeed+check":
+                ds["bf16"]["check_grad_overflow"] = True
+            engine = DeepSpeedEngine(model, cfg, plan, per_epoch=1000, model_factory=lambda: TimeSformer(mcfg),
+                                     ds_config=ds)
         else:
             engine = TorchEngine(model, cfg, plan, per_epoch=1000, device=device)
         times, losses = [], []
@@ -137,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         return f"{head}\n{cpu}\n{cuda}"
 
     profiled: dict[str, str] = {}
-    rows = [phase("torch"), phase("deepspeed"), phase("torch")]
-    base = statistics.mean([rows[0]["clips_per_s"], rows[2]["clips_per_s"]])
+    kinds = ["torch", "deepspeed"] + (["deepspeed+check"] if args.overflow_check else []) + ["torch"]
+    rows = [phase(k) for k in kinds]
+    base = statistics.mean([rows[0]["clips_per_s"], rows[-1]["clips_per_s"]])
     overhead = base / rows[1]["clips_per_s"] - 1
+    checked = base / rows[2]["clips_per_s"] - 1 if args.overflow_check else None
     import deepspeed
 
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -148,25 +157,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.model.variant} {mcfg.num_frames}x{mcfg.img_size}, micro batch {args.micro_batch}, {args.precision}, "
           f"activation checkpointing {args.ac}, ZeRO-{args.zero_stage}; device {name}; "
           f"torch {versions['torch']}, deepspeed {versions['deepspeed']}")
-    print(f"{'engine':10s} {'step ms':>9s} {'clips/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
+    print(f"{'engine':15s} {'step ms':>9s} {'clips/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
           f"{'loss first->last':>18s}")
     for r in rows:
-        print(f"{r['engine']:10s} {r['step_ms']:9.1f} {r['clips_per_s']:9.2f} {r['tflops']:8.1f} "
+        print(f"{r['engine']:15s} {r['step_ms']:9.1f} {r['clips_per_s']:9.2f} {r['tflops']:8.1f} "
               f"{100 * r['tflops'] / peak_tflops:5.1f}% {r['peak_gib']:9.2f} "
               f"{r['first_loss']:8.4f} -> {r['last_loss']:.4f}")
-    drift = abs(rows[0]["clips_per_s"] / rows[2]["clips_per_s"] - 1)
+    drift = abs(rows[0]["clips_per_s"] / rows[-1]["clips_per_s"] - 1)
     print(f"DeepSpeed overhead vs plain PyTorch: {100 * overhead:+.1f}% (target <= 10%); "
           f"plain-PyTorch drift between its two phases {100 * drift:.1f}%")
+    if checked is not None:
+        print(f"with DeepSpeed's bf16 overflow check on (its default): {100 * checked:+.1f}%")
     if args.profile:
         with open(args.profile, "w") as f:
             for kind, text in profiled.items():
                 f.write(f"=== {kind}: {text}\n\n")
         for kind, text in profiled.items():
-            print(f"{kind:10s} {text.splitlines()[0]}")
+            print(f"{kind:15s} {text.splitlines()[0]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "versions": versions, "args": vars(args), "rows": rows, "overhead": overhead,
-                       "drift": drift}, f, indent=1)
+                       "overhead_with_overflow_check": checked, "drift": drift}, f, indent=1)
     return 0
 
 

@@ -12,6 +12,7 @@ the world size, never written by hand.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import typing
@@ -191,6 +192,10 @@ def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
             raise bad("an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot, unsigned exponent) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+                value = number if math.isfinite(number) else value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
         return float(value)

@@ -48,6 +48,11 @@ class LoopState:
     peak_tflops: float | None = None  # per device, when known: MFU
 
 
+class DivergedError(RuntimeError):
+    """A non-finite loss or gradient norm. Raised on every rank before that step reaches a checkpoint, so
+    the newest complete checkpoint still holds finite weights."""
+
+
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
@@ -90,11 +95,23 @@ def train_loop(s: LoopState) -> str:
                 torch.manual_seed(int(np.random.SeedSequence([t.seed, s.rank, step, micro]).generate_state(1)[0]))
                 losses.append(s.engine.train_micro_batch(batch["video"], batch["label"]))
             step = s.engine.global_step
-            window["loss"] += float(torch.stack(losses).mean())
+            loss = float(torch.stack(losses).mean())
+            window["loss"] += loss
             window["steps"] += 1
+            # fp16's loss scaler skips overflowing steps itself (an infinite norm there is routine)
+            norm = s.engine.grad_norm() if t.precision != "fp16" else None
+            diverged = not math.isfinite(loss) or (norm is not None and not (math.isfinite(norm) and norm >= 0))
             flags = [s.stop.reason == "preempted", s.stop.reason == "terminated",
-                     s.rank == 0 and s.account.exhausted]
-            preempted, terminated, budget = (bool(v) for v in _all_reduce([float(f) for f in flags], s.device, "max"))
+                     s.rank == 0 and s.account.exhausted, diverged]
+            preempted, terminated, budget, diverged = (
+                bool(v) for v in _all_reduce([float(f) for f in flags], s.device, "max"))
+            if diverged:
+                raise DivergedError(
+                    f"step {step}: training diverged (this rank's loss {loss:.4g}, gradient norm {norm}; a rank "
+                    f"saw a non-finite value). Nothing of this step was saved: the newest complete checkpoint under "
+                    f"{s.run_dir}/checkpoints holds finite weights. Look for broken clips in the data, or start "
+                    f"again with a lower optim.lr (now {s.cfg.optim.lr:g}) or a longer warm-up; "
+                    f"`python jobs/launch.py --resume {s.run_dir}` continues from that checkpoint.")
             if step % t.log_every == 0 or step == s.total:
                 log_step(s, step, window)
             if val_every > 0 and (step % val_every == 0 or step == s.total):

@@ -50,6 +50,11 @@ def test_overrides_and_precedence(tmp_path):
     cfg = load_recipe(str(child), ["optim.lr=0.01"])
     assert cfg.train.micro_batch == 1 and cfg.optim.lr == 0.01 and cfg.data.num_frames == 96
     assert cfg.recipe == "child"
+    # YAML 1.1 reads 1e-3 as a string: numbers in that form are still numbers where a number is expected
+    child.write_text("inherits: k400_long\noptim: {lr: 5e-3}\n")
+    assert load_recipe(str(child), ["optim.weight_decay=1e-4"]).optim.lr == 0.005
+    assert load_recipe(str(child), ["optim.weight_decay=1e-4"]).optim.weight_decay == 1e-4
+    assert load_recipe(str(child), ["data.index=1e3"]).data.index == "1e3"  # a string field keeps its text
     # the resolved config written to a run directory reads back the same
     (tmp_path / "config.yaml").write_text(dump(cfg))
     assert load_resolved(tmp_path / "config.yaml") == cfg
@@ -63,6 +68,8 @@ def test_errors_name_the_file_and_the_field(tmp_path):
     bad.write_text("inherits: k400_base\ndata: {num_frames: eight}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: data\.num_frames='eight' \(str\): expected an integer"):
         load_recipe(str(bad))
+    with pytest.raises(ConfigError, match=r"optim\.lr='nan' \(str\): expected a number"):
+        load_recipe("smoke", ["optim.lr=nan"])
     with pytest.raises(ConfigError, match=r"command line: unknown key 'modle'"):
         load_recipe("smoke", ["modle.variant=x"])
     with pytest.raises(ConfigError, match=r"train.precision='fp8': expected one of fp32, bf16, fp16"):

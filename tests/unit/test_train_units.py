@@ -148,3 +148,45 @@ def test_gpu_recipes_take_uint8_clips_and_every_path_normalises_them_like_the_lo
         engine = TorchEngine(m, cfg, batch_plan(cfg, 1), per_epoch=10, device=cpu)
         losses.append(float(engine.train_micro_batch(video, labels)))
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+@pytest.mark.parametrize("poison", ["nan_clip", "huge_lr"])
+def test_a_diverging_run_stops_before_its_checkpoint_with_a_clear_error(tmp_path, monkeypatch, poison):
+    """A non-finite loss (a broken clip) or gradient (a learning rate far too high) stops the loop at that
+    step, before the step's checkpoint, so the newest checkpoint holds finite weights."""
+    from types import SimpleNamespace
+
+    from pipeline.train import loop
+
+    overrides = ["train.engine=torch", "train.zero_stage=0", "train.micro_batch=2", "train.global_batch=2",
+                 "train.ckpt_every=2", "train.val_every=100", "train.log_every=100", "optim.name=sgd",
+                 "optim.grad_clip=0"]
+    if poison == "huge_lr":
+        overrides.append("optim.lr=1e30")
+    cfg = load_recipe("smoke", overrides)
+    torch.manual_seed(0)
+    model = create_model("timesformer_tiny", num_frames=cfg.data.num_frames, num_classes=4)
+    engine = TorchEngine(model, cfg, batch_plan(cfg, 1), per_epoch=100, device=torch.device("cpu"))
+
+    def stream(s, step):  # the data: random clips, with a NaN one at the fourth step for "nan_clip"
+        def batches():
+            for i in range(step, 100):
+                video = torch.randn(2, 3, cfg.data.num_frames, 32, 32)
+                if poison == "nan_clip" and i == 3:
+                    video[1, 0, 0, 0, 0] = float("nan")
+                yield {"video": video, "label": torch.tensor([0, 1])}
+        return batches(), 100
+
+    monkeypatch.setattr(loop, "_interval_stream", stream)
+    saved = []
+    state = loop.LoopState(cfg=cfg, engine=engine, plan=batch_plan(cfg, 1), index=None, storage=None,
+                           clip=None, rank=0, world_size=1, device=torch.device("cpu"), per_epoch=100, total=10,
+                           run_dir=tmp_path, sinks=None, account=SimpleNamespace(exhausted=False),
+                           stop=SimpleNamespace(reason=None), save=saved.append, validate=dict)
+    with pytest.raises(loop.DivergedError, match=r"step \d+: training diverged") as err:
+        loop.train_loop(state)
+    stopped = int(str(err.value).split(":")[0].split()[1])
+    assert saved == list(range(2, stopped, 2)) and stopped not in saved  # earlier checkpoints only
+    assert f"--resume {tmp_path}" in str(err.value) and "optim.lr" in str(err.value)
+    if poison == "nan_clip":
+        assert stopped == 4  # the fourth step's batch
