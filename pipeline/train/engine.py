@@ -40,9 +40,11 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
         "gradient_accumulation_steps": plan.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        # bf16 has fp32's range: DeepSpeed's per-parameter overflow scan (about 7 kernel launches per
-        # parameter and a host sync every step: +50-90% step time for TimeSformer 8x224 on an H200) buys
-        # nothing there; the loop stops on a non-finite loss or gradient norm before any checkpoint instead
+        # bf16 has fp32's range: DeepSpeed's default per-parameter overflow scan (about 7 kernel launches per
+        # parameter and a host sync, every step) buys little there and costs much where steps are short
+        # (TimeSformer 8x224, micro batch 8, H200: +59% over plain PyTorch with it, +10% without;
+        # benchmarks/results/train-overhead-h200.log). The loop stops on a non-finite loss or gradient norm
+        # before that step's checkpoint instead (loop.DivergedError).
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
         "zero_allow_untested_optimizer": True,  # torch SGD (the paper's optimizer) under ZeRO
