@@ -109,9 +109,9 @@ def train_loop(s: LoopState) -> str:
                 raise DivergedError(
                     f"step {step}: training diverged (this rank's loss {loss:.4g}, gradient norm {norm}; a rank "
                     f"saw a non-finite value). Nothing of this step was saved: the newest complete checkpoint under "
-                    f"{s.run_dir}/checkpoints holds finite weights. Look for broken clips in the data, or start "
-                    f"again with a lower optim.lr (now {s.cfg.optim.lr:g}) or a longer warm-up; "
-                    f"`python jobs/launch.py --resume {s.run_dir}` continues from that checkpoint.")
+                    f"{s.run_dir}/checkpoints holds finite weights. If broken clips caused it, fix the data and "
+                    f"`python jobs/launch.py --resume {s.run_dir}` continues from that checkpoint; a learning rate "
+                    f"too high needs a new run with a lower optim.lr (now {s.cfg.optim.lr:g}) or a longer warm-up.")
             if step % t.log_every == 0 or step == s.total:
                 log_step(s, step, window)
             if val_every > 0 and (step % val_every == 0 or step == s.total):
