@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_intermixed_args(argv)
     import torch
 
-    from pipeline.config import ConfigError, _apply, load_recipe, load_resolved, parse_overrides, validate
+    from pipeline.config import ConfigError, apply_layer, load_recipe, load_resolved, parse_overrides, validate
     from pipeline.data.shards import ShardError, load_index
     from pipeline.models.convert import load_safetensors
     from pipeline.train import checkpoint as ckpt
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("a model file needs --recipe (which dataset and protocol to test on)")
             cfg, model_path = load_recipe(args.recipe), src
         if args.overrides:
-            _apply(cfg, parse_overrides(args.overrides), "command line")
+            apply_layer(cfg, parse_overrides(args.overrides), "command line")
             validate(cfg)
         model = load_safetensors(model_path)
         index, storage = load_index(cfg.data.index, cfg.data.version or None)

@@ -65,6 +65,9 @@ class DataConfig:
     num_workers: int = 8  # DataLoader workers per rank
     shuffle_buffer: int = 256
     epoch_clips: int = 0  # clips per epoch; 0 = the train split's sample count
+    # broken samples (no clip or metadata, bad metadata, a clip that does not decode) are skipped and
+    # counted; a run stops with a clear error when more than this fraction of the samples read are skipped
+    max_skip_fraction: float = 0.01
 
 
 @dataclass
@@ -215,7 +218,7 @@ def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
     raise TypeError(f"unsupported config type {tp} for {key}")  # a schema bug, not a user error
 
 
-def _apply(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
+def apply_layer(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
     """Set the fields of dataclass ``obj`` from ``data``, checking names and types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {data!r}")
@@ -228,7 +231,7 @@ def _apply(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None
                               f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _apply(current, value, where, f"{dotted}.")
+            apply_layer(current, value, where, f"{dotted}.")
         else:
             setattr(obj, key, _check_value(value, hints[key], where, dotted))
 
@@ -302,9 +305,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None,
             raise ConfigError(f"cluster/extra config {extra!r} not found")
         layers.extend(_layers(Path(extra)))
     for where, layer in layers:
-        _apply(cfg, layer, where)
+        apply_layer(cfg, layer, where)
     if overrides:
-        _apply(cfg, parse_overrides(overrides), "command line")
+        apply_layer(cfg, parse_overrides(overrides), "command line")
     if not cfg.recipe:
         cfg.recipe = path.stem
     validate(cfg)
@@ -314,7 +317,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None,
 def from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     """A resolved config written earlier (the run directory's config.yaml)."""
     cfg = RunConfig()
-    _apply(cfg, data, where)
+    apply_layer(cfg, data, where)
     validate(cfg, where)
     return cfg
 
@@ -358,6 +361,9 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     if not 0.0 <= cfg.model.time_embed_init_std <= 1.0:
         raise ConfigError(f"{where}: model.time_embed_init_std={cfg.model.time_embed_init_std!r}: expected a standard "
                           "deviation in [0, 1] (0: zeros, the original)")
+    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
+        raise ConfigError(f"{where}: data.max_skip_fraction={cfg.data.max_skip_fraction!r}: expected a fraction in "
+                          "[0, 1] (0: any broken sample stops the run)")
     if len(cfg.data.scale) != 2 or cfg.data.scale[0] > cfg.data.scale[1]:
         raise ConfigError(f"{where}: data.scale={cfg.data.scale}: expected [min, max] short-side sizes")
     if cfg.data.scale[1] < cfg.data.crop:

@@ -19,8 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, RunConfig, batch_plan, dump, load_recipe, load_resolved, parse_overrides
-from pipeline.config import _apply as apply_layer
+from pipeline.config import (
+    ConfigError,
+    RunConfig,
+    apply_layer,
+    batch_plan,
+    dump,
+    load_recipe,
+    load_resolved,
+    parse_overrides,
+)
 from pipeline.config import validate as validate_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,0 +1,72 @@
+"""Keeping secrets out of what the product writes and logs.
+
+Credentials reach the product in URIs (``postgresql://user:password@host/db``, ``https://token@host``),
+in environment mappings (``cluster.env``: ``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_PASSWORD``, ...)
+and in the environment itself. Everything written into a run directory, a launch record, MLflow params
+or a log line goes through ``redact`` first; the real values travel only by environment or by a file
+readable by its owner alone (``write_private``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+REDACTED = "***"
+# names of variables and keys whose values are secrets
+_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY|SESSION_KEY"
+                          r"|AUTH)", re.IGNORECASE)
+# scheme://user:password@host -> scheme://user:***@host ; scheme://token@host -> scheme://***@host
+_URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*)(?::(?P<pw>[^@/\s]*))?@")
+# ?password=...&token=... in query strings
+_QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|token|secret|access_key|secret_key|sig|signature)=)"
+                           r"(?P<value>[^&;\s]*)", re.IGNORECASE)
+
+
+def is_secret_name(name: str) -> bool:
+    """True for names such as ``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_PASSWORD``, ``HF_TOKEN``."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the passwords and tokens of any URIs in it replaced by ``***``."""
+
+    def userinfo(m: re.Match) -> str:
+        if m.group("pw") is not None:
+            return f"{m.group('scheme')}{m.group('user')}:{REDACTED}@"
+        if m.group("user"):  # a bare token as user name (https://ghp_xxx@github.com)
+            return f"{m.group('scheme')}{REDACTED}@"
+        return m.group(0)
+
+    text = _URI_USERINFO.sub(userinfo, text)
+    return _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy of ``value`` (nested dicts, lists, strings) safe to write or log: values under secret-looking
+    keys become ``***``, and credentials inside URIs in any string are removed."""
+    if key and is_secret_name(key) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v) for v in value)
+    if isinstance(value, str):
+        return redact_text(value)
+    return value
+
+
+def write_private(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` readable and writable by its owner only (0600), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a file that existed
+    os.replace(tmp, path)
+    return path
