@@ -4,13 +4,19 @@ S3 (SeaweedFS, MinIO, AWS) or a local directory, bound to 127.0.0.1 unless told 
 
     python infra/mlflow_server.py up                                  # sqlite + local artifacts, port 5000
     python infra/mlflow_server.py up --artifacts s3://mlflow/artifacts  # S3 endpoint/credentials from AWS_*
-    python infra/mlflow_server.py up --backend postgresql://user:pw@db:5432/mlflow   # needs psycopg2
+    MLFLOW_BACKEND_STORE_URI=postgresql://user:pw@db:5432/mlflow python infra/mlflow_server.py up  # psycopg2
+    PGPASSWORD=pw python infra/mlflow_server.py up --backend postgresql://user@db:5432/mlflow   # the same
     python infra/mlflow_server.py up --basic-auth                     # MLflow's login (admin/password at first)
     eval "$(python infra/mlflow_server.py env)"                       # MLFLOW_TRACKING_URI for jobs
     python infra/mlflow_server.py down
 
 Open the UI at http://127.0.0.1:5000 (from another machine: ``ssh -L 5000:127.0.0.1:5000 host``).
 The server runs lean: one worker and MLflow's job execution off (9 fewer processes, ~2 GB less memory).
+
+Passwords stay off command lines (``ps`` shows those to every user): the backend URI and the artifact
+destination reach ``mlflow server`` by environment (MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION),
+never as arguments. Give a password-bearing backend the same way (the variable, or PGPASSWORD for
+PostgreSQL) rather than ``--backend``, which puts it on this script's own command line while it starts.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,13 +33,16 @@ import time
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.secrets import has_credentials, redact_text  # noqa: E402
+
 
 class MLflowServer:
     def __init__(self, root: str | Path | None = None, port: int = 5000, host: str = "127.0.0.1",
                  backend: str | None = None, artifacts: str | None = None, basic_auth: bool = False) -> None:
         self.root = Path(root or os.environ.get("MLFLOW_DEV_DIR", "/tmp/pipeline-mlflow")).resolve()
         self.port, self.host = port, host
-        self.backend = backend or f"sqlite:///{self.root / 'mlflow.db'}"
+        self.backend = backend or os.environ.get("MLFLOW_BACKEND_STORE_URI") or f"sqlite:///{self.root / 'mlflow.db'}"
         self.artifacts = artifacts or str(self.root / "artifacts")
         self.basic_auth = basic_auth
         self.pid_file = self.root / "mlflow.pid"
@@ -45,24 +55,34 @@ class MLflowServer:
     def env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.uri}
 
-    def start(self, timeout: float = 90) -> MLflowServer:
-        self.root.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        if self.artifacts.startswith("s3://") and "AWS_ENDPOINT_URL" in env:
-            env.setdefault("MLFLOW_S3_ENDPOINT_URL", env["AWS_ENDPOINT_URL"])
-        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
-               "--artifacts-destination", self.artifacts, "--host", self.host, "--port", str(self.port),
+    def command(self) -> list[str]:
+        """The server's argv: nothing secret (the stores come by environment, see ``environment``)."""
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", self.host, "--port", str(self.port),
                "--workers", "1"]
         if self.basic_auth:
             cmd += ["--app-name", "basic-auth"]
+        return cmd
+
+    def environment(self) -> dict[str, str]:
+        """The server's environment: the backend URI and the artifact destination (mlflow's CLI reads both
+        from these variables; the environment of a process is readable by its owner only, unlike argv)."""
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               "MLFLOW_BACKEND_STORE_URI": self.backend, "MLFLOW_ARTIFACTS_DESTINATION": self.artifacts}
+        if self.artifacts.startswith("s3://") and "AWS_ENDPOINT_URL" in env:
+            env.setdefault("MLFLOW_S3_ENDPOINT_URL", env["AWS_ENDPOINT_URL"])
+        return env
+
+    def start(self, timeout: float = 90) -> MLflowServer:
+        self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / "server.log", "ab") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         self.pid_file.write_text(str(self.proc.pid))
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited ({self.proc.returncode}); see {self.root / 'server.log'}:\n"
-                                   + (self.root / "server.log").read_text()[-2000:])
+                                   + redact_text((self.root / "server.log").read_text()[-2000:]))
             try:
                 with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
@@ -98,10 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", help="state directory (default $MLFLOW_DEV_DIR or /tmp/pipeline-mlflow)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--backend", help="SQL backend URI (default sqlite in --dir; postgresql://... also works)")
+    p.add_argument("--backend", help="SQL backend URI (default $MLFLOW_BACKEND_STORE_URI, else sqlite in --dir; "
+                   "postgresql://user@host/db with PGPASSWORD set: keep passwords off the command line)")
     p.add_argument("--artifacts", help="artifact destination: s3://bucket/prefix or a directory")
     p.add_argument("--basic-auth", action="store_true", help="require MLflow's basic-auth login")
     args = p.parse_args(argv)
+    if args.backend and has_credentials(args.backend):
+        print(f"mlflow_server: --backend {redact_text(args.backend)} holds a password, which this command line shows "
+              f"to every user (ps); next time give it as MLFLOW_BACKEND_STORE_URI=... or PGPASSWORD=...",
+              file=sys.stderr)
     server = MLflowServer(args.dir, args.port, args.host, args.backend, args.artifacts, args.basic_auth)
     if args.command == "up":
         server.start()
@@ -111,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "down":
         server.stop()
     else:
-        print(" ".join(f"export {k}={v}" for k, v in server.env().items()))
+        print(" ".join(f"export {k}={shlex.quote(v)}" for k, v in server.env().items()))
     return 0
 
 

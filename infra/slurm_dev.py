@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -136,9 +137,10 @@ class SlurmDevCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         os.chmod(self.root / "munge", 0o711)
         key = self.root / "munge" / "munge.key"
-        if not key.exists():
-            key.write_bytes(os.urandom(1024))
-            os.chmod(key, 0o400)
+        if not key.exists():  # created owner-only from the first byte (no window where others could read it)
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(1024))
         subprocess.run(["munged", "--force", "-S", str(self.munge_socket), f"--key-file={key}",
                         f"--log-file={self.root / 'log' / 'munged.log'}",
                         f"--pid-file={self.root / 'munge' / 'munged.pid'}",
@@ -219,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "down":
         cluster.down()
     elif args.command == "env":
-        print(" ".join(f"export {k}={v}" for k, v in cluster.env().items()))
+        print(" ".join(f"export {k}={shlex.quote(v)}" for k, v in cluster.env().items()))
     else:
         print(cluster.status(), end="")
     return 0

@@ -10,13 +10,20 @@ TimeSformer-L at a given rate needs.
 
     python jobs/bench_loader.py                 # both clip shapes
     python jobs/bench_loader.py --videos 16 --gpu-rate 15
+    python jobs/bench_loader.py --verify-cost   # shard verification (size + sha256 as it streams) on vs off
+
+``--verify-cost`` times the training pipeline with and without shard verification in the same run,
+alternating the order each round (the same seed, so both decode the same clips), and prints each run,
+the median overhead and the spread, and sha256 alone per clip (the floor of what verification costs).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -25,8 +32,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
 
-from pipeline.data.loader import ClipConfig, clip_pipeline, iterate_samples  # noqa: E402
+from pipeline.data.loader import (  # noqa: E402
+    ClipConfig,
+    FaultCounter,
+    clip_pipeline,
+    iterate_samples,
+    open_shards,
+    shard_samples,
+)
 from pipeline.data.shards import DatasetIndex, ShardInfo, ShardSample, commit_index, sha256_of, shard_bytes  # noqa: E402
 from pipeline.data.storage import open_storage  # noqa: E402
 from pipeline.data.video import FixedRateSampler, encode_video  # noqa: E402
@@ -108,6 +123,59 @@ def bench_shape(index: DatasetIndex, root: str, name: str, clips: int, seed: int
 
 
 
+def bench_verify(index: DatasetIndex, root: str, name: str, clips: int, rounds: int, seed: int,
+                 output: str = "uint8") -> dict:
+    """Seconds per clip of the training pipeline with shard verification on and off, ``rounds`` times
+    each, alternating which goes first; and sha256 alone over the shards' bytes."""
+    T, rate = SHAPES[name]
+    storage = open_storage(root)
+    cfg = ClipConfig(num_frames=T, sampling_rate=rate, crop=224, scale=(256, 320), output=output)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    cpu: dict[bool, list[float]] = {True: [], False: []}  # this process's CPU time: less sensitive to neighbours
+    for verify in (True, False):  # warm-up, unmeasured: imports, codec and allocator state, page cache
+        sum(1 for _ in clip_pipeline(index, storage, "train", train=True, batch_size=1, clip=cfg, seed=seed + 1,
+                                     batches_per_worker=2, verify=verify))
+    for r in range(rounds):
+        for verify in ((True, False) if r % 2 == 0 else (False, True)):
+            pipeline = clip_pipeline(index, storage, "train", train=True, batch_size=1, clip=cfg, seed=seed,
+                                     batches_per_worker=clips, verify=verify)
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = sum(1 for _ in pipeline)
+            times[verify].append((time.perf_counter() - t0) / n)
+            cpu[verify].append((time.process_time() - c0) / n)
+            print(f"  round {r + 1} {'verified' if verify else 'unverified':10s} {1 / times[verify][-1]:6.3f} clips/s "
+                  f"wall, {1 / cpu[verify][-1]:6.3f} clips per CPU-second", flush=True)
+    # reading alone (open, verify or not, tar members to samples), best of 5 passes over every shard:
+    # the difference per sample is what verification adds, without the decode's noise around it
+    read_s = {}
+    for verify in (True, False):
+        best = float("inf")
+        for _ in range(5):
+            counter = FaultCounter()
+            stages = wds.DataPipeline(lambda: iter([{"url": s.url} for s in index.shards]),
+                                      open_shards(storage, index, counter, verify), shard_samples(counter))
+            t0 = time.perf_counter()
+            n = sum(1 for _ in stages)
+            best = min(best, (time.perf_counter() - t0) / n)
+        read_s[verify] = best
+    shards = [storage.get_bytes(s.url) for s in index.shards]
+    t0 = time.perf_counter()
+    for data in shards:
+        hashlib.sha256(data).hexdigest()
+    hash_s = time.perf_counter() - t0
+    total = sum(len(d) for d in shards)
+    # a training clip reads one sample's share of a shard (shards are drawn, then every sample of one is used)
+    hash_per_clip = hash_s / index.num_samples()
+    med_v, med_u = statistics.median(times[True]), statistics.median(times[False])
+    pairs = [v / u - 1 for v, u in zip(times[True], times[False], strict=True)]
+    cpu_pairs = [v / u - 1 for v, u in zip(cpu[True], cpu[False], strict=True)]
+    return {"verified_s": times[True], "unverified_s": times[False], "overhead_median": med_v / med_u - 1,
+            "overhead_pairs": pairs, "cpu_overhead_median": statistics.median(cpu[True]) / statistics.median(cpu[False])
+            - 1, "cpu_overhead_pairs": cpu_pairs, "hash_mb_s": total / hash_s / 1e6, "hash_per_clip_s": hash_per_clip,
+            "hash_fraction": hash_per_clip / med_u, "bytes_per_sample": total / index.num_samples(),
+            "read_verified_s": read_s[True], "read_unverified_s": read_s[False],
+            "read_fraction": (read_s[True] - read_s[False]) / med_u}
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=24, help="clips timed per shape")
     p.add_argument("--gpu-rate", type=float, default=15.0, help="TimeSformer-L clips/s one GPU trains at")
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--verify-cost", action="store_true",
+                   help="only compare verified and unverified shard streaming (96x224 uint8 clips)")
+    p.add_argument("--rounds", type=int, default=3, help="--verify-cost: runs of each, alternating")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one worker = one core
     with tempfile.TemporaryDirectory() as root:
@@ -122,6 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         index = make_dataset(root, args.videos, BENCH_SECONDS)
         print(f"dataset: {args.videos} videos of {BENCH_SECONDS:.0f}s 340x256 H.264 in {len(index.shards)} shards "
               f"({time.perf_counter() - t0:.1f}s to make)")
+        if args.verify_cost:
+            shape = "96x224" if "96x224" in args.shapes.split(",") else args.shapes.split(",")[0]
+            print(f"shard verification cost, {shape} uint8 clips, {args.clips} clips per run, {args.rounds} rounds:")
+            r = bench_verify(index, root, shape, args.clips, args.rounds, seed=1)
+            spread = [f"{100 * x:+.1f}%" for x in r["overhead_pairs"]]
+            print(f"verified   {1 / statistics.median(r['verified_s']):.3f} clips/s (median), "
+                  f"unverified {1 / statistics.median(r['unverified_s']):.3f} clips/s: overhead "
+                  f"{100 * r['overhead_median']:+.1f}% wall (round by round: {', '.join(spread)}); CPU time: "
+                  f"{100 * r['cpu_overhead_median']:+.1f}% (round by round: "
+                  f"{', '.join(f'{100 * x:+.1f}%' for x in r['cpu_overhead_pairs'])})")
+            print(f"reading a sample alone (best of 5): verified {1e3 * r['read_verified_s']:.2f} ms, unverified "
+                  f"{1e3 * r['read_unverified_s']:.2f} ms: verification adds "
+                  f"{1e3 * (r['read_verified_s'] - r['read_unverified_s']):.2f} ms per clip = "
+                  f"{100 * r['read_fraction']:.2f}% of an unverified clip's time")
+            print(f"sha256 alone: {r['hash_mb_s']:.0f} MB/s, {r['bytes_per_sample'] / 1e6:.2f} MB per sample: "
+                  f"{1e3 * r['hash_per_clip_s']:.2f} ms per clip = {100 * r['hash_fraction']:.2f}% of an unverified "
+                  f"clip's time")
+            return 0
         print(f"{'clip':8s} {'output':7s} {'loader clips/s/core':>20s} {'plain PyAV clips/s/core':>24s} "
               f"{'overhead':>9s} {'PyAV, one converter':>20s} {'overhead':>9s}")
         results = {}

@@ -9,7 +9,9 @@ GPU-hours (validation curve per run, the test result as a star, budgets as dashe
 
 Prints the table; writes table.txt/.csv/.md, runs.json and accuracy_vs_gpu_hours.png under --out
 (default runs/compare-<experiment>), and logs them to MLflow as a comparison run in the same experiment
-(--no-log to skip). Exit codes: 0 done, 2 no such experiment or runs.
+(--no-log to skip). Each run's MLflow status is a column; runs that did not finish (FAILED, KILLED,
+RUNNING) are marked in the table and dotted in the plot, or left out with --finished-only.
+Exit codes: 0 done, 2 no such experiment or runs.
 """
 
 from __future__ import annotations
@@ -30,18 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs", help="where the embedded default keeps mlflow.db (default runs/)")
     p.add_argument("--out", help="output directory (default <runs-dir>/compare-<experiment>)")
     p.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
+    p.add_argument("--finished-only", action="store_true",
+                   help="leave out runs whose status is not FINISHED (default: shown, and marked)")
     args = p.parse_args(argv)
     from pipeline.tracking.compare import fetch, log_comparison, table_text, write_report
     from pipeline.tracking.sink import default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
     try:
-        summaries = fetch(uri, args.experiment, args.runs)
+        summaries = fetch(uri, args.experiment, args.runs, finished_only=args.finished_only)
     except ValueError as e:
         print(f"compare: {e}", file=sys.stderr)
         return 2
     if not summaries:
-        print(f"compare: experiment {args.experiment!r} has no training runs yet", file=sys.stderr)
+        what = "finished training runs" if args.finished_only else "training runs"
+        print(f"compare: experiment {args.experiment!r} has no {what} yet", file=sys.stderr)
         return 2
     out = Path(args.out or Path(args.runs_dir) / f"compare-{args.experiment}")
     paths = write_report(summaries, out, args.experiment)

@@ -7,7 +7,9 @@
     python jobs/export.py runs/k400_long-... --hf exports/timesformer-l-k400  # + a transformers directory
 
 Load it back with ``pipeline.models.load_safetensors(path)``, or ``transformers.
-TimesformerForVideoClassification.from_pretrained(dir)`` for --hf. Exit codes: 0 done, 2 nothing to export.
+TimesformerForVideoClassification.from_pretrained(dir)`` for --hf. Exit codes: 0 done, 2 nothing to export
+or a checkpoint refused. Checkpoint files are read weights-only: one that asks to run code, or whose weights do
+not fit the run's model, is refused with its path named, and nothing is written.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         path = export_model(run_dir, cfg, args.tag, Path(args.out) if args.out else None)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # FileNotFoundError: no checkpoint; ValueError: a refused (UnsafeCheckpointError) or unreadable file,
+        # weights that do not fit the model; RuntimeError: load_state_dict naming the keys that do not fit
         print(f"export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) from {args.tag or tags[-1]}")

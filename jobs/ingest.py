@@ -8,8 +8,10 @@
 
 A rerun with nothing new does nothing and says so; new sources give new shards only; changed sources
 are reprocessed; deleted ones leave the next version. Videos that fail are listed with their reason in
-reports/v<version>-quarantine.json next to the index. Exit codes: 0 done or nothing to do, 2 bad
-configuration or input, 3 another run holds the dataset's lease.
+reports/v<version>-quarantine.json next to the index: "content" failures (the file is bad or over a
+decode limit, ``limits.*``) stay there until the file changes; "transient" ones (a read error, a dead
+worker) are tried again by the next run. Exit codes: 0 done or nothing to do, 1 nothing could be
+committed (every shard failed), 2 bad configuration or input, 3 another run holds the dataset's lease.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pipeline.data.storage import StorageError  # noqa: E402
-from pipeline.ingest.run import IngestConfig, LeaseHeldError, run_ingest  # noqa: E402
+from pipeline.ingest.run import IngestConfig, IngestError, LeaseHeldError, run_ingest  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides)
     for key in ("source", "output"):
-        if getattr(args, key):
-            overrides.append(f"{key}={getattr(args, key)}")
+        if getattr(args, key):  # quoted: a path such as 2024 or "yes" stays a string
+            overrides.append(f"{key}={json.dumps(getattr(args, key))}")
     if args.annotations:
         overrides.append(f"annotations={json.dumps(args.annotations)}")
     try:
@@ -51,16 +53,19 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseHeldError as e:
         print(f"ingest: {e}", file=sys.stderr)
         return 3
-    except (ValueError, StorageError, FileNotFoundError) as e:
+    except (ValueError, StorageError, FileNotFoundError) as e:  # ConfigError is a ValueError: one line, no trace
         print(f"ingest: {e}", file=sys.stderr)
         return 2
+    except IngestError as e:
+        print(f"ingest: {e}", file=sys.stderr)
+        return 1
     print(result.message)
     if result.version is not None:
         rate = result.videos_in / result.seconds if result.seconds else 0.0
         print(f"videos in {result.videos_in}, out {result.videos_out}, failed {result.failed}; "
               f"{result.bytes_in / 1e6:.1f} MB read; {rate:.1f} videos/s; {result.seconds:.1f}s")
         for vid, q in sorted(result.quarantine.items())[:10]:
-            print(f"  quarantined {vid}: {q['reason']}")
+            print(f"  quarantined ({q.get('kind', 'content')}) {vid}: {q['reason']}")
     return 0
 
 

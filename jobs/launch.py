@@ -11,8 +11,18 @@
 
 Recipes are configs/recipes/*.yaml (`--list`); any field can be overridden as key=value. The global batch
 is the recipe's whatever the world size (gradient accumulation); a world size that cannot meet it is
-refused here, not on the cluster. Exit codes: 0 submitted (or finished, with --wait), 1 the job failed,
-2 a bad recipe, override or dataset.
+refused here, not on the cluster. Everything that can be checked is checked before anything is created
+(recipe, world size, dataset, model.init, Slurm); a submission the scheduler refuses removes the run
+directory it made and marks its MLflow run FAILED. Run names are letters, digits, '.', '_' and '-'.
+
+Secrets never go into the run directory or MLflow: cluster.env entries with secret-looking names
+(*_SECRET*, *PASSWORD*, *TOKEN*, *ACCESS_KEY*, ...) or credentials in their value, and the password of a
+tracking URI (https://user:pw@host), are written as *** and handed to the ranks by the job's environment
+(Slurm passes the launching shell's environment; so do local processes). To --resume such a run, export
+them again (the cluster.env names, and MLFLOW_TRACKING_URI with the full URI).
+
+Exit codes: 0 submitted (or finished, with --wait), 1 the job failed, 2 a bad recipe, override, flag,
+dataset or checkpoint (nothing was created), 3 the scheduler refused the submission (nothing left behind).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pipeline.config import ConfigError, list_recipes  # noqa: E402
+from pipeline.secrets import redact_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.config import load_recipe
 
         for name in list_recipes():
-            print(f"{name:32s} {load_recipe(name).description}")
+            try:
+                print(f"{name:32s} {load_recipe(name).description}")
+            except ConfigError as e:
+                print(f"{name:32s} BROKEN: {e}")
         return 0
-    from pipeline.train.launch import LaunchRequest, launch
+    from pipeline.train.launch import LaunchRequest, SubmissionError, launch
 
     req = LaunchRequest(recipe=args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                         partition=args.partition, time=args.time, name=args.name, local=args.local,
@@ -58,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                         runs_dir=args.runs_dir, overrides=args.overrides)
     try:
         info = launch(req)
-    except ConfigError as e:
-        print(f"launch: {e}", file=sys.stderr)
+    except ConfigError as e:  # the message may quote what was typed: credentials in it are masked
+        print(f"launch: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    except SubmissionError as e:
+        print(f"launch: {redact_text(str(e))}", file=sys.stderr)
+        return 3
     if not args.wait or args.dry_run:
         return 0
     return wait_for(info)

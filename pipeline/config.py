@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,10 +198,11 @@ def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot, unsigned exponent) as a string
             with contextlib.suppress(ValueError):
-                number = float(value)
-                value = number if math.isfinite(number) else value
+                value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):  # .nan, .inf, "nan", 1e999: every float field is a finite quantity
+            raise bad("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -214,6 +216,9 @@ def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise bad("a mapping")
+        for k, v in value.items():
+            if v is None or isinstance(v, (dict, list)):
+                raise ConfigError(f"{where}: {key}.{k}={v!r}: expected a string or a number (an environment value)")
         return {str(k): str(v) for k, v in value.items()}
     raise TypeError(f"unsupported config type {tp} for {key}")  # a schema bug, not a user error
 
@@ -249,8 +254,33 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             target = target.setdefault(p, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"command line: {item!r} conflicts with an earlier override of {p}")
-        target[parts[-1]] = yaml.safe_load(value)
+        try:
+            target[parts[-1]] = yaml.safe_load(value)
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"command line: {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                              "put a string that holds YAML syntax in quotes") from None
     return out
+
+
+def _yaml_problem(e: BaseException) -> str:
+    """One line from a YAML error (PyYAML's own message spans several lines with a caret drawing)."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    """The YAML document in ``path``, or a one-line ConfigError naming the file and the problem."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read this {what} ({type(e).__name__}: {e})") from None
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as e:
+        raise ConfigError(f"{path}: this {what} is not valid YAML ({_yaml_problem(e)})") from None
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -273,14 +303,13 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict[str
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: 'inherits' forms a cycle: {' -> '.join(str(p.name) for p in (*seen, path))}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    data = _read_yaml(path, "recipe") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     parents = data.pop("inherits", [])
     parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
+        raise ConfigError(f"{path}: inherits={parents!r}: expected a recipe name or a list of recipe names")
     layers: list[tuple[str, dict[str, Any]]] = []
     for parent in parents:
         try:
@@ -323,7 +352,14 @@ def from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
 
 
 def load_resolved(path: str | Path) -> RunConfig:
-    return from_dict(yaml.safe_load(Path(path).read_text()) or {}, where=str(path))
+    """A run directory's ``config.yaml``; a missing, unreadable or broken file is a one-line ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (a run directory made by jobs/launch.py holds config.yaml)")
+    data = _read_yaml(path, "run config")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(data).__name__}")
+    return from_dict(data, where=str(path))
 
 
 def dump(cfg: RunConfig) -> str:
@@ -338,10 +374,107 @@ def _choice(value: Any, choices: tuple, key: str, where: str) -> None:
         raise ConfigError(f"{where}: {key}={value!r}: expected one of {', '.join(map(str, choices))}")
 
 
+RUN_NAME_RULE = ("letters, digits, '.', '_' and '-', at most 128 characters, starting with a letter, a digit or "
+                 "'_' (it names a directory under runs_dir)")
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_run_name(name: str, what: str = "name") -> None:
+    """Refuse a run name that could leave the runs directory (``../x``, ``a/b``) or break a shell or an
+    sbatch line (spaces, control characters)."""
+    if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):
+        raise ConfigError(f"{what}={name!r}: expected {RUN_NAME_RULE}")
+
+
+def _fields(section: Any, prefix: str) -> dict[str, Any]:
+    return {f"{prefix}.{f.name}": getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
+# minimum of every integer field (a count, a size, a period); the schema test checks every int is listed
+INT_MINIMUMS: dict[str, tuple[int, str]] = {
+    "model.num_classes": (1, "a positive number of classes"),
+    "model.patch_size": (0, "an integer >= 0 (0: the variant's own)"),
+    "model.embed_dim": (0, "an integer >= 0 (0: the variant's own)"),
+    "model.depth": (0, "an integer >= 0 (0: the variant's own)"),
+    "model.num_heads": (0, "an integer >= 0 (0: the variant's own)"),
+    "data.version": (0, "an integer >= 0 (0: the newest committed version)"),
+    "data.num_frames": (1, "a positive integer"),
+    "data.sampling_rate": (1, "a positive integer"),
+    "data.crop": (1, "a positive integer"),
+    "data.num_workers": (0, "an integer >= 0 (0: load in the training process)"),
+    "data.shuffle_buffer": (0, "an integer >= 0 (0 or 1: no shuffle buffer)"),
+    "data.epoch_clips": (0, "an integer >= 0 (0: the train split's sample count)"),
+    "train.global_batch": (1, "a positive integer"),
+    "train.micro_batch": (1, "a positive integer"),
+    "train.max_steps": (0, "an integer >= 0 (0: epochs x steps per epoch)"),
+    "train.zero_stage": (0, "0, 1, 2 or 3"),
+    "train.seed": (0, "an integer >= 0"),
+    "train.log_every": (1, "a positive number of steps"),
+    "train.val_every": (-1, "a number of steps, 0 (once per epoch) or -1 (never)"),
+    "train.ckpt_every": (1, "a positive number of steps"),
+    "train.keep_checkpoints": (0, "an integer >= 0 (0: keep every checkpoint)"),
+    "train.dist_timeout_s": (1, "a positive number of seconds"),
+    "test.temporal_clips": (1, "a positive integer"),
+    "test.spatial_crops": (1, "1 or 3"),
+    "test.batch_size": (1, "a positive integer"),
+    "test.max_videos": (0, "an integer >= 0 (0: every video)"),
+    "cluster.gpus_per_node": (1, "a positive number of ranks per node"),
+    "cluster.time_min": (1, "a positive number of minutes"),
+    "cluster.cpus_per_task": (1, "a positive integer"),
+    "cluster.mem_gb": (0, "an integer >= 0 (0: the partition's default)"),
+    "cluster.signal_delay_s": (0, "an integer >= 0 seconds"),
+    "cluster.max_requeues": (0, "an integer >= 0"),
+}
+# (low, low inclusive, high, high inclusive) of every float field; None: unbounded on that side
+FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    "model.drop_path_rate": (0.0, True, 1.0, False),
+    "model.time_embed_init_std": (0.0, True, 1.0, True),
+    "data.ref_fps": (0.0, False, None, False),
+    "data.max_skip_fraction": (0.0, True, 1.0, True),
+    "optim.lr": (0.0, False, None, False),
+    "optim.momentum": (0.0, True, 1.0, False),
+    "optim.weight_decay": (0.0, True, None, False),
+    "optim.lr_gamma": (0.0, False, None, False),
+    "optim.warmup_epochs": (0.0, True, None, False),
+    "optim.grad_clip": (0.0, True, None, False),
+    "train.epochs": (0.0, False, None, False),
+    "budget.gpu_hours": (0.0, True, None, False),
+}
+# string fields written into #SBATCH lines: a newline there would start a line of its own in the script
+SBATCH_STRINGS = ("cluster.partition", "cluster.account", "cluster.qos", "cluster.constraint")
+
+
+def _describe_range(low: float | None, low_in: bool, high: float | None, high_in: bool) -> str:
+    if high is None:
+        return "a number >= 0" if low_in else "a positive number"
+    return f"a number in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def _in_range(value: float, low: float | None, low_in: bool, high: float | None, high_in: bool) -> bool:
+    ok = low is None or (value >= low if low_in else value > low)
+    return ok and (high is None or (value <= high if high_in else value < high))
+
+
 def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
+    """Every field of ``cfg`` against its meaning: choices, ranges, combinations. The first problem is a
+    one-line ConfigError naming the field, its value and what is expected."""
     from pipeline.models.timesformer import ATTENTION_TYPES, POS_EMBED_TYPES, VARIANTS, parse_checkpoint_policy
 
     where = f"{where} {cfg.recipe!r}" if cfg.recipe else where
+    values: dict[str, Any] = {}
+    for name in ("model", "data", "optim", "train", "test", "budget", "tracking", "cluster"):
+        values.update(_fields(getattr(cfg, name), name))
+
+    def refuse(key: str, expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}={values.get(key)!r}: expected {expected}")
+
+    for key, (low, expected) in INT_MINIMUMS.items():
+        if values[key] < low:
+            raise refuse(key, expected)
+    for key, bounds in FLOAT_RANGES.items():
+        if not _in_range(values[key], *bounds):  # NaN fails every comparison; _check_value refused it already
+            raise refuse(key, _describe_range(*bounds))
     _choice(cfg.model.variant, tuple(VARIANTS), "model.variant", where)
     _choice(cfg.model.attention_type, ATTENTION_TYPES, "model.attention_type", where)
     _choice(cfg.model.pos_embed, POS_EMBED_TYPES, "model.pos_embed", where)
@@ -358,35 +491,54 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         parse_checkpoint_policy(cfg.train.activation_checkpointing)
     except ValueError as e:
         raise ConfigError(f"{where}: train.activation_checkpointing: {e}") from None
-    if not 0.0 <= cfg.model.time_embed_init_std <= 1.0:
-        raise ConfigError(f"{where}: model.time_embed_init_std={cfg.model.time_embed_init_std!r}: expected a standard "
-                          "deviation in [0, 1] (0: zeros, the original)")
-    if not 0.0 <= cfg.data.max_skip_fraction <= 1.0:
-        raise ConfigError(f"{where}: data.max_skip_fraction={cfg.data.max_skip_fraction!r}: expected a fraction in "
-                          "[0, 1] (0: any broken sample stops the run)")
-    if len(cfg.data.scale) != 2 or cfg.data.scale[0] > cfg.data.scale[1]:
-        raise ConfigError(f"{where}: data.scale={cfg.data.scale}: expected [min, max] short-side sizes")
+    if cfg.train.seed >= 2**63:
+        raise refuse("train.seed", "an integer below 2**63")
+    if len(cfg.data.scale) != 2 or min(cfg.data.scale) < 1 or cfg.data.scale[0] > cfg.data.scale[1]:
+        raise ConfigError(f"{where}: data.scale={cfg.data.scale}: expected [min, max] positive short-side sizes")
     if cfg.data.scale[1] < cfg.data.crop:
         raise ConfigError(f"{where}: data.scale={cfg.data.scale} is below data.crop={cfg.data.crop}")
-    positive = {"data.num_frames": cfg.data.num_frames, "data.sampling_rate": cfg.data.sampling_rate,
-                "data.crop": cfg.data.crop, "train.global_batch": cfg.train.global_batch,
-                "train.micro_batch": cfg.train.micro_batch, "train.log_every": cfg.train.log_every,
-                "train.ckpt_every": cfg.train.ckpt_every, "test.temporal_clips": cfg.test.temporal_clips,
-                "test.batch_size": cfg.test.batch_size, "cluster.gpus_per_node": cfg.cluster.gpus_per_node,
-                "train.dist_timeout_s": cfg.train.dist_timeout_s}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{where}: {key}={value}: expected a positive integer")
-    if cfg.optim.lr <= 0 or cfg.train.epochs <= 0:
-        raise ConfigError(f"{where}: optim.lr and train.epochs must be positive")
+    for key in ("data.train_split", "data.val_split", "data.test_split"):
+        if not values[key].strip():
+            raise refuse(key, "a split name (train, val, test, ...)")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise refuse("optim.betas", "two numbers in [0, 1) (Adam's beta1, beta2)")
+    if any(e < 0 for e in cfg.optim.lr_steps) or sorted(cfg.optim.lr_steps) != list(cfg.optim.lr_steps):
+        raise ConfigError(f"{where}: optim.lr_steps={cfg.optim.lr_steps}: expected increasing epochs >= 0")
     if cfg.train.zero_stage > 0 and cfg.train.engine == "torch":
         raise ConfigError(f"{where}: train.engine=torch has no ZeRO; set train.zero_stage=0 or engine=deepspeed")
     # space_only with pos_embed=space_time is valid: that scheme has no time embedding (as the original)
-    if sorted(cfg.optim.lr_steps) != list(cfg.optim.lr_steps):
-        raise ConfigError(f"{where}: optim.lr_steps={cfg.optim.lr_steps}: expected increasing epochs")
+    if cfg.cluster.signal_delay_s >= cfg.cluster.time_min * 60:
+        raise ConfigError(f"{where}: cluster.signal_delay_s={cfg.cluster.signal_delay_s} is not shorter than "
+                          f"cluster.time_min={cfg.cluster.time_min} minutes: the stop signal would come at the start")
+    for key in SBATCH_STRINGS:
+        if any(ch.isspace() or not ch.isprintable() for ch in values[key]):
+            raise refuse(key, "a Slurm name without spaces or control characters")
+    for name, value in cfg.cluster.env.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: cluster.env has the name {name!r}: expected a shell variable name "
+                              "(letters, digits and '_', not starting with a digit)")
+        if "\0" in value:
+            raise ConfigError(f"{where}: cluster.env.{name} holds a NUL character, which no environment can carry")
+    if cfg.name:
+        try:
+            check_run_name(cfg.name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     if not cfg.data.index:
         raise ConfigError(f"{where}: data.index is empty: give the dataset root that ingest wrote "
                           f"(data.index=s3://bucket/datasets/k400 or a directory)")
+
+
+def check_model(cfg: RunConfig) -> Any:
+    """The model config the recipe builds (``TimeSformerConfig``), or a ConfigError saying which model
+    field combination cannot be built (a width that the heads do not divide, a patch the crop does not fit)."""
+    from pipeline.models.timesformer import model_config
+
+    try:
+        return model_config(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"recipe {cfg.recipe!r}: the model cannot be built: {e} (model.* and data.num_frames, "
+                          "data.crop)") from None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ _URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/
 # ?password=...&token=... in query strings
 _QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|token|secret|access_key|secret_key|sig|signature)=)"
                            r"(?P<value>[^&;\s]*)", re.IGNORECASE)
+# NAME=value, NAME: value, "NAME": "value" with a secret-looking NAME (an override, a shell line, a JSON or
+# YAML mapping written as text): cluster.env={AWS_SECRET_ACCESS_KEY: abc}, export HF_TOKEN=abc
+_ASSIGNED_SECRET = re.compile(r"(?P<head>\b[A-Za-z0-9_]*(?:SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY"
+                              r"|ACCESS_KEY|SESSION_KEY)[A-Za-z0-9_]*['\"]?\s*[=:]\s*)"
+                              r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s'\",;}\]&]+)", re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:
@@ -42,7 +47,14 @@ def redact_text(text: str) -> str:
         return m.group(0)
 
     text = _URI_USERINFO.sub(userinfo, text)
-    return _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
+    text = _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
+
+    def assigned(m: re.Match) -> str:
+        value = m.group("value")
+        quote = value[0] if value[0] in "'\"" else ""
+        return f"{m.group('head')}{quote}{REDACTED}{quote}"
+
+    return _ASSIGNED_SECRET.sub(assigned, text)
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -70,3 +82,52 @@ def write_private(path: str | os.PathLike, text: str) -> Path:
     os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a file that existed
     os.replace(tmp, path)
     return path
+
+
+# -- secrets that ranks need: kept out of files, carried by the job's environment -----------------------
+
+
+class SecretUnavailableError(ValueError):
+    """A value was redacted in the run directory and the environment does not hold the real one."""
+
+
+def is_secret_env(name: str, value: str) -> bool:
+    """Whether an environment entry (``cluster.env``) is a secret: a secret-looking name, a value holding
+    credentials (a URI with a password, a token query), or a value already redacted."""
+    return value == REDACTED or (is_secret_name(name) and value != "") or redact_text(value) != value
+
+
+def redact_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with its secret entries' values replaced by ``***`` (what a run directory stores)."""
+    return {k: REDACTED if is_secret_env(k, v) else v for k, v in env.items()}
+
+
+def reveal_env(env: Mapping[str, str], where: str = "cluster.env") -> dict[str, str]:
+    """``env`` as stored (secrets as ``***``) with each secret taken from this process's environment,
+    where the launcher put it. A missing one is a SecretUnavailableError naming it."""
+    missing = [k for k, v in env.items() if v == REDACTED and k not in os.environ]
+    if missing:
+        raise SecretUnavailableError(
+            f"{where}: {', '.join(missing)} {'is a secret' if len(missing) == 1 else 'are secrets'} kept out of the "
+            f"run directory, which reach(es) the job by environment only: export {' '.join(missing)} in the shell "
+            f"that launches (or resumes) the run")
+    return {k: os.environ[k] if v == REDACTED else v for k, v in env.items()}
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether a URI carries a password or a token (``scheme://user:pw@``, ``scheme://token@``, ``?token=``)."""
+    return redact_text(uri) != uri
+
+
+def reveal_uri(uri: str, env_var: str = "MLFLOW_TRACKING_URI") -> str:
+    """The real URI behind a redacted one (``https://user:***@host``): ``$env_var`` when that variable
+    holds the same URI with its credentials (the launcher exports it to the job). A URI without ``***``
+    is returned as it is."""
+    if REDACTED not in uri:
+        return uri
+    candidate = os.environ.get(env_var, "")
+    if candidate and redact_text(candidate) == uri:
+        return candidate
+    raise SecretUnavailableError(
+        f"{uri}: its credentials are kept out of files; export {env_var} with the full URI (as when the run was "
+        f"launched)" + (f" (${env_var} is set to another URI: {redact_text(candidate)})" if candidate else ""))

@@ -2,10 +2,19 @@
 
 The pipeline is a flat list of named stages (open_clip's style):
 
-training    resampled shards (seeded) -> open -> tar members -> samples -> shuffle (seeded) -> clip
-            (random position) -> transform -> batch -> epoch length
-evaluation  this rank's shards -> this worker's shards -> open -> tar members -> samples -> clip
-            (centre) -> transform -> batch (last one partial): every sample exactly once per pass
+training    resampled shards (seeded) -> open, verify -> samples -> metadata -> shuffle (seeded) -> clip
+            (random position) -> transform -> batch -> fault counts -> epoch length
+evaluation  this rank's shards -> this worker's shards -> open, verify -> samples -> metadata -> clip
+            (centre) -> transform -> batch (last one partial) -> fault counts: every good sample
+            exactly once per pass
+
+Trust: every shard is checked against the dataset index (size and sha256, in the one pass that reads
+it) before anything from it moves on; a mismatch is a ``ShardError`` that stops the run. A broken sample
+(no clip or metadata, bad JSON, a label or duration out of range, a link or directory in the tar, a clip
+that does not decode) is skipped and counted per shard and reason, and logged at a limited rate. Every
+batch (or evaluation item) carries ``"faults"``: what its DataLoader worker read and skipped since its
+previous batch, ``{"read": int, "skipped": {shard_uri: {reason: count}}}``, so the counts cross the worker
+process boundary; ``FaultTally`` sums them and holds the ceiling (``DataQualityError``).
 
 Node and worker splitting are explicit (rank and world size are arguments, not environment guesses).
 Every random choice in training comes from a generator seeded by (seed, rank, worker, start step), so
@@ -15,9 +24,15 @@ a run resumed at step s draws new data instead of replaying the first epoch, and
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
 import json
 import logging
+import math
+import re
+import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +42,8 @@ import torch
 import webdataset as wds
 from webdataset import tariterators
 
-from pipeline.data.shards import DatasetIndex
-from pipeline.data.storage import Storage
+from pipeline.data.shards import DatasetIndex, ShardError, ShardInfo
+from pipeline.data.storage import Storage, open_resuming
 from pipeline.data.transforms import TestTransform, TrainTransform
 from pipeline.data.video import FixedRateSampler, SegmentSampler, VideoDecodeError, decode_frames
 
@@ -48,6 +63,140 @@ class ClipConfig:
     flip: bool = True
     short_video: str = "loop"
     output: str = "float"  # float: normalised; uint8: normalise on the device (transforms.normalize_on_device)
+    num_classes: int = 0  # training labels must lie in [0, num_classes); 0: the dataset index's class count
+
+
+MAX_DURATION_S = 86_400.0  # a sample's metadata claiming more than a day is broken, not a long video
+STALL_SAMPLES = 1000  # a training worker that skips this many samples in a row without a batch gives up
+MIN_READ_FOR_CEILING = 500  # samples read before data.max_skip_fraction applies (one bad first sample
+# must not stop a run at 0.01)
+MAX_SHARD_BYTES = 16 << 30  # a shard is held in memory while it is verified (see open_shards)
+_LOG_FIRST = 5  # skipped samples logged one by one per worker pass, then summaries ...
+_LOG_EVERY_S = 60.0  # ... at most this often
+
+
+class DataQualityError(RuntimeError):
+    """Too many broken samples: names the counts, the shards most affected and the knob
+    (``data.max_skip_fraction``). One message argument, so a DataLoader worker can re-raise it."""
+
+
+# -- fault counting -------------------------------------------------------------------------------
+
+
+class FaultCounter:
+    """The producer side, one per DataLoader worker process (the pipeline's copy in that process):
+    samples read and skipped since the worker's previous batch, and the rate-limited log of skips."""
+
+    def __init__(self, stall_samples: int = 0) -> None:
+        self.stall_samples = stall_samples  # 0: never give up (evaluation passes are finite)
+        self.reset()
+
+    def reset(self) -> None:
+        self._read = 0
+        self._skipped: dict[str, collections.Counter] = {}
+        self._in_a_row = 0  # skipped since the last batch (``take``)
+        self._logged = 0
+        self._unlogged: collections.Counter = collections.Counter()
+        self._latest = ""
+        self._last_log = time.monotonic()
+
+    def read(self) -> None:
+        self._read += 1
+
+    def skip(self, uri: str, key: str, reason: str, detail: str) -> None:
+        self._skipped.setdefault(uri, collections.Counter())[reason] += 1
+        self._in_a_row += 1
+        if self._logged < _LOG_FIRST:
+            self._logged += 1
+            log.warning("skipping sample %s of %s: %s: %s%s", key, uri, reason, detail,
+                        "" if self._logged < _LOG_FIRST else
+                        f" (further skips in this worker are summarised at most every {_LOG_EVERY_S:.0f}s)")
+        else:
+            self._unlogged[reason] += 1
+            self._latest = f"{uri}/{key}: {reason}: {detail}"
+            if time.monotonic() - self._last_log >= _LOG_EVERY_S:
+                self.flush_log()
+        if self.stall_samples and self._in_a_row >= self.stall_samples:
+            raise DataQualityError(
+                f"{self._in_a_row} samples in a row were skipped without one good sample for a batch (this "
+                f"DataLoader worker's skips by shard: {_describe_shards(self._skipped, 5)}); the data is broken: "
+                f"re-ingest or fix those shards (data.max_skip_fraction cannot help a stream with nothing to train on)")
+
+    def flush_log(self) -> None:
+        if self._unlogged:
+            log.warning("skipped %d more samples in the last %.0fs (%s); latest: %s", sum(self._unlogged.values()),
+                        time.monotonic() - self._last_log, _fmt_counts(self._unlogged), self._latest)
+            self._unlogged.clear()
+        self._last_log = time.monotonic()
+
+    def pending(self) -> bool:
+        return bool(self._read or self._skipped)
+
+    def take(self) -> dict[str, Any]:
+        """The counts since the previous ``take`` (the ``"faults"`` field of a batch), and a fresh start."""
+        out = {"read": self._read, "skipped": {uri: dict(c) for uri, c in self._skipped.items()}}
+        self._read, self._skipped, self._in_a_row = 0, {}, 0
+        return out
+
+
+class FaultTally:
+    """The consumer side: the sum of the ``"faults"`` of every batch (or evaluation item) seen, over all
+    DataLoader workers; the training loop holds the ceiling with it, evaluation reports it."""
+
+    def __init__(self) -> None:
+        self.read = 0
+        self.by_shard: dict[str, collections.Counter] = {}
+
+    def add(self, faults: dict[str, Any] | None) -> None:
+        if not faults:
+            return
+        self.read += int(faults.get("read", 0))
+        for uri, reasons in faults.get("skipped", {}).items():
+            self.by_shard.setdefault(uri, collections.Counter()).update(reasons)
+
+    @property
+    def skipped(self) -> int:
+        return sum(sum(c.values()) for c in self.by_shard.values())
+
+    @property
+    def by_reason(self) -> dict[str, int]:
+        total: collections.Counter = collections.Counter()
+        for c in self.by_shard.values():
+            total.update(c)
+        return dict(total)
+
+    @property
+    def fraction(self) -> float:
+        return self.skipped / self.read if self.read else 0.0
+
+    def exceeds(self, max_fraction: float, min_read: int = MIN_READ_FOR_CEILING) -> bool:
+        """More skipped than ``max_fraction`` of the samples read, once ``min_read`` have been read
+        (``max_fraction`` 0: any skip)."""
+        skipped = self.skipped
+        if skipped == 0:
+            return False
+        if max_fraction <= 0:
+            return True
+        return self.read >= min_read and skipped > max_fraction * self.read
+
+    def describe(self, top: int = 5) -> str:
+        return (f"{self.skipped} of {self.read} samples read were skipped ({100 * self.fraction:.2f}%; "
+                f"{_fmt_counts(self.by_reason) or 'none'}); most from: {_describe_shards(self.by_shard, top)}")
+
+    def error(self, max_fraction: float, who: str = "") -> DataQualityError:
+        return DataQualityError(
+            f"{who}{self.describe()}: above data.max_skip_fraction={max_fraction:g}. The samples are broken in "
+            f"storage: fix or re-ingest those shards (the ingest job quarantines videos it cannot use), or, if "
+            f"this rate is expected, raise data.max_skip_fraction")
+
+
+def _fmt_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _describe_shards(by_shard: dict[str, collections.Counter], top: int) -> str:
+    worst = sorted(by_shard.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:top]
+    return "; ".join(f"{uri} ({sum(c.values())}: {_fmt_counts(c)})" for uri, c in worst) or "none"
 
 
 def _worker() -> tuple[int, int]:
@@ -89,32 +238,190 @@ def my_shards(urls: list[str], rank: int, world_size: int):
     return stage
 
 
-def open_from(storage: Storage):
-    """Stage: open each shard through the dataset's storage (a boto3 client per worker process)."""
+def open_shards(storage: Storage, index: DatasetIndex, counter: FaultCounter, verify: bool = True):
+    """Stage: open each shard, verified against the index, with a resuming reader (a connection reset
+    mid-shard resumes at the byte reached; see storage.open_resuming).
+
+    Verification holds the shard back: its bytes are read (and hashed in the same pass) into memory, and
+    nothing of it moves on until the last byte matched the index's size and sha256. Memory: one shard per
+    DataLoader worker (K400's 256-sample shards are ~0.3-0.5 GB), briefly alongside the samples just cut
+    from it. That is the same order as what each worker's shuffle buffer already holds (data.shuffle_buffer
+    samples of raw clip bytes, 256 by default), and a price worth paying: a shard that was swapped or
+    damaged after ingest is refused whole, before a single sample of it is trained on or evaluated.
+    ``verify=False`` streams unchecked; it exists only for jobs/bench_loader.py's measurement of the cost."""
+    infos = {s.url: s for s in index.shards}
+
     def stage(src):
+        counter.reset()  # a new pass (in this worker process)
         for item in src:
-            # tarfile reads in 10 KiB blocks: a large buffer turns that into few big reads
-            yield {**item, "stream": io.BufferedReader(_Raw(storage.open(item["url"])), buffer_size=4 << 20)}
+            url = item["url"]
+            if verify:
+                stream = _MemoryStream(read_verified(storage, infos[url], index))
+            else:  # tarfile reads in 10 KiB blocks: a large buffer turns that into few big reads
+                stream = io.BufferedReader(open_resuming(storage, url), buffer_size=4 << 20)
+            try:
+                yield {**item, "uri": storage.uri(url), "stream": stream}
+            finally:
+                stream.close()
     return stage
 
 
-class _Raw(io.RawIOBase):
-    """A raw reader over any object with read(n) (a file, a boto3 StreamingBody)."""
+def read_verified(storage: Storage, shard: ShardInfo, index: DatasetIndex) -> bytearray:
+    """The shard's bytes, read once and hashed as they arrive; ``ShardError`` unless they are exactly the
+    index's size and sha256. Stops at one byte past the index's size (a longer object is not read on)."""
+    uri = storage.uri(shard.url)
+    what = f"shard {uri} of dataset {index.dataset} (index v{index.version})"
+    if shard.bytes > MAX_SHARD_BYTES:
+        raise ShardError(f"{what}: the index says {shard.bytes} bytes, more than the loader holds to verify a "
+                         f"shard ({MAX_SHARD_BYTES} bytes); re-ingest with fewer samples per shard")
+    buf = bytearray(shard.bytes)
+    digest = hashlib.sha256()
+    pos, extra = 0, b""
+    with open_resuming(storage, shard.url) as f, memoryview(buf) as view:
+        while pos < shard.bytes:
+            n = f.readinto(view[pos:pos + (4 << 20)])
+            if not n:
+                break
+            digest.update(view[pos:pos + n])
+            pos += n
+        if pos == shard.bytes:
+            extra = f.read(1)
+    if pos != shard.bytes or extra:
+        size = f"{pos} bytes" if not extra else f"more than {shard.bytes} bytes"
+        raise ShardError(f"{what}: holds {size}, the index says {shard.bytes}; the object was changed or damaged "
+                         f"after ingest, and nothing from it was used. Re-ingest the dataset (a new index version) "
+                         f"or restore the object")
+    if digest.hexdigest() != shard.sha256:
+        raise ShardError(f"{what}: sha256 {digest.hexdigest()[:16]}... differs from the index's "
+                         f"{shard.sha256[:16]}...; the object was changed or damaged after ingest, and nothing from "
+                         f"it was used. Re-ingest the dataset (a new index version) or restore the object")
+    return buf
 
-    def __init__(self, f) -> None:
-        self.f = f
 
-    def readable(self) -> bool:
-        return True
+class _MemoryStream:
+    """A read-only file over a verified shard in memory (no copy of the whole buffer, as BytesIO makes)."""
 
-    def readinto(self, b) -> int:
-        data = self.f.read(len(b))
-        b[:len(data)] = data
-        return len(data)
+    def __init__(self, buf: bytearray) -> None:
+        self.view, self.pos = memoryview(buf), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
+        out = bytes(self.view[self.pos:end])
+        self.pos = end
+        return out
 
     def close(self) -> None:
-        self.f.close()
-        super().close()
+        self.view.release()
+
+
+_NAME_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's split: key, then extensions
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    return ("symbolic link" if member.issym() else "hard link" if member.islnk() else
+            "directory" if member.isdir() else "device or fifo")
+
+
+def shard_samples(counter: FaultCounter):
+    """Stage: the samples of each shard (consecutive tar members sharing a key), each counted as read.
+    A sample with a member that is not a regular file (a link, a directory), without its .mp4 or its
+    .json, or with a member twice, is skipped and counted; a shard that is not a tar is a ShardError."""
+    def finish(uri: str, key: str, parts: dict[str, bytes], problems: list[str]):
+        counter.read()
+        if problems:
+            counter.skip(uri, key, "not_a_file", "; ".join(problems))
+        elif "json" not in parts or "mp4" not in parts:
+            missing = "json" if "json" not in parts else "mp4"
+            counter.skip(uri, key, f"missing_{missing}", f"no {key}.{missing} (members: {sorted(parts)})")
+        else:
+            return {"__key__": key, "__url__": uri, "mp4": parts["mp4"], "json": parts["json"]}
+        return None
+
+    def stage(src):
+        for item in src:
+            uri = item["uri"]
+            key, parts, problems = None, {}, []
+            try:
+                with tarfile.open(fileobj=item["stream"], mode="r|") as tar:
+                    for member in tar:
+                        m = _NAME_RE.match(member.name)
+                        name_key, ext = (m.group(1), m.group(2)) if m else (member.name, "")
+                        if name_key != key:
+                            if key is not None and (sample := finish(uri, key, parts, problems)) is not None:
+                                yield sample
+                            key, parts, problems = name_key, {}, []
+                        if not member.isreg():
+                            problems.append(f"{member.name} is a {_member_kind(member)}, not a regular file")
+                        elif ext in parts:
+                            problems.append(f"{member.name} appears twice")
+                        else:
+                            parts[ext] = tar.extractfile(member).read()
+                        tar.members = []  # a stream has no random access: keep no list of members
+                if key is not None and (sample := finish(uri, key, parts, problems)) is not None:
+                    yield sample
+            except tarfile.TarError as e:
+                raise ShardError(f"shard {uri}: not a readable tar ({e}) although it matches its index: the "
+                                 f"ingest wrote a broken shard; re-ingest the dataset") from e
+    return stage
+
+
+def check_meta(raw: bytes, num_classes: int, train: bool) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+    """A sample's metadata, or the reason and detail why it cannot be used. Labels are integers in
+    [0, num_classes); -1 (unlabelled, as ingest writes for test rows) only in evaluation. Durations are
+    finite seconds in (0, MAX_DURATION_S]."""
+    try:
+        meta = json.loads(raw)
+    except RecursionError:
+        return None, ("bad_json", "nested too deeply")
+    except ValueError as e:  # includes UnicodeDecodeError
+        return None, ("bad_json", str(e)[:120])
+    if not isinstance(meta, dict):
+        return None, ("bad_json", f"a JSON {type(meta).__name__}, not an object")
+    label = meta.get("label")
+    low = 0 if train else -1
+    if not isinstance(label, int) or isinstance(label, bool) or not low <= label < num_classes:
+        return None, ("bad_label", f"label {label!r}: expected an integer in [{low}, {num_classes})"
+                      + (" (-1, unlabelled, is for evaluation only)" if train and label == -1 else ""))
+    duration = meta.get("duration")
+    if (not isinstance(duration, (int, float)) or isinstance(duration, bool) or not math.isfinite(duration)
+            or not 0 < duration <= MAX_DURATION_S):
+        return None, ("bad_duration", f"duration {duration!r}: expected seconds in (0, {MAX_DURATION_S:g}]")
+    return meta, None
+
+
+def parse_meta(counter: FaultCounter, num_classes: int, train: bool):
+    """Stage: parse and check each sample's metadata (cheap, before the shuffle buffer and the resume
+    skip, so a broken one never takes a place in a batch's numbering)."""
+    def stage(src):
+        for sample in src:
+            meta, problem = check_meta(sample["json"], num_classes, train)
+            if problem is not None:
+                counter.skip(sample["__url__"], sample["__key__"], *problem)
+                continue
+            yield {"__key__": sample["__key__"], "__url__": sample["__url__"], "mp4": sample["mp4"], "meta": meta}
+    return stage
+
+
+def attach_faults(counter: FaultCounter, hold_last: bool):
+    """Stage: each batch (or evaluation item) gets ``"faults"``, its worker's counts since its previous one.
+    Evaluation holds one item back so the counts of a pass's end still travel on its last item; a worker
+    that yields nothing else but has counts ends with a marker ``{"faults": ...}`` (no video)."""
+    def stage(src):
+        if not hold_last:
+            for item in src:
+                yield {**item, "faults": counter.take()}
+            return
+        pending = None
+        for item in src:
+            if pending is not None:
+                yield {**pending, "faults": counter.take()}
+            pending = item
+        counter.flush_log()
+        if pending is not None:
+            yield {**pending, "faults": counter.take()}
+        elif counter.pending():
+            yield {"faults": counter.take()}
+    return stage
 
 
 def seeded_shuffle(bufsize: int, seed: int, rank: int, start_step: int, skip_batches: int = 0):
@@ -143,20 +450,25 @@ def skip_consumed(skip_batches: int, batch_size: int):
     return stage
 
 
-def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int, skip_batches: int = 0):
-    """Stage: decode the sampled frames of each sample and transform them; a sample that does not
-    decode is logged and skipped in training, and raises in evaluation (a pass must be complete).
-    Each sample's random choices come from its own generator (seed, rank, worker, step, sample number),
-    so skipping samples on resume leaves the following ones unchanged."""
+def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int, skip_batches: int = 0,
+            counter: FaultCounter | None = None):
+    """Stage: decode the sampled frames of each sample and transform them; a sample that does not decode
+    is skipped and counted (in evaluation too: the pass goes on, and reports the count). Each sample's
+    random choices come from its own generator (seed, rank, worker, step, sample number), so skipping
+    samples on resume leaves the following ones unchanged. (A clip that fails to decode inside the part of
+    an interval a resumed run skips shifts that resumed stream by one sample: decoding is what the skip
+    avoids, so it cannot know.)"""
+    counter = counter if counter is not None else FaultCounter()
+
     def stage(src):
         temporal = (SegmentSampler(cfg.num_frames) if cfg.sampler == "segment"
                     else FixedRateSampler(cfg.num_frames, cfg.sampling_rate, cfg.ref_fps, cfg.short_video))
         spatial_train = TrainTransform(crop=cfg.crop, scale=cfg.scale, flip=cfg.flip, output=cfg.output)
         spatial_test = TestTransform(crop=cfg.crop, num_crops=1, output=cfg.output)
         for sample in src:
-            meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
+            meta = sample["meta"]
             rng = _rng(seed, rank, start_step, 2, skip_batches, sample.get("__n__", 0))
-            name = f"{sample.get('__url__', '?')}/{sample['__key__']}.mp4"
+            name = f"{sample['__url__']}/{sample['__key__']}.mp4"
             if isinstance(temporal, SegmentSampler):
                 spec = temporal.sample(meta["duration"], rng, train=train)
             else:
@@ -164,33 +476,38 @@ def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int,
             try:
                 frames = decode_frames(sample["mp4"], spec.times, name=name).frame_list
             except VideoDecodeError as e:
-                if not train:
-                    raise
-                log.warning("skipping a sample that does not decode: %s", e)
+                counter.skip(sample["__url__"], sample["__key__"], "undecodable", str(e))
                 continue
             video = spatial_train(frames, rng) if train else spatial_test(frames)[0]
-            yield {"video": video, "label": int(meta["label"]), "key": sample["__key__"], "short": spec.short}
+            yield {"video": video, "label": meta["label"], "key": sample["__key__"], "short": spec.short}
     return stage
 
 
-def to_views(cfg: ClipConfig, protocol: str, temporal_clips: int, spatial_crops: int):
+def to_views(cfg: ClipConfig, protocol: str, temporal_clips: int, spatial_crops: int,
+             counter: FaultCounter | None = None):
     """Stage (test protocol): every view of a video as one ``(V, C, T, H, W)`` tensor: ``temporal_clips``
     uniformly spaced clips x ``spatial_crops`` crops (``multi_view``), or every non-overlapping clip
     covering the video x crops (``long_video``). SSv2-style segment sampling has one clip (the middle
-    frame of each segment)."""
+    frame of each segment). A video that does not decode is skipped and counted."""
+    counter = counter if counter is not None else FaultCounter()
+
     def stage(src):
         spatial = TestTransform(crop=cfg.crop, num_crops=spatial_crops, output=cfg.output)
         for sample in src:
-            meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
-            name = f"{sample.get('__url__', '?')}/{sample['__key__']}.mp4"
+            meta = sample["meta"]
+            name = f"{sample['__url__']}/{sample['__key__']}.mp4"
             if cfg.sampler == "segment":
                 specs = [SegmentSampler(cfg.num_frames).sample(meta["duration"], train=False)]
             else:
                 temporal = FixedRateSampler(cfg.num_frames, cfg.sampling_rate, cfg.ref_fps, cfg.short_video)
                 specs = (temporal.covering_clips(meta["duration"]) if protocol == "long_video"
                          else temporal.uniform_clips(meta["duration"], temporal_clips))
-            views = [spatial(decode_frames(sample["mp4"], spec.times, name=name).frame_list) for spec in specs]
-            yield {"views": torch.cat(views), "label": int(meta["label"]), "key": sample["__key__"],
+            try:
+                views = [spatial(decode_frames(sample["mp4"], spec.times, name=name).frame_list) for spec in specs]
+            except VideoDecodeError as e:
+                counter.skip(sample["__url__"], sample["__key__"], "undecodable", str(e))
+                continue
+            yield {"views": torch.cat(views), "label": meta["label"], "key": sample["__key__"],
                    "clips": len(specs)}
     return stage
 
@@ -198,13 +515,18 @@ def to_views(cfg: ClipConfig, protocol: str, temporal_clips: int, spatial_crops:
 def view_loader(index: DatasetIndex, storage: Storage, split: str, *, clip: ClipConfig, protocol: str,
                 temporal_clips: int, spatial_crops: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 2) -> torch.utils.data.DataLoader:
-    """Videos of this rank's shards, one at a time, with all their test views (an exact pass)."""
+    """Videos of this rank's shards, one at a time, with all their test views (an exact pass over the
+    good videos). Each item also has ``"faults"`` (see the module docstring); an item with only
+    ``"faults"`` (no ``"views"``) is a worker's final count, not a video."""
     shards = index.split(split)
     if not shards:
         raise ValueError(f"dataset {index.dataset} v{index.version} has no shards for split {split!r}")
-    pipeline = wds.DataPipeline(my_shards([s.url for s in shards], rank, world_size), open_from(storage),
-                                tariterators.tar_file_expander, tariterators.group_by_keys,
-                                to_views(clip, protocol, temporal_clips, spatial_crops))
+    counter = FaultCounter()
+    pipeline = wds.DataPipeline(my_shards([s.url for s in shards], rank, world_size),
+                                open_shards(storage, index, counter), shard_samples(counter),
+                                parse_meta(counter, clip.num_classes or len(index.classes), train=False),
+                                to_views(clip, protocol, temporal_clips, spatial_crops, counter),
+                                attach_faults(counter, hold_last=True))
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available())
 
@@ -222,12 +544,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: bool, batch_size: int,
                   clip: ClipConfig = ClipConfig(), rank: int = 0, world_size: int = 1, seed: int = 0,
                   start_step: int = 0, shuffle_buffer: int = 64,
-                  batches_per_worker: int | None = None, skip_batches: int = 0) -> wds.DataPipeline:
+                  batches_per_worker: int | None = None, skip_batches: int = 0,
+                  stall_samples: int = STALL_SAMPLES, verify: bool = True) -> wds.DataPipeline:
     """The WebDataset pipeline for one rank (iterate it directly, or through ``make_loader``).
 
     Training streams are endless unless ``batches_per_worker`` gives an epoch length. ``skip_batches``
     resumes the stream of (seed, rank, start_step) that many batches in: the same batches follow as if
-    it had never stopped (with the same number of DataLoader workers)."""
+    it had never stopped (with the same number of DataLoader workers). Batches are dicts: ``video``
+    ``(B, C, T, H, W)``, ``label`` ``(B,)`` (-1: unlabelled, evaluation only), ``key``, ``short`` and
+    ``faults`` (module docstring; in evaluation a dict with only ``faults`` is a worker's final count).
+    A training worker that skips ``stall_samples`` samples in a row raises ``DataQualityError``.
+    ``verify=False`` is for jobs/bench_loader.py only."""
     shards = index.split(split)
     if not shards:
         raise ValueError(f"dataset {index.dataset} v{index.version} has no shards for split {split!r} "
@@ -235,19 +562,21 @@ def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: b
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     urls = [s.url for s in shards]
+    num_classes = clip.num_classes or len(index.classes)
+    counter = FaultCounter(stall_samples if train else 0)
+    read = [open_shards(storage, index, counter, verify), shard_samples(counter),
+            parse_meta(counter, num_classes, train)]
     if train:
-        stages = [resampled_shards(urls, seed, rank, start_step, skip_batches), open_from(storage),
-                  tariterators.tar_file_expander, tariterators.group_by_keys,
+        stages = [resampled_shards(urls, seed, rank, start_step, skip_batches), *read,
                   seeded_shuffle(shuffle_buffer, seed, rank, start_step, skip_batches),
                   skip_consumed(skip_batches, batch_size),
-                  to_clip(clip, True, seed, rank, start_step, skip_batches),
-                  wds.batched(batch_size, collation_fn=collate)]
+                  to_clip(clip, True, seed, rank, start_step, skip_batches, counter),
+                  wds.batched(batch_size, collation_fn=collate), attach_faults(counter, hold_last=False)]
         pipeline = wds.DataPipeline(*stages)
         return pipeline if batches_per_worker is None else pipeline.with_epoch(batches_per_worker)
-    stages = [my_shards(urls, rank, world_size), open_from(storage),
-              tariterators.tar_file_expander, tariterators.group_by_keys,
-              to_clip(clip, False, seed, rank, start_step),
-              wds.batched(batch_size, collation_fn=collate, partial=True)]
+    stages = [my_shards(urls, rank, world_size), *read,
+              to_clip(clip, False, seed, rank, start_step, counter=counter),
+              wds.batched(batch_size, collation_fn=collate, partial=True), attach_faults(counter, hold_last=True)]
     return wds.DataPipeline(*stages)
 
 

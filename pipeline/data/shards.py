@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 import tarfile
 import time
@@ -123,13 +124,99 @@ class DatasetIndex:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes, where: str = "index") -> DatasetIndex:
+    def from_json(cls, text: str | bytes, where: str = "index", *, expected_version: int | None = None) -> DatasetIndex:
+        """Parse and validate a committed index; ``expected_version`` is the version its object name says.
+        Anything that is not a well-formed index is a ``ShardError`` naming ``where`` and the field."""
         try:
             d = json.loads(text)
+        except RecursionError:  # json recurses per nesting level: 200k brackets exhaust the stack
+            raise ShardError(f"{where}: not a dataset index (JSON nested too deeply)") from None
+        except (ValueError, TypeError) as e:  # includes UnicodeDecodeError
+            raise ShardError(f"{where}: not a dataset index (invalid JSON: {e})") from e
+        _check_index(d, where)
+        if expected_version is not None and d["version"] != expected_version:
+            raise ShardError(f"{where}: says version {d['version']} but is stored as version {expected_version}; "
+                             f"the index object was changed or copied to the wrong name: restore it or re-ingest")
+        try:
             d["shards"] = [ShardInfo(**s) for s in d["shards"]]
             return cls(**d)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ShardError(f"{where}: not a dataset index ({type(e).__name__}: {e})") from e
+        except TypeError as e:  # an unknown or missing field
+            raise ShardError(f"{where}: not a dataset index ({e})") from e
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_INDEX_FIELDS = {"dataset": str, "version": int, "classes": list, "preprocessing": dict, "shards": list,
+                 "created": (int, float), "format": str, "source_checksums": dict, "quarantine": dict}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _safe_relative_key(url: Any) -> bool:
+    """A key below the dataset root: relative, no scheme, no '..' or empty parts, no backslashes."""
+    if not isinstance(url, str) or not url or url.startswith("/") or "\\" in url or "://" in url or "\x00" in url:
+        return False
+    return all(part not in ("", ".", "..") for part in url.split("/"))
+
+
+def _check_index(d: Any, where: str) -> None:
+    """The index schema, field by field: the loader trusts these values (sizes it reads, digests it
+    compares, keys it opens), so a hostile or damaged index must fail here, by name."""
+    def bad(field_: str, value: Any, expected: str) -> ShardError:
+        shown = repr(value)
+        return ShardError(f"{where}: field {field_}={shown[:80]}{'...' if len(shown) > 80 else ''}: expected "
+                          f"{expected}; the index is damaged or was not written by the ingest job (re-ingest)")
+
+    if not isinstance(d, dict):
+        raise ShardError(f"{where}: not a dataset index (a JSON {type(d).__name__}, expected an object)")
+    missing = [k for k in ("dataset", "version", "classes", "preprocessing", "shards") if k not in d]
+    if missing:
+        raise ShardError(f"{where}: not a dataset index (missing fields {missing})")
+    for name, types in _INDEX_FIELDS.items():
+        if name in d and (not isinstance(d[name], types) or isinstance(d[name], bool)):
+            raise bad(name, d[name], {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+                      .get(types, "a number"))
+    if not d["dataset"]:
+        raise bad("dataset", d["dataset"], "a non-empty name")
+    if d["version"] < 1:
+        raise bad("version", d["version"], "a positive integer")
+    for i, c in enumerate(d["classes"]):
+        if not isinstance(c, str):
+            raise bad(f"classes[{i}]", c, "a class name (string)")
+    if "created" in d and not math.isfinite(d["created"]):
+        raise bad("created", d["created"], "a finite time stamp")
+    for k, v in d.get("source_checksums", {}).items():
+        if not isinstance(v, str):
+            raise bad(f"source_checksums[{k!r}]", v, "a checksum string")
+    for k, v in d.get("quarantine", {}).items():
+        if not isinstance(v, dict):
+            raise bad(f"quarantine[{k!r}]", v, "an object")
+    urls = set()
+    for i, s in enumerate(d["shards"]):
+        f = f"shards[{i}]"
+        if not isinstance(s, dict):
+            raise bad(f, s, "an object")
+        for name in ("url", "split", "samples", "bytes", "sha256"):
+            if name not in s:
+                raise ShardError(f"{where}: {f} lacks the field {name!r}")
+        if not _safe_relative_key(s["url"]):
+            raise bad(f"{f}.url", s["url"], "a key relative to the dataset root, without '..' or a scheme")
+        if s["url"] in urls:
+            raise bad(f"{f}.url", s["url"], "each shard listed once")
+        urls.add(s["url"])
+        if not isinstance(s["split"], str) or not s["split"]:
+            raise bad(f"{f}.split", s["split"], "a split name (string)")
+        for name in ("samples", "bytes"):
+            if not _is_int(s[name]) or s[name] < 0:
+                raise bad(f"{f}.{name}", s[name], "a non-negative integer")
+        if not isinstance(s["sha256"], str) or not _SHA256_RE.match(s["sha256"]):
+            raise bad(f"{f}.sha256", s["sha256"], "64 lowercase hex digits")
+        keys = s.get("keys", [])
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise bad(f"{f}.keys", keys, "a list of sample keys (strings)")
+        if keys and len(keys) != s["samples"]:
+            raise bad(f"{f}.samples", s["samples"], f"the number of its keys ({len(keys)})")
 
 
 def index_key(version: int) -> str:
@@ -168,7 +255,9 @@ def load_index(uri: str, version: int | None = None) -> tuple[DatasetIndex, Stor
         text = storage.get_bytes(key)
     except ObjectMissingError as e:
         raise ShardError(str(e)) from e
-    return DatasetIndex.from_json(text, where=storage.uri(key)), storage
+    m = _INDEX_RE.match(key)
+    return DatasetIndex.from_json(text, where=storage.uri(key),
+                                  expected_version=int(m.group(1)) if m else None), storage
 
 
 def verify_shard(storage: Storage, shard: ShardInfo) -> None:

@@ -5,17 +5,29 @@ S3: the endpoint comes from the argument, else ``AWS_ENDPOINT_URL`` (boto3 reads
 usual boto3 way (environment, profile, instance role) and are never logged; retries are boto3's
 adaptive mode; large uploads are multipart (boto3's managed transfer). Writes are whole-object and
 atomic: an object is either there complete or not at all (S3 PUT semantics; locally, a temporary
-file renamed into place). Errors name the URI and say what to do (``StorageError``).
+file renamed into place, created with the process umask like any other file). Errors name the URI and
+say what to do (``StorageError``).
+
+Long reads (shards) go through ``open_resuming``: a connection reset or another transient error in the
+middle of a body is retried from the byte reached (S3: a ranged GET; locally: reopen and seek), so a
+passing network fault neither kills a DataLoader worker nor changes a byte of what is read.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import http.client
 import io
+import logging
 import os
-import tempfile
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -41,7 +53,7 @@ class Storage(Protocol):
     def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
     def put_file(self, key: str, path: str | os.PathLike) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
-    def open(self, key: str) -> BinaryIO: ...
+    def open(self, key: str, offset: int = 0) -> BinaryIO: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
@@ -96,7 +108,17 @@ class LocalStorage:
     def _write(self, key: str, src: BinaryIO, if_absent: bool) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+        # Not mkstemp: it creates 0600 files, which teammates on a shared file system cannot read. Mode
+        # 0666 goes through the umask (and default ACLs) as any file would; O_EXCL keeps the name ours.
+        for _ in range(100):
+            tmp = dest.parent / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise StorageError(f"{dest.parent}: cannot create a temporary file (100 names taken)")
         try:
             with os.fdopen(fd, "wb") as f:
                 while chunk := src.read(1 << 20):
@@ -118,12 +140,15 @@ class LocalStorage:
         with self.open(key) as f:
             return f.read()
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, offset: int = 0) -> BinaryIO:
         path = self._path(key)
         try:
-            return open(path, "rb")
+            f = open(path, "rb")  # noqa: SIM115 (the caller closes it)
         except FileNotFoundError:
             raise ObjectMissingError(f"{path}: no such object") from None
+        if offset:
+            f.seek(offset)
+        return f
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -234,10 +259,16 @@ class S3Storage:
         with self.open(key) as body:
             return body.read()
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, offset: int = 0) -> BinaryIO:
+        """The object's body from byte ``offset`` on (a ranged GET when not 0)."""
+        extra = {"Range": f"bytes={offset}-"} if offset else {}
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=join(self.prefix, key))["Body"]
+            return self.client.get_object(Bucket=self.bucket, Key=join(self.prefix, key), **extra)["Body"]
         except Exception as e:
+            from botocore.exceptions import ClientError
+
+            if offset and isinstance(e, ClientError) and e.response.get("Error", {}).get("Code") == "InvalidRange":
+                return io.BytesIO(b"")  # the read had reached the end when it failed: nothing left
             raise self._explain(e, key, "read") from e
 
     def exists(self, key: str) -> bool:
@@ -268,3 +299,109 @@ class S3Storage:
             self.client.delete_object(Bucket=self.bucket, Key=join(self.prefix, key))
         except Exception as e:
             raise self._explain(e, key, "delete") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resuming reads
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Errors of a read in progress that another try may not meet: resets, timeouts, bodies cut short."""
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError, http.client.IncompleteRead]
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError, IncompleteReadError
+        from urllib3.exceptions import ProtocolError, ReadTimeoutError
+
+        # HTTPClientError covers ReadTimeoutError, ResponseStreamingError and ConnectionClosedError
+        kinds += [HTTPClientError, IncompleteReadError, BotoConnectionError, ProtocolError, ReadTimeoutError]
+    except ImportError:  # local storage only
+        pass
+    return tuple(kinds)
+
+
+_TRANSIENT_ERRNOS = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ESTALE, errno.EINTR}
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a read error is worth retrying (a network or I/O hiccup, not a missing or refused object)."""
+    if isinstance(e, ObjectMissingError):
+        return False
+    if isinstance(e, StorageError):  # a reopen that failed: judge by its cause
+        return e.__cause__ is not None and is_transient(e.__cause__)
+    if isinstance(e, _transient_errors()):
+        return True
+    return isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS
+
+
+class ResumingReader(io.RawIOBase):
+    """A read-once stream over one object that survives transient errors: after a failure it reopens the
+    object at the byte it had reached and carries on, so the caller sees each byte exactly once.
+
+    Up to ``attempts`` failures in a row without a byte of progress in between, each after a backoff
+    (``backoff`` seconds, doubling, at most 10 s); progress resets the count. Every retry is logged.
+    """
+
+    def __init__(self, storage: Storage, key: str, *, attempts: int = 5, backoff: float = 0.5) -> None:
+        self.storage, self.key, self.attempts, self.backoff = storage, key, attempts, backoff
+        self.pos = 0  # bytes delivered so far
+        self.retries = 0  # reopenings, for callers and tests
+        self._f: BinaryIO | None = storage.open(key)
+        self._failures = 0  # in a row, without progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while True:
+            try:
+                if self._f is None:
+                    self._f = self.storage.open(self.key, offset=self.pos)
+                n = _readinto(self._f, b)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                self._retry(e)
+                continue
+            self.pos += n
+            if n:
+                self._failures = 0
+            return n
+
+    def _retry(self, e: Exception) -> None:
+        self._failures += 1
+        where = self.storage.uri(self.key)
+        if self._failures > self.attempts:
+            raise StorageError(f"{where}: reading failed at byte {self.pos} {self.attempts + 1} times in a row "
+                               f"(last: {type(e).__name__}: {e}); check the network and the storage server, then "
+                               f"resume the job") from e
+        delay = min(10.0, self.backoff * 2 ** (self._failures - 1))
+        log.warning("%s: read failed at byte %d (%s: %s); retrying from there in %.1fs (attempt %d of %d)",
+                    where, self.pos, type(e).__name__, e, delay, self._failures, self.attempts)
+        self._close_current()
+        self.retries += 1
+        time.sleep(delay)
+
+    def _close_current(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close; dropped either way
+                f.close()
+
+    def close(self) -> None:
+        self._close_current()
+        super().close()
+
+
+def _readinto(f, b) -> int:
+    readinto = getattr(f, "readinto", None)
+    if readinto is not None:
+        return readinto(b) or 0
+    data = f.read(len(b))
+    b[:len(data)] = data
+    return len(data)
+
+
+def open_resuming(storage: Storage, key: str, *, attempts: int = 5, backoff: float = 0.5) -> ResumingReader:
+    """``storage.open(key)`` that resumes after transient errors (see ``ResumingReader``)."""
+    return ResumingReader(storage, key, attempts=attempts, backoff=backoff)

@@ -8,6 +8,14 @@ makes seeking lose badly; sparse targets in a short-GOP file make the linear pas
 metadata is honoured. Anything that cannot be decoded raises ``VideoDecodeError`` naming the source
 and the reason.
 
+Decoding is bounded (``DecodeLimits``): pixels per frame, frames decoded or produced per video, frames
+per clip, duration, and (ingest's resampler) how long one frame may stay on screen. The frame size is
+checked against what the stream declares before the first frame is decoded (and FFmpeg itself is told
+the bound, so neither stream probing nor a mid-stream size change can allocate past it); counts and
+times are checked as frames come out. Still images (a PNG or JPEG renamed ``.mp4``) are refused unless
+``allow_images``: that is decided by the demuxer (image2, png_pipe, gif, ...), so MJPEG or PNG video
+in an AVI/MOV container still decodes.
+
 Samplers return times in seconds (``ClipSpec``): a fixed-rate clip (T frames every r frames at a
 reference frame rate, the recipes' 8x32, 16x16, 96x4) at a random or given position, SSv2-style
 segment sampling, k uniformly spaced test clips, and the non-overlapping clips covering a whole video
@@ -36,11 +44,81 @@ VideoSource = str | os.PathLike | bytes | BinaryIO
 
 
 class VideoDecodeError(ValueError):
-    """A video that cannot be decoded: says which one and why."""
+    """A video that cannot be decoded: says which one and why (``limit``: the DecodeLimits field it
+    exceeded, if that was the reason)."""
 
-    def __init__(self, source: str, reason: str) -> None:
+    def __init__(self, source: str, reason: str, limit: str | None = None) -> None:
         super().__init__(f"{source}: {reason}")
-        self.source, self.reason = source, reason
+        self.source, self.reason, self.limit = source, reason, limit
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """Bounds on what decoding one video may cost; over one, ``VideoDecodeError`` names the field.
+
+    The defaults are far above what Kinetics, SSv2, Diving-48 and HowTo100M need, and far below what a
+    hostile file can ask for (an 8192x8192 H.264 file of 200 KB decodes to ~100 MB per frame):
+
+    - ``max_pixels`` 4096x4096 = 16.8 Mpx per frame: 4K UHD (8.3 Mpx) and DCI 4K (8.8 Mpx) pass; the
+      datasets' sources are YouTube downloads at 1080p or less. Raise it for 8K (33.2 Mpx) sources.
+    - ``max_seconds`` 4 hours: HowTo100M videos average 6.5 minutes, with a tail past an hour; Kinetics
+      clips are 10 s (their full source videos minutes), SSv2 2-6 s. Ingest holds a transcoded video in
+      memory while its shard is built, so this also bounds that.
+    - ``max_frames`` 1,000,000 frames decoded, or produced by ingest's resampler, per video: 4 hours at
+      60 fps is 864,000. It bounds a file of many tiny-interval frames that stays under the duration.
+    - ``max_clip_frames`` 512 frames per decoded clip (the frames a clip holds in memory at once): the
+      largest recipe takes 96 (TimeSformer-L).
+    - ``max_frame_gap`` 60 s that one frame may stay on screen before the next: ingest resamples to a
+      constant rate, so a gap is filled with copies (two frames 600 s apart became 18,001 frames and
+      256 MB of output). Constant-rate sources never come close; a minute-long frozen frame is a broken
+      timestamp, not footage.
+    - ``allow_images`` False: a still image (PNG, JPEG, BMP, WebP, GIF, TIFF, ...) is not a video.
+    """
+
+    max_pixels: int = 4096 * 4096
+    max_seconds: float = 4 * 3600.0
+    max_frames: int = 1_000_000
+    max_clip_frames: int = 512
+    max_frame_gap: float = 60.0
+    allow_images: bool = False
+
+    def problems(self) -> list[str]:
+        """What is wrong with these limits (empty when they can be used), as ``field=value: why``."""
+        out = []
+        for key in ("max_pixels", "max_frames", "max_clip_frames"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                out.append(f"{key}={value!r}: expected a positive integer")
+        for key in ("max_seconds", "max_frame_gap"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or not math.isfinite(value):
+                out.append(f"{key}={value!r}: expected a positive number of seconds")
+        return out
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+# Demuxers of still images (or image sequences): a file they accept is a picture, whatever its name.
+# The "*_pipe" demuxers (png_pipe, jpeg_pipe, bmp_pipe, webp_pipe, tiff_pipe, ...) are matched by suffix.
+IMAGE_DEMUXERS = frozenset({"image2", "image2pipe", "gif", "apng", "ico", "alias_pix", "brender_pix", "fits",
+                            "jpegxl_anim", "webp"})
+
+
+def is_image_demuxer(format_name: str) -> bool:
+    return any(n in IMAGE_DEMUXERS or n.endswith("_pipe") for n in format_name.split(","))
+
+
+def _still_dispositions() -> int:
+    """Stream dispositions that mark a picture, not moving video (cover art, still-image items)."""
+    import av
+
+    flags = av.stream.Disposition
+    return int(flags.attached_pic) | int(getattr(flags, "still_image", 0))
+
+
+def _mpx(pixels: int) -> str:
+    return f"{pixels / 1e6:.3g} Mpx"
 
 
 def _name(source: VideoSource, name: str | None) -> str:
@@ -69,12 +147,16 @@ class VideoInfo:
 
 class VideoReader:
     """An open container with its video stream, time base and the source's name for errors (also used by
-    the ingest worker's streaming transcode)."""
+    the ingest worker's streaming transcode). Checks ``limits`` before anything is decoded, and as frames
+    come out."""
 
-    def __init__(self, source: VideoSource, name: str | None, threads: int) -> None:
+    def __init__(self, source: VideoSource, name: str | None, threads: int,
+                 limits: DecodeLimits | None = None) -> None:
         import av
 
         self.name = _name(source, name)
+        self.limits = limits = limits or DEFAULT_LIMITS
+        self.decoded = 0  # frames produced by frames(), over all passes and seeks
         if isinstance(source, bytes):
             if not source:
                 raise VideoDecodeError(self.name, "empty file (0 bytes)")
@@ -84,20 +166,62 @@ class VideoReader:
                 raise VideoDecodeError(self.name, "no such file")
             if Path(source).stat().st_size == 0:
                 raise VideoDecodeError(self.name, "empty file (0 bytes)")
+        # max_pixels reaches the decoders that stream probing opens (H.264 probing decodes a frame: 150 MB
+        # at 8192x8192 before any check of ours could run); FFmpeg refuses larger frames there.
+        bound = {"max_pixels": str(min(limits.max_pixels, 2**31 - 1))}  # FFmpeg's option is an int
         try:
-            self.container = av.open(source if not isinstance(source, os.PathLike) else str(source))
+            self.container = av.open(source if not isinstance(source, os.PathLike) else str(source), options=bound)
         except (av.error.FFmpegError, OSError, ValueError) as e:
             raise VideoDecodeError(self.name, f"not a readable video container ({e})") from e
-        if not self.container.streams.video:
+        try:
+            self.stream = self._video_stream()
+        except BaseException:
             self.container.close()
-            kinds = sorted({s.type for s in self.container.streams}) or ["none"]
-            raise VideoDecodeError(self.name, f"no video stream (streams: {', '.join(kinds)})")
-        self.stream = self.container.streams.video[0]
+            raise
+        self.stream.codec_context.options = bound  # and to the decoder of the frames we ask for
         self.stream.thread_type = "AUTO" if threads != 1 else "SLICE"
         self.stream.thread_count = max(0, threads)
         self.tb = float(self.stream.time_base)
         start = self.stream.start_time
         self.start = start * self.tb if start is not None else 0.0
+        declared = self.duration()
+        if declared is not None and declared > limits.max_seconds:
+            self.container.close()
+            raise self.over(f"the container declares a duration of {declared:.0f}s", "max_seconds",
+                            f"{limits.max_seconds:g}s")
+
+    def over(self, what: str, limit: str, value: object) -> VideoDecodeError:
+        """The error for a video beyond ``limits.<limit>``: what it asked for, and the setting to raise."""
+        return VideoDecodeError(self.name, f"{what}, over the decode limit {limit}={value} (raise limits.{limit} "
+                                           f"if the video is genuine)", limit=limit)
+
+    def _video_stream(self):
+        """The video stream, refused before decoding when it is a still image or too large."""
+        lim, fmt = self.limits, self.container.format.name
+        videos = list(self.container.streams.video)
+        if not videos:
+            kinds = sorted({s.type for s in self.container.streams}) or ["none"]
+            raise VideoDecodeError(self.name, f"no video stream (streams: {', '.join(kinds)})")
+        # cover art (an MP3 or M4A renamed .mp4) is a "video" stream holding one attached picture
+        moving = [s for s in videos if not (int(s.disposition) & _still_dispositions())]
+        if not lim.allow_images and (is_image_demuxer(fmt) or not moving):
+            codec = videos[0].codec_context.name if videos[0].codec_context else "no decoder"
+            what = (f"a still image ({fmt}, {codec}), not a video" if is_image_demuxer(fmt)
+                    else f"no moving video, only a still picture attached to the {fmt} file (cover art)")
+            raise VideoDecodeError(self.name, f"{what}; set limits.allow_images=true to accept images as one-frame "
+                                              "videos", limit="allow_images")
+        stream = (moving or videos)[0]
+        cc = stream.codec_context
+        if cc is None:
+            raise VideoDecodeError(self.name, "corrupt or truncated video data (no decoder for its video stream: "
+                                              "a damaged header or an unsupported codec)")
+        w, h = cc.width, cc.height  # as the stream declares them: nothing is decoded yet
+        if w * h > lim.max_pixels:
+            raise self.over(f"frame size {w}x{h} ({_mpx(w * h)})", "max_pixels",
+                            f"{lim.max_pixels} ({_mpx(lim.max_pixels)})")
+        if stream.frames and stream.frames > lim.max_frames:
+            raise self.over(f"the container declares {stream.frames} frames", "max_frames", lim.max_frames)
+        return stream
 
     def close(self) -> None:
         self.container.close()
@@ -137,12 +261,27 @@ class VideoReader:
         return None if entries is None else max(e.timestamp for e in entries) * self.tb - self.start
 
     def frames(self):
-        """Decoded frames in presentation order; corrupt data becomes a VideoDecodeError."""
+        """Decoded frames in presentation order, within the limits; corrupt data becomes a VideoDecodeError."""
         import av
 
+        lim = self.limits
         try:
-            yield from self.container.decode(self.stream)
+            for frame in self.container.decode(self.stream):
+                self.decoded += 1
+                if self.decoded > lim.max_frames:
+                    raise self.over(f"more than {lim.max_frames} frames decoded", "max_frames", lim.max_frames)
+                if frame.width * frame.height > lim.max_pixels:  # the size changed mid-stream
+                    raise self.over(f"a {frame.width}x{frame.height} frame ({_mpx(frame.width * frame.height)}) "
+                                    f"at frame {self.decoded}", "max_pixels", lim.max_pixels)
+                if frame.time is not None and frame.time - self.start > lim.max_seconds:
+                    raise self.over(f"a frame at {frame.time - self.start:.0f}s", "max_seconds",
+                                    f"{lim.max_seconds:g}s")
+                yield frame
         except av.error.FFmpegError as e:
+            cc = self.stream.codec_context
+            if cc.width * cc.height > lim.max_pixels:  # FFmpeg refused a frame over the bound we gave it
+                raise self.over(f"a {cc.width}x{cc.height} frame ({_mpx(cc.width * cc.height)})", "max_pixels",
+                                lim.max_pixels) from e
             raise VideoDecodeError(self.name, f"corrupt or truncated video data ({e})") from e
 
     def seek(self, t: float) -> None:
@@ -154,11 +293,11 @@ class VideoReader:
             raise VideoDecodeError(self.name, f"cannot seek to {t:.3f}s ({e})") from e
 
 
-def probe(source: VideoSource, name: str | None = None) -> VideoInfo:
+def probe(source: VideoSource, name: str | None = None, *, limits: DecodeLimits | None = None) -> VideoInfo:
     """Size, frame rate, duration, frame count, codec, rotation and keyframes. Decodes one frame (to
     prove the stream decodes and read its rotation), or all of them when the container states no
     duration or frame rate."""
-    with VideoReader(source, name, threads=1) as v:
+    with VideoReader(source, name, threads=1, limits=limits) as v:
         fps, duration = v.fps(), v.duration()
         first = next(iter(v.frames()), None)
         if first is None:
@@ -230,14 +369,21 @@ def decode_frames(
     name: str | None = None,
     strategy: str = "auto",
     threads: int = 1,
+    limits: DecodeLimits | None = None,
 ) -> DecodedClip:
     """The frames on screen at each of ``times`` (seconds from the first frame), upright, in the order
-    asked. Times past the end give the last frame; use a sampler to loop or pad short videos."""
+    asked. Times past the end give the last frame; use a sampler to loop or pad short videos. ``limits``
+    (default ``DEFAULT_LIMITS``) bound the frame size, the frames decoded and the clip's length."""
     if strategy not in ("auto", "seek", "linear"):
         raise ValueError(f"strategy={strategy!r}: expected auto, seek or linear")
     if len(times) == 0:
         raise ValueError("decode_frames: no times requested")
-    with VideoReader(source, name, threads) as v:
+    limits = limits or DEFAULT_LIMITS
+    if len(times) > limits.max_clip_frames:
+        raise VideoDecodeError(_name(source, name), f"a clip of {len(times)} frames, over the decode limit "
+                                                    f"max_clip_frames={limits.max_clip_frames}",
+                               limit="max_clip_frames")
+    with VideoReader(source, name, threads, limits) as v:
         fps = v.fps() or 30.0
         keyframes = sorted(v.keyframe_times() or ())
         if strategy == "auto":

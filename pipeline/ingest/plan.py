@@ -8,6 +8,10 @@ preprocessing parameters, so rebuilding an unchanged group gives the same name (
 bytes). Incremental: a shard of the last version whose members are all still present, unchanged, is
 kept as it is; new videos, changed ones (another source checksum) and the survivors of shards that lost
 a member are planned into new shards; deleted videos simply leave the next version.
+
+Quarantined videos: a ``content`` failure (the file is bad) is not retried while its source checksum,
+and the decode limit that refused it (if one did), are unchanged; a ``transient`` failure (a read error,
+a dead worker), or an entry written before failures were classified, is planned again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from typing import Any
 
 from pipeline.data.datasets import ManifestEntry
 from pipeline.data.shards import DatasetIndex, ShardInfo
+
+CONTENT = "content"  # the file is bad: permanent until it changes
+TRANSIENT = "transient"  # reading or processing failed for a reason outside the file: retried
 
 
 @dataclass(frozen=True)
@@ -65,14 +72,30 @@ def shard_name(sources: list[Source], preprocessing: dict[str, Any]) -> str:
     return h.hexdigest()[:20]
 
 
+def is_permanent(entry: dict[str, Any], source_sha256: str, limits: Any = None) -> bool:
+    """Whether a quarantine entry still holds for a source with this checksum under these decode limits
+    (``DecodeLimits`` or None for the defaults): a content failure of the same bytes, refused by a limit
+    (if any) that has not changed since."""
+    if entry.get("kind") != CONTENT or entry.get("sha256") != source_sha256:
+        return False
+    limit = entry.get("limit")
+    if limit:
+        from pipeline.data.video import DEFAULT_LIMITS
+
+        current = getattr(limits or DEFAULT_LIMITS, limit, None)
+        return current is not None and str(current) == entry.get("limit_value")
+    return True
+
+
 def _mix(video_id: str) -> str:
     return hashlib.sha256(video_id.encode()).hexdigest()
 
 
 def make_plan(sources: list[Source], preprocessing: dict[str, Any], samples_per_shard: int,
-              last: DatasetIndex | None = None) -> Plan:
+              last: DatasetIndex | None = None, *, limits: Any = None) -> Plan:
     """Plan the next version from all current sources and (optionally) the last committed index. Videos
-    the last version quarantined are not retried while their source is unchanged."""
+    the last version quarantined for their content are not retried while their source (and the decode
+    limit that refused them, under ``limits``) is unchanged; transient failures are retried."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}: expected >= 1")
     ids = [s.entry.video_id for s in sources]
@@ -84,7 +107,7 @@ def make_plan(sources: list[Source], preprocessing: dict[str, Any], samples_per_
     pending: set[str] = set(by_id)
     if last is not None and last.preprocessing == preprocessing:
         old = last.source_checksums
-        pending -= {k for k, q in last.quarantine.items() if k in by_id and by_id[k].sha256 == q.get("sha256")}
+        pending -= {k for k, q in last.quarantine.items() if k in by_id and is_permanent(q, by_id[k].sha256, limits)}
         for shard in last.shards:
             members = shard.keys
             intact = all(k in by_id and by_id[k].sha256 == old.get(k) and by_id[k].entry.split == shard.split

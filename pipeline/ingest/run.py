@@ -1,17 +1,21 @@
 """An ingest run: annotations + sources -> manifest -> plan against the last version -> one Ray task per
 shard -> commit a new immutable dataset index -> quarantine report.
 
-Runs on a local Ray (``ray.init``) or an existing cluster (``address`` / ``RAY_ADDRESS``), with a bounded
-number of shards in flight and Ray's retries for workers that die. Two runs on one dataset are
+Runs on a local Ray (``ray.init``, listening on 127.0.0.1 only) or an existing cluster (``address`` /
+``RAY_ADDRESS``), with a bounded number of shards in flight and Ray's retries for workers that die; a
+shard that still fails, or a source that cannot be read, is quarantined as transient and planned again
+by the next run, while the rest is committed. Two runs on one dataset are
 excluded by a lease object in the dataset root (created only if absent, with an expiry, so a crashed
 run's lease does not block forever); the second run says who holds it and exits cleanly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -22,65 +26,174 @@ from typing import Any
 
 import yaml
 
+from pipeline.config import ConfigError, apply_layer, parse_overrides
 from pipeline.data.datasets import Manifest, read_diving48, read_howto100m, read_kinetics, read_ssv2
 from pipeline.data.shards import DatasetIndex, ShardError, commit_index, index_key, index_versions, load_index
 from pipeline.data.storage import Storage, StorageError, open_storage
-from pipeline.ingest.plan import Plan, Source, make_plan
-from pipeline.ingest.worker import TranscodeConfig, build_shard, sha256_file
+from pipeline.data.video import DecodeLimits
+from pipeline.ingest.plan import TRANSIENT, Plan, Source, is_permanent, make_plan
+from pipeline.ingest.worker import TranscodeConfig, build_shard, sha256_file, shard_failure, with_retries
 
 log = logging.getLogger(__name__)
 LEASE_KEY = "lease.json"
 
 
+def _settable(frozen: type) -> type:
+    """A mutable twin of a frozen dataclass (same fields, types and defaults) for the typed config loader,
+    which fills a config layer by layer; ``frozen(**asdict(twin))`` gives the frozen value back."""
+    return dataclasses.make_dataclass(
+        f"{frozen.__name__}Config", [(f.name, f.type, field(default=f.default)) for f in fields(frozen)],
+        namespace={"__module__": frozen.__module__, "__doc__": f"{frozen.__name__}, as configured"})
+
+
+LimitsConfig = _settable(DecodeLimits)
+FORMATS = ("kinetics", "ssv2", "diving48", "howto100m")
+REQUIRED = ("dataset", "format", "annotations", "source", "output")
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")
+
+
 @dataclass
 class IngestConfig:
-    dataset: str
-    format: str  # kinetics, ssv2, diving48, howto100m
-    annotations: list[str]  # annotation files, as the format needs them
-    source: str  # source videos: a directory, an s3:// prefix, or a .txt file list
-    output: str  # dataset root: s3://bucket/prefix or a local directory
+    """An ingest run: checked like a training recipe (unknown keys, types, ranges, with the file or the
+    command line and the dotted field named). ``dataset``, ``format``, ``annotations``, ``source`` and
+    ``output`` are required."""
+
+    dataset: str = ""
+    format: str = ""  # kinetics, ssv2, diving48, howto100m
+    annotations: list[str] = field(default_factory=list)  # annotation files, as the format needs them
+    source: str = ""  # source videos: a directory, an s3:// prefix, or a .txt file list
+    output: str = ""  # dataset root: s3://bucket/prefix or a local directory
     split: str = "train"  # for formats whose files are per split (ssv2, diving48)
     samples_per_shard: int = 64
     transcode: TranscodeConfig = field(default_factory=TranscodeConfig)
+    # decode limits (pipeline.data.video.DecodeLimits): a video over one is quarantined with the limit named
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     max_in_flight: int = 0  # shards at once; 0 = twice the cluster's CPUs
     lease_seconds: float = 6 * 3600
 
+    def decode_limits(self) -> DecodeLimits:
+        return DecodeLimits(**asdict(self.limits))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str) -> IngestConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if isinstance(d.get("transcode"), dict):
-            tknown = {f.name for f in fields(TranscodeConfig)}
-            bad = sorted(set(d["transcode"]) - tknown)
-            if bad:
-                raise ValueError(f"{where}: unknown transcode key(s) {bad}; known: {sorted(tknown)}")
-            d["transcode"] = TranscodeConfig(**d["transcode"])
-        missing = [k for k in ("dataset", "format", "annotations", "source", "output") if k not in d]
-        if missing:
-            raise ValueError(f"{where}: missing required key(s) {missing}")
-        if isinstance(d["annotations"], str):
-            d["annotations"] = [d["annotations"]]
-        return cls(**d)
+        return cls._resolve([(where, d)])
 
     @classmethod
     def load(cls, path: str | None, overrides: list[str]) -> IngestConfig:
-        d: dict[str, Any] = {}
+        """The config file (if any), then ``key=value`` overrides, checked; any problem is a one-line
+        ConfigError naming the file (or "command line") and the field."""
+        layers: list[tuple[str, Any]] = []
         if path:
-            with open(path) as f:
-                d = yaml.safe_load(f) or {}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r}: expected key=value")
-            target = d
-            parts = key.split(".")
-            for p in parts[:-1]:
-                target = target.setdefault(p, {})
-            target[parts[-1]] = yaml.safe_load(value)
-        return cls.from_dict(d, where=path or "command line")
+            layers.append((path, _read_config_file(path)))
+        if overrides:
+            layers.append(("command line", _parse_overrides(overrides)))
+        return cls._resolve(layers)
+
+    @classmethod
+    def _resolve(cls, layers: list[tuple[str, Any]]) -> IngestConfig:
+        cfg, origin = cls(), {}
+        for where, layer in layers:
+            if not isinstance(layer, dict):
+                raise ConfigError(f"{where}: an ingest config is a mapping of keys, got {type(layer).__name__}")
+            layer = dict(layer)
+            if isinstance(layer.get("annotations"), str):  # one file may be given as a string
+                layer["annotations"] = [layer["annotations"]]
+            apply_layer(cfg, layer, where)
+            origin.update(_origins(layer, where))
+        validate_ingest(cfg, origin)
+        return cfg
+
+
+def _read_config_file(path: str) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such ingest config file")
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    try:
+        return parse_overrides(items)
+    except (yaml.YAMLError, RecursionError) as e:  # parse_overrides may leave YAML errors to its caller
+        bad = next((i for i in items if not _parses(i)), items[0])
+        raise ConfigError(f"command line: {bad!r}: the value is not valid YAML ({_one_line(e)})") from None
+
+
+def _parses(item: str) -> bool:
+    try:
+        yaml.safe_load(item.partition("=")[2])
+        return True
+    except (yaml.YAMLError, RecursionError):
+        return False
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def _origins(layer: dict[str, Any], where: str, prefix: str = "") -> dict[str, str]:
+    """Dotted key -> the layer that set it, so a range error names the file or the command line."""
+    out: dict[str, str] = {}
+    for key, value in layer.items():
+        if isinstance(value, dict):
+            out.update(_origins(value, where, f"{prefix}{key}."))
+        out[f"{prefix}{key}"] = where
+    return out
+
+
+def validate_ingest(cfg: IngestConfig, origin: dict[str, str] | None = None) -> None:
+    """Refuse values no worker could run with (before anything is planned or started): required keys,
+    choices, positive counts, a usable frame rate, an encoder this PyAV has, sane decode limits."""
+    origin = origin or {}
+
+    def fail(key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{origin.get(key, 'ingest config')}: {key}={value!r}: expected {expected}")
+
+    missing = [k for k in REQUIRED if not getattr(cfg, k)]
+    if missing:
+        where = " + ".join(dict.fromkeys(origin.values())) or "ingest config"
+        raise ConfigError(f"{where}: missing required key(s) {missing} (give them in the file or as key=value)")
+    if cfg.format not in FORMATS:
+        raise fail("format", cfg.format, f"one of {', '.join(FORMATS)}")
+    if not cfg.split:
+        raise fail("split", cfg.split, "a split name (train, validation, ...)")
+    counts = {"samples_per_shard": (cfg.samples_per_shard, 1), "max_in_flight": (cfg.max_in_flight, 0),
+              "transcode.short_side": (cfg.transcode.short_side, 2), "transcode.crf": (cfg.transcode.crf, 0),
+              "transcode.keyframe_interval": (cfg.transcode.keyframe_interval, 1),
+              "transcode.min_frames": (cfg.transcode.min_frames, 1)}
+    for key, (value, least) in counts.items():
+        if value < least:
+            raise fail(key, value, f"an integer >= {least}")
+    if not (math.isfinite(cfg.lease_seconds) and cfg.lease_seconds > 0):
+        raise fail("lease_seconds", cfg.lease_seconds, "a positive number of seconds")
+    fps = cfg.transcode.fps
+    if not (math.isfinite(fps) and 0 < fps <= 1000):
+        raise fail("transcode.fps", fps, "a frame rate > 0 and <= 1000 frames per second")
+    t = cfg.transcode
+    try:
+        import av
+
+        encoder = av.codec.Codec(t.codec, "w")
+    except Exception:
+        raise fail("transcode.codec", t.codec, "a video encoder of this PyAV/FFmpeg build (libx264, ...)") from None
+    if encoder.type != "video":
+        raise fail("transcode.codec", t.codec, f"a video encoder, not a {encoder.type} one")
+    if t.codec == "libx264":
+        if t.preset not in X264_PRESETS:
+            raise fail("transcode.preset", t.preset, f"an x264 preset: {', '.join(X264_PRESETS)}")
+        if t.crf > 51:
+            raise fail("transcode.crf", t.crf, "0..51 for libx264 (lower is better quality)")
+    for problem in cfg.decode_limits().problems():
+        key = f"limits.{problem.partition('=')[0]}"
+        raise ConfigError(f"{origin.get(key, 'ingest config')}: limits.{problem}")
 
 
 def read_manifest(cfg: IngestConfig) -> Manifest:
@@ -138,12 +251,19 @@ def resolve_sources(manifest: Manifest, source: str) -> tuple[list[Source], dict
         location = next((names[n] for n in e.filenames if n in names), None)
         if location is None:
             tried = ", ".join(e.filenames)
-            missing[e.video_id] = {"sha256": "", "reason": f"source file not found in {source} (tried {tried})"}
+            missing[e.video_id] = {"sha256": "", "reason": f"source file not found in {source} (tried {tried})",
+                                   "kind": TRANSIENT}
             continue
         if not location.startswith("s3://") and not Path(location).exists():
-            missing[e.video_id] = {"sha256": "", "reason": f"{location}: listed but does not exist"}
+            missing[e.video_id] = {"sha256": "", "reason": f"{location}: listed but does not exist", "kind": TRANSIENT}
             continue
-        sources.append(Source(e, location, _checksum(location, listed)))
+        try:
+            checksum = with_retries(lambda loc=location: _checksum(loc, listed))
+        except (OSError, StorageError) as err:  # one unreadable source must not stop the run: retried next time
+            reason = f"{location}: cannot read it for its checksum ({type(err).__name__}: {err})"
+            missing[e.video_id] = {"sha256": "", "kind": TRANSIENT, "reason": reason}
+            continue
+        sources.append(Source(e, location, checksum))
     return sources, missing
 
 
@@ -213,30 +333,77 @@ class IngestResult:
     quarantine: dict[str, dict[str, str]] = field(default_factory=dict)
     message: str = ""
     mlflow_run_id: str | None = None
+    transient: int = 0  # quarantined for a passing reason (read error, dead worker): retried by the next run
+
+
+class IngestError(RuntimeError):
+    """The run could not commit anything (every shard task failed): the message says why."""
+
+
+def start_local_ray(**kwargs: Any) -> None:
+    """``ray.init`` of a local Ray that listens on 127.0.0.1 only (GCS, raylet, workers, agents).
+
+    Ray binds its node IP, and replaces 127.0.0.1 given as ``_node_ip_address`` by the host's routable
+    address, unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``; Ray reads that variable once, when it is
+    imported, so setting it later (as this module once did) changes nothing. Set it before the import,
+    correct Ray's copy if Ray was imported earlier, and refuse to run if the node still is not loopback.
+    """
+    saved_env = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # also for the processes the node starts
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray._private import ray_constants  # no public switch: the value Ray read at import time
+
+    saved, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+    try:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, **kwargs)
+    finally:  # a later ray.init(address=<cluster>) in this process must advertise a reachable address again
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        else:
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = saved_env
+    ip = ray.util.get_node_ip_address()
+    if ip not in ("127.0.0.1", "::1"):
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {ip}, not 127.0.0.1: refusing to run it on a reachable "
+                           "interface (give --ray-address for a cluster)")
 
 
 def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress: bool) -> list[dict[str, Any]]:
+    """Every planned shard, on Ray. A shard task that fails after Ray's retries (a worker killed each time,
+    an upload that keeps failing) becomes a result with its videos quarantined as transient; the run
+    commits the other shards and the next run plans those videos again."""
     import ray
     from tqdm import tqdm
 
     started_here = not ray.is_initialized()
     if started_here:
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 log_to_driver=False)
+        address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":
+            start_local_ray()
+        else:
+            ray.init(address=address, log_to_driver=False)
     try:
         # a worker that dies is retried by Ray; so is a task that hit a storage error (network, throttling)
         task = ray.remote(max_retries=3, retry_exceptions=[StorageError])(build_shard)
         limit = cfg.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
-        todo, running, results = list(plan.build), [], []
+        limits = cfg.decode_limits()
+        todo, running, results = list(plan.build), {}, []
         bar = tqdm(total=len(todo), unit="shard", desc="ingest", disable=not progress)
         while todo or running:
             while todo and len(running) < limit:
                 p = todo.pop(0)
-                running.append(task.remote(p, cfg.output, cfg.dataset, cfg.transcode))
-            done, running = ray.wait(running, num_returns=1)
-            results.extend(ray.get(done))
+                running[task.remote(p, cfg.output, cfg.dataset, cfg.transcode, limits)] = p
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                shard = running.pop(ref)
+                try:
+                    results.append(ray.get(ref))
+                except Exception as err:  # RayTaskError, WorkerCrashedError, ...: after Ray's own retries
+                    log.warning("shard %s failed; its %d video(s) are retried by the next run: %s", shard.url,
+                                len(shard.sources), str(err).strip().splitlines()[-1:])
+                    results.append(shard_failure(shard, err))
             bar.update(len(done))
         bar.close()
         return results
@@ -256,9 +423,11 @@ def log_to_mlflow(cfg: IngestConfig, result: IngestResult, tracking_uri: str) ->
         with mlflow.start_run(run_name=f"{cfg.dataset}-v{result.version}") as run:
             mlflow.log_params({"dataset": cfg.dataset, "version": result.version, "output": cfg.output,
                                "samples_per_shard": cfg.samples_per_shard,
-                               **{f"transcode.{k}": v for k, v in asdict(cfg.transcode).items()}})
+                               **{f"transcode.{k}": v for k, v in asdict(cfg.transcode).items()},
+                               **{f"limits.{k}": v for k, v in asdict(cfg.limits).items()}})
             mlflow.log_metrics({"videos_in": result.videos_in, "videos_out": result.videos_out,
-                                "videos_failed": result.failed, "bytes_in": result.bytes_in,
+                                "videos_failed": result.failed, "videos_transient": result.transient,
+                                "bytes_in": result.bytes_in,
                                 "seconds": result.seconds,
                                 "videos_per_s": result.videos_in / result.seconds if result.seconds else 0.0,
                                 **{f"plan.{k}": v for k, v in result.plan.items()}})
@@ -272,6 +441,8 @@ def log_to_mlflow(cfg: IngestConfig, result: IngestResult, tracking_uri: str) ->
 def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bool = False,
                progress: bool = True, tracking_uri: str | None = None) -> IngestResult:
     t0 = time.time()
+    validate_ingest(cfg)  # a config built in code is checked as strictly as a loaded one
+    limits = cfg.decode_limits()
     storage = open_storage(cfg.output)
     storage.check()
     manifest = read_manifest(cfg)
@@ -280,7 +451,7 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
 
     def plan_now() -> tuple[DatasetIndex | None, Plan]:
         last = load_index(cfg.output)[0] if index_versions(storage) else None
-        return last, make_plan(sources, preprocessing, cfg.samples_per_shard, last)
+        return last, make_plan(sources, preprocessing, cfg.samples_per_shard, last, limits=limits)
 
     if dry_run:
         _, plan = plan_now()
@@ -297,11 +468,16 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
                               if last is not None else "nothing to do: the manifest lists no videos")
             return result
         built = _build_all(plan, cfg, ray_address, progress)
+        failed_tasks = [r for r in built if r["stats"].get("task_failed")]
+        if failed_tasks and len(failed_tasks) == len(built):
+            first = next(iter(failed_tasks[0]["quarantine"].values()))["reason"]
+            raise IngestError(f"every shard task failed ({len(built)}), nothing to commit; the first: {first}")
         quarantine = dict(missing)
-        if last is not None:  # unchanged quarantined videos stay quarantined
+        if last is not None:  # content failures of unchanged sources that were not retried stay quarantined
             by_id = {s.entry.video_id: s for s in sources}
-            quarantine.update({k: q for k, q in last.quarantine.items()
-                               if k in by_id and by_id[k].sha256 == q.get("sha256")})
+            planned = {s.entry.video_id for p in plan.build for s in p.sources}
+            quarantine.update({k: q for k, q in last.quarantine.items() if k in by_id and k not in planned
+                               and is_permanent(q, by_id[k].sha256, limits)})
         shards = list(plan.keep)
         for r in built:
             quarantine.update(r["quarantine"])
@@ -309,6 +485,7 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
             if r["shard"] is not None:
                 shards.append(r["shard"])
         in_shards = {k for s in shards for k in s.keys}
+        quarantine = {k: q for k, q in quarantine.items() if k not in in_shards}  # never both
         checksums = {s.entry.video_id: s.sha256 for s in sources if s.entry.video_id in in_shards}
         version = (last.version + 1) if last is not None else 1
         index = DatasetIndex(cfg.dataset, version, manifest.classes, preprocessing, shards,
@@ -317,8 +494,12 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
         storage.put_bytes(f"reports/v{version:06d}-quarantine.json", json.dumps(quarantine, indent=1).encode())
         result.version, result.quarantine = version, quarantine
         result.videos_out, result.failed = len(in_shards), len(quarantine)
+        result.transient = sum(1 for q in quarantine.values() if q.get("kind") == TRANSIENT)
         result.message = (f"committed {storage.uri(index_key(version))}: {len(in_shards)} videos in {len(shards)} "
                           f"shards ({len(plan.keep)} kept), {len(quarantine)} quarantined")
+        if result.transient:
+            result.message += (f" ({result.transient} for a passing reason: the next run tries them again; "
+                               f"see reports/v{version:06d}-quarantine.json)")
         return result
     finally:
         release_lease(storage, lease)
@@ -328,4 +509,5 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
             result.mlflow_run_id = log_to_mlflow(cfg, result, tracking_uri)
 
 
-__all__ = ["IngestConfig", "IngestResult", "LeaseHeldError", "run_ingest", "ShardError"]
+__all__ = ["ConfigError", "IngestConfig", "IngestError", "IngestResult", "LeaseHeldError", "run_ingest",
+           "start_local_ray", "ShardError", "validate_ingest"]

@@ -10,6 +10,11 @@ mismatch; the only shape changes it makes are the ones it knows how to make corr
   original);
 * the classifier head, only when the caller says so (``reset_head=True``): it keeps its fresh init.
 
+Reading files never runs code from them: every ``torch.load`` is ``weights_only=True`` (``safe_torch_load``),
+with inert stand-ins for the config objects that foreign checkpoints pickle (a yacs/fvcore ``CfgNode``, an
+``argparse.Namespace``); anything else a pickle asks to build or call is refused (``UnsafeCheckpointError``).
+A safetensors file rebuilds the model its metadata describes only when its own tensors are that large.
+
 Key names. Ours are the original's (after its ``model.`` wrapper prefix) and timm's for the ViT parts,
 so the official checkpoints and timm's ``vit_base_patch16_224`` need no renaming; Hugging Face's are
 mapped by ``HF_BLOCK_KEYS`` / ``HF_TOP_KEYS``.
@@ -18,9 +23,12 @@ mapped by ``HF_BLOCK_KEYS`` / ``HF_TOP_KEYS``.
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import re
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,77 @@ StateDict = dict[str, torch.Tensor]
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model: lists every missing, unexpected and mis-shaped key."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A pickled file asks to build or call something other than tensors and plain containers (so loading
+    it the usual way could run code). Refused before any of it runs; the message names the file and what
+    it asked for."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading pickled files without running them
+
+
+class _InertConfigNode:
+    """Stand-in for a pickled config object of another code base (yacs/fvcore ``CfgNode``, a dict
+    subclass; ``argparse.Namespace``). Unpickling "creates" one through ``__new__`` only, and what comes
+    back is a plain ``OrderedDict``: the node's items are kept, its attributes (the CfgNode's immutability
+    flags, a Namespace's fields) land in that dict's ``__dict__`` as inert data. No code of the original
+    class exists here, so none can run; nothing of ours reads these configs (the weights are what count)."""
+
+    def __new__(cls, *args: Any) -> OrderedDict:  # type: ignore[misc]
+        return OrderedDict()
+
+
+# Foreign classes a model checkpoint may pickle besides tensors, by their qualified name. The original
+# TimeSformer's save_checkpoint stores ``cfg.dump()`` (a YAML string), but its forks and other SlowFast-style
+# code bases pickle the CfgNode itself, and timm/DeiT training checkpoints keep their ``args`` Namespace.
+FOREIGN_CONFIG_GLOBALS: list[tuple[type, str]] = [
+    (_InertConfigNode, "fvcore.common.config.CfgNode"),
+    (_InertConfigNode, "yacs.config.CfgNode"),
+    (_InertConfigNode, "argparse.Namespace"),
+]
+
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+) (?:was not an allowed global|whose module \S+ is blocked)")
+
+
+def _refusal(error: Exception) -> str:
+    """What the weights-only unpickler refused, in a phrase, without torch's advice to load the file unsafely."""
+    text = str(error)
+    m = _REFUSED_GLOBAL.search(text)
+    if m:
+        return (f"its pickle asks for {m.group(1)}, which is neither a tensor nor a plain container, so loading "
+                f"it the usual way could run code")
+    # torch wraps the unpickler's own words in advice (load with weights_only=False) that must not be followed
+    lines = [line.strip().removeprefix("WeightsUnpickler error: ") for line in text.splitlines()]
+    detail = next((line for line in lines if line and "weights_only" not in line
+                   and not line.startswith(("Weights only load failed", "Check the documentation", "Please file"))),
+                  type(error).__name__)
+    return (f"its pickle holds more than tensors and plain containers ({detail.rstrip('.')}), and loading it "
+            f"could run code")
+
+
+def safe_torch_load(path: str | os.PathLike, *, map_location: Any = "cpu",
+                    allowed: Iterable[Any] = (), not_ours_hint: str | None = None, **kwargs: Any) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, plain containers and the ``allowed`` globals
+    (classes, or ``(stand_in, "qualified.name")`` pairs) are rebuilt; anything else in the pickle is
+    refused with ``UnsafeCheckpointError`` before it runs. Other failures (truncated, not a torch file)
+    raise ``ValueError``; both name the file. ``not_ours_hint`` ends the refusal's message (what to do)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(str(path), map_location=map_location, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        hint = not_ours_hint or (
+            "If it is a model from a source you trust, load it once in an isolated environment and re-save only "
+            "its weights (torch.save(model.state_dict(), ...) or safetensors), then use that file.")
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: {_refusal(e)}; nothing from it was run. {hint}") from None
+    except Exception as e:  # a truncated or foreign file: say which and why
+        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -273,8 +352,9 @@ def config_from_hf(hf: Mapping[str, Any]) -> TimeSformerConfig:
 # safetensors
 
 
-def save_safetensors(model: TimeSformer, path: str | os.PathLike) -> Path:
-    """Write ``model.safetensors`` with the config in its metadata, so ``load_safetensors`` can rebuild it."""
+def save_safetensors(model: TimeSformer, path: str | os.PathLike, classes: list[str] | None = None) -> Path:
+    """Write ``model.safetensors`` with the config in its metadata, so ``load_safetensors`` can rebuild it,
+    and the class names when given (evaluation compares them with a dataset's: ``classes`` key, a JSON list)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -282,13 +362,60 @@ def save_safetensors(model: TimeSformer, path: str | os.PathLike) -> Path:
         path = path / "model.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "timesformer_config": json.dumps(model.cfg.to_dict())})
+    metadata = {"format": "pt", "timesformer_config": json.dumps(model.cfg.to_dict())}
+    if classes is not None:
+        metadata["classes"] = json.dumps(list(classes))
+    save_file(state, str(path), metadata=metadata)
     return path
 
 
-def load_safetensors(path: str | os.PathLike) -> TimeSformer:
-    """Rebuild a model from a file written by ``save_safetensors`` (strict)."""
+def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Metadata and tensor shapes of a safetensors file, from its header alone (no tensor data is read)."""
     from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:  # truncated, not a safetensors file, a header that contradicts the file's size
+        raise ValueError(f"{path}: cannot be read as a safetensors file ({type(e).__name__}: {e})") from e
+
+
+def check_config_against_shapes(cfg: TimeSformerConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """Refuse a config that the file's own tensors do not bear out, before a model of that size is built.
+
+    A metadata is only text: it could ask for any size of model (embed_dim 16384 x depth 64 is 5 GB) while
+    the file holds a few bytes. The model built from it may hold no more numbers than the file's tensors, and
+    its patch embedding, depth and head must have the shapes those tensors have; the strict load after
+    construction checks everything else.
+    """
+    from pipeline.models.flops import parameter_count
+
+    wanted = parameter_count(cfg)
+    held = sum(math.prod(s) for s in shapes.values())
+    problems = []
+    patch = shapes.get("patch_embed.proj.weight")
+    want_patch = (cfg.embed_dim, cfg.in_chans, cfg.patch_size, cfg.patch_size)
+    if patch is not None and patch != want_patch:
+        problems.append(f"patch_embed.proj.weight is {patch}, the config implies {want_patch}")
+    depth = len({k.split(".")[1] for k in shapes if k.startswith("blocks.")})
+    if depth != cfg.depth:
+        problems.append(f"the file has {depth} blocks, the config says depth {cfg.depth}")
+    head = shapes.get("head.weight")
+    if cfg.num_classes and head is not None and head != (cfg.num_classes, cfg.embed_dim):
+        problems.append(f"head.weight is {head}, the config implies {(cfg.num_classes, cfg.embed_dim)}")
+    if wanted > held:
+        problems.append(f"the config's model has {wanted:,} parameters, the file's tensors hold {held:,} numbers")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{where}: its metadata (timesformer_config: embed_dim {cfg.embed_dim}, depth {cfg.depth}, "
+            f"{cfg.num_classes} classes) does not describe its tensors: {'; '.join(problems)}. No model was built. "
+            f"The file was not written by save_safetensors / jobs/export.py or was edited afterwards; export the "
+            f"run again (jobs/export.py), or build the model yourself and use load_checkpoint(model, path).")
+
+
+def load_safetensors(path: str | os.PathLike) -> TimeSformer:
+    """Rebuild a model from a file written by ``save_safetensors`` (strict). The config in the metadata is
+    checked against the tensors' shapes in the header before the model is built."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -296,12 +423,22 @@ def load_safetensors(path: str | os.PathLike) -> TimeSformer:
         path = path / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such safetensors file")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta, shapes = _safetensors_header(path)
     if "timesformer_config" not in meta:
         raise ValueError(f"{path}: no 'timesformer_config' in the safetensors metadata; build the model "
                          f"yourself and use load_checkpoint(model, path)")
-    cfg = TimeSformerConfig.from_dict(json.loads(meta["timesformer_config"]), where=str(path))
+    try:
+        fields = json.loads(meta["timesformer_config"])
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: the metadata's timesformer_config is not valid JSON ({e}); export the run "
+                         f"again (jobs/export.py)") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: the metadata's timesformer_config is a {type(fields).__name__}, not an object")
+    try:
+        cfg = TimeSformerConfig.from_dict(fields, where=str(path))
+    except TypeError as e:  # a field of the wrong type that the config's own checks did not name
+        raise ValueError(f"{path}: the metadata's timesformer_config is not a valid model config ({e})") from None
+    check_config_against_shapes(cfg, shapes, str(path))
     return load_into(TimeSformer(cfg), load_file(str(path)), where=str(path))
 
 
@@ -325,6 +462,8 @@ def detect_format(state: Mapping[str, Any]) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The contents of a checkpoint file (a safetensors file, or a directory holding ``model.safetensors``,
+    or a ``torch.save`` file read weights-only with the foreign config stand-ins), as a dict."""
     path = Path(path)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -333,11 +472,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return dict(load_file(str(path)))
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: say which and why
-        raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+        try:
+            return dict(load_file(str(path)))
+        except Exception as e:  # a truncated or foreign file
+            raise ValueError(f"{path}: cannot be read as a safetensors file ({type(e).__name__}: {e})") from e
+    state = safe_torch_load(path, allowed=FOREIGN_CONFIG_GLOBALS)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: holds a {type(state).__name__}, not a state dict or a checkpoint dict; "
+                         f"re-save it with torch.save(model.state_dict(), ...)")
+    return dict(state)
 
 
 def load_checkpoint(model: TimeSformer, source: str | os.PathLike | Mapping[str, Any], *,

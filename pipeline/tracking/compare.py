@@ -1,5 +1,9 @@
 """The paper's kind of comparison (Table 2: accuracy, cost, GPU-hours) from MLflow runs: a table (terminal,
-CSV, Markdown) and a plot of accuracy against GPU-hours, one curve per run, with each run's budget."""
+CSV, Markdown) and a plot of accuracy against GPU-hours, one curve per run, with each run's budget.
+
+Each run's MLflow status is a column: a run that did not finish (FAILED, KILLED, or still RUNNING, which
+is also what a job killed without a word leaves) has partial numbers, so it is marked in the table and
+drawn dotted in the plot; ``fetch(finished_only=True)`` leaves such runs out."""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from typing import Any
 
 COLUMNS = [("run", "run"), ("model", "model"), ("attention", "attention"), ("clip", "frames x rate"),
            ("resolution", "res"), ("params_m", "params (M)"), ("tflops_views", "TFLOPs x views"),
-           ("gpu_hours", "GPU-h"), ("top1", "top-1"), ("top5", "top-5"), ("clips_per_s", "clips/s")]
+           ("gpu_hours", "GPU-h"), ("top1", "top-1"), ("top5", "top-5"), ("clips_per_s", "clips/s"),
+           ("status", "status")]
+FINISHED = "FINISHED"
 
 
 @dataclass
@@ -62,7 +68,10 @@ def summarize(client, run) -> RunSummary:
         status=run.info.status, curve=curve)
 
 
-def fetch(tracking_uri: str, experiment: str, run_ids: list[str] | None = None) -> list[RunSummary]:
+def fetch(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,
+          finished_only: bool = False) -> list[RunSummary]:
+    """The training runs of ``experiment`` (or those of ``run_ids``), oldest first; with ``finished_only``,
+    only those whose status is FINISHED."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -78,7 +87,22 @@ def fetch(tracking_uri: str, experiment: str, run_ids: list[str] | None = None) 
         missing = wanted - {r.info.run_id for r in runs} - {r.info.run_name for r in runs}
         if missing:
             raise ValueError(f"run(s) {sorted(missing)} not found in experiment {experiment!r}")
+    if finished_only:
+        runs = [r for r in runs if r.info.status == FINISHED]
     return [summarize(client, r) for r in runs]
+
+
+def unfinished_note(summaries: list[RunSummary]) -> str | None:
+    """A line naming the runs that did not finish, by status, or None when all did."""
+    by_status: dict[str, list[str]] = {}
+    for s in summaries:
+        if s.status != FINISHED:
+            by_status.setdefault(s.status, []).append(s.run)
+    if not by_status:
+        return None
+    parts = "; ".join(f"{status}: {', '.join(names)}" for status, names in sorted(by_status.items()))
+    running = " (RUNNING: still training, or stopped without marking its run)" if "RUNNING" in by_status else ""
+    return (f"not finished, numbers partial: {parts}{running}; --finished-only leaves them out")
 
 
 def _cell(value: Any, digits: int = 2) -> str:
@@ -103,15 +127,18 @@ def table_text(summaries: list[RunSummary]) -> str:
     units = {s.gpu_hours_unit for s in summaries}
     if units - {"gpu"}:
         lines.append(f"(GPU-h counts {' / '.join(sorted(units))}-hours: runs on CPU count processes)")
+    note = unfinished_note(summaries)
+    if note:
+        lines.append(f"({note})")
     return "\n".join(lines)
 
 
 def table_csv(summaries: list[RunSummary]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run_id"] + [key for key, _ in COLUMNS] + ["gpu_hours_unit", "budget", "status"])
+    writer.writerow(["run_id"] + [key for key, _ in COLUMNS] + ["gpu_hours_unit", "budget"])
     for s in summaries:
-        writer.writerow([s.run_id] + [getattr(s, key) for key, _ in COLUMNS] + [s.gpu_hours_unit, s.budget, s.status])
+        writer.writerow([s.run_id] + [getattr(s, key) for key, _ in COLUMNS] + [s.gpu_hours_unit, s.budget])
     return out.getvalue()
 
 
@@ -119,7 +146,8 @@ def table_markdown(summaries: list[RunSummary]) -> str:
     header = [title for _, title in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows(summaries)]
-    return "\n".join(lines) + "\n"
+    note = unfinished_note(summaries)
+    return "\n".join(lines) + "\n" + (f"\n*{note}*\n" if note else "")
 
 
 def plot(summaries: list[RunSummary], path: Path, title: str) -> Path:
@@ -132,12 +160,15 @@ def plot(summaries: list[RunSummary], path: Path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, s in enumerate(summaries):
         colour = f"C{i % 10}"
+        finished = s.status == FINISHED
+        label = f"{s.run} ({s.attention})" + ("" if finished else f" [{s.status}]")
+        style = dict(ls="-" if finished else ":", alpha=1.0 if finished else 0.6)
         if s.curve:
-            ax.plot([h for h, _ in s.curve], [a for _, a in s.curve], "-o", color=colour, ms=3,
-                    label=f"{s.run} ({s.attention})")
+            ax.plot([h for h, _ in s.curve], [a for _, a in s.curve], marker="o", color=colour, ms=3,
+                    label=label, **style)
         if s.top1 is not None and s.gpu_hours is not None:
-            ax.plot([s.gpu_hours], [s.top1], "*", color=colour, ms=14,
-                    label=None if s.curve else f"{s.run} ({s.attention})")
+            ax.plot([s.gpu_hours], [s.top1], "*", color=colour, ms=14, alpha=style["alpha"],
+                    label=None if s.curve else label)
         if s.budget:
             ax.axvline(s.budget, color=colour, ls="--", lw=1)
     units = sorted({s.gpu_hours_unit for s in summaries})

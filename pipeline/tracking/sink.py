@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.secrets import redact, redact_text, reveal_uri
+
 log = logging.getLogger(__name__)
 MLFLOW_FILE = "mlflow.json"
 
@@ -33,8 +35,11 @@ def _experiment_id(client, name: str, artifact_root: str | None) -> str:
 def create_run(run_dir: Path, tracking_uri: str, experiment: str, run_name: str,
                tags: dict[str, str]) -> dict[str, str] | None:
     """Create the MLflow run of a training run (at launch) and record it in the run directory.
-    Returns the record, or None (with a warning) when the server cannot be reached."""
+    Returns the record, or None (with a warning) when the server cannot be reached. The record keeps
+    the URI without its credentials (``user:***@``); ``MLflowSink`` finds them in $MLFLOW_TRACKING_URI."""
+    shown = redact_text(tracking_uri)
     try:
+        tracking_uri = reveal_uri(tracking_uri)
         _quick_failing_http()
         from mlflow.tracking import MlflowClient
 
@@ -43,12 +48,12 @@ def create_run(run_dir: Path, tracking_uri: str, experiment: str, run_name: str,
         if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:"):
             artifact_root = (Path(run_dir).resolve().parent / "mlartifacts").as_uri()
         exp_id = _experiment_id(client, experiment, artifact_root)
-        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        run = client.create_run(exp_id, run_name=run_name, tags=redact(dict(tags)))
     except Exception as e:  # tracking must never block a launch
         log.warning("MLflow at %s not reachable (%s); the run starts without it and retries from rank 0",
-                    tracking_uri, e)
+                    shown, redact_text(str(e)))
         return None
-    record = {"tracking_uri": tracking_uri, "experiment": experiment, "experiment_id": exp_id,
+    record = {"tracking_uri": shown, "experiment": experiment, "experiment_id": exp_id,
               "run_id": run.info.run_id, "run_name": run_name}
     (Path(run_dir) / MLFLOW_FILE).write_text(json.dumps(record, indent=1))
     return record
@@ -73,6 +78,9 @@ class JsonlSink:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
+    def set_running(self) -> None:
+        pass
+
     def close(self, status: str | None = "FINISHED") -> None:
         pass
 
@@ -89,9 +97,9 @@ class MLflowSink:
         _quick_failing_http()
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient(record["tracking_uri"])
+        self.client = MlflowClient(reveal_uri(record["tracking_uri"]))  # credentials: from the environment
         self.run_id = record["run_id"]
-        self.uri = record["tracking_uri"]
+        self.uri = redact_text(record["tracking_uri"])  # for log lines
         self.queue: queue.Queue = queue.Queue(maxsize=max_buffer)
         self.flush_timeout = flush_timeout
         self.warned_at = 0.0
@@ -114,7 +122,8 @@ class MLflowSink:
                     self.failures += 1
                     if time.time() - self.warned_at > 60:
                         log.warning("MLflow at %s unavailable (%s); %d call(s) queued, retrying (metrics.jsonl in "
-                                    "the run directory has every number)", self.uri, e, self.queue.qsize() + 1)
+                                    "the run directory has every number)", self.uri, redact_text(str(e)),
+                                    self.queue.qsize() + 1)
                         self.warned_at = time.time()
                     if self._closing and time.time() > self._deadline:
                         return
@@ -144,20 +153,26 @@ class MLflowSink:
     def _params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        # credentials never reach MLflow: secret-named keys and URI passwords become *** (cluster.env, tracking.uri)
+        items = [Param(k, str(v)[:6000]) for k, v in redact(params).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def _tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in redact(tags).items()])
 
     def _artifact(self, path: str, artifact_path: str | None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
     def _terminate(self, status: str) -> None:
+        if status == "KILLED" and self.client.get_run(self.run_id).info.status == "FAILED":
+            return  # a rank died first and said so; the cancel that followed does not hide it
         self.client.set_terminated(self.run_id, status)
+
+    def _running(self) -> None:
+        self.client.update_run(self.run_id, status="RUNNING")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._call("metrics", dict(metrics), step)
@@ -170,6 +185,10 @@ class MLflowSink:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call("artifact", str(path), artifact_path)
+
+    def set_running(self) -> None:
+        """The run is going again (a resumed or requeued job): RUNNING, whatever an earlier attempt left."""
+        self._call("running")
 
     def close(self, status: str | None = "FINISHED") -> None:
         """Deliver what is queued (up to ``flush_timeout`` seconds), then stop the thread. ``status`` None
@@ -196,6 +215,16 @@ class Sinks:
 
     def __init__(self, sinks: list) -> None:
         self.sinks = sinks
+        self.closed = False
+
+    @property
+    def tracks_mlflow(self) -> bool:
+        return any(isinstance(s, MLflowSink) for s in self.sinks)
+
+    def close(self, status: str | None = "FINISHED") -> None:
+        for s in self.sinks:
+            s.close(status)
+        self.closed = True
 
     def __getattr__(self, name: str):
         def call(*args, **kwargs):
@@ -213,5 +242,33 @@ def open_sinks(run_dir: Path, is_main: bool) -> Sinks:
         try:
             sinks.append(MLflowSink(json.loads(record_path.read_text())))
         except Exception as e:
-            log.warning("MLflow sink unavailable (%s); metrics go to metrics.jsonl only", e)
+            log.warning("MLflow sink unavailable (%s); metrics go to metrics.jsonl only", redact_text(str(e)))
     return Sinks(sinks)
+
+
+def end_run(run_dir: str | Path, status: str, tags: dict[str, str] | None = None,
+            keep_failed: bool = True) -> bool:
+    """Mark the MLflow run of ``run_dir`` (its ``mlflow.json``) ended with ``status`` (FAILED, KILLED) from
+    a process without open sinks: a rank other than 0, or rank 0 before it opened them. A run already
+    FAILED stays FAILED when ``keep_failed`` (a cancel after a crash does not hide the crash). Returns
+    whether the server took it; a server that cannot be reached is warned about, never raised."""
+    record_path = Path(run_dir) / MLFLOW_FILE
+    if not record_path.exists():
+        return False
+    try:
+        record = json.loads(record_path.read_text())
+        _quick_failing_http()
+        from mlflow.entities import RunTag
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(reveal_uri(record["tracking_uri"]))  # as MLflowSink: credentials from the environment
+        if tags:
+            client.log_batch(record["run_id"], tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
+        if keep_failed and client.get_run(record["run_id"]).info.status == "FAILED":
+            return True
+        client.set_terminated(record["run_id"], status)
+    except Exception as e:  # noqa: BLE001 -- ending a run must never mask the error that ended it
+        log.warning("could not mark the MLflow run of %s %s (%s); it may show RUNNING", run_dir, status,
+                    redact_text(str(e)))
+        return False
+    return True

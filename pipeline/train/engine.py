@@ -10,13 +10,19 @@ The loop talks to a small interface (``train_micro_batch``, ``lr``, ``global_ste
 
 The DeepSpeed JSON is a function of the resolved config and the world size (``deepspeed_config``); the
 launcher writes it into the run directory, never edited by hand.
+
+Checkpoint files are read weights-only, never unpickled freely: DeepSpeed's own loader (its checkpoint engine)
+and its ZeRO consolidation call ``torch.load(..., weights_only=False)``; here both read through
+``load_deepspeed_file``, which rebuilds tensors, plain containers and the four DeepSpeed classes its
+checkpoints hold (``deepspeed_checkpoint_globals``), and refuses anything else before it runs. Every file of a
+saved checkpoint is fsynced by the rank that wrote it (``checkpoint.sync_tree``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,8 @@ from torch import nn
 
 from pipeline.config import BatchPlan, RunConfig, lr_factor
 from pipeline.data.transforms import normalize_on_device
+from pipeline.models.convert import safe_torch_load
+from pipeline.train.checkpoint import sync_tree
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -97,6 +105,52 @@ def init_distributed(cfg: RunConfig, rank: int, world_size: int, local_rank: int
     return device
 
 
+# What a refused checkpoint file's message tells the user to do.
+NOT_OURS = ("A checkpoint written by this product's training engine never holds anything else: this file was not "
+            "written by it, or was replaced afterwards. Restore the checkpoint from a copy you trust, or move this "
+            "checkpoint directory away to resume from the one before.")
+
+
+def deepspeed_checkpoint_globals() -> list[type]:
+    """The classes DeepSpeed 0.19's own checkpoint files pickle besides tensors and plain containers: in the
+    ZeRO optimizer states, the loss scaler (``LossScaler``; ``DynamicLossScaler`` with fp16), the stage
+    (``ZeroStageEnum``) and the parameter slice map (``fragment_address``). Found by saving ZeRO 0-3 x
+    fp32/bf16 checkpoints (tests/unit/test_hostile_checkpoints.py checks the list stays exact); fp16, a GPU-only
+    precision, adds the dynamic scaler. Rebuilding them runs no code of theirs: an object is made by
+    ``__new__`` and its attributes set, the enum is looked up by value."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_deepspeed_file(path: str | os.PathLike, map_location: Any = "cpu", **kwargs: Any) -> Any:
+    """One file of a DeepSpeed checkpoint, read weights-only (``UnsafeCheckpointError`` for anything else)."""
+    return safe_torch_load(path, map_location=map_location, allowed=deepspeed_checkpoint_globals(),
+                           not_ours_hint=NOT_OURS, **kwargs)
+
+
+class _TorchWithSafeLoad:
+    """``torch`` as ``deepspeed.utils.zero_to_fp32`` sees it during a consolidation: the same module, except
+    that ``load`` (called there with ``weights_only=False`` on every shard) is ``load_deepspeed_file``."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f: str | os.PathLike, map_location: Any = None, weights_only: bool | None = None, **kwargs: Any) -> Any:
+        return load_deepspeed_file(f, map_location=map_location or "cpu", **kwargs)  # weights_only: ignored
+
+
+def _module_weights(state: Any, path: Path) -> Mapping[str, torch.Tensor]:
+    module = state.get("module") if isinstance(state, Mapping) else None
+    if not isinstance(module, Mapping) or not all(isinstance(v, torch.Tensor) for v in module.values()):
+        raise ValueError(f"{path}: holds no 'module' state dict of tensors: not a checkpoint written by this "
+                         f"product's training engine")
+    return module
+
+
 class DeepSpeedEngine:
     def __init__(self, model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int,
                  model_factory: Callable[[], nn.Module], ds_config: dict[str, Any] | None = None) -> None:
@@ -108,6 +162,9 @@ class DeepSpeedEngine:
         scheduler = build_scheduler(optimizer, cfg, per_epoch)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        # DeepSpeed reads every file of a checkpoint through its checkpoint engine's load, which unpickles
+        # with weights_only=False; resuming must not run what a replaced file carries.
+        self.engine.checkpoint_engine.load = load_deepspeed_file
         self.dtype = DTYPES[cfg.train.precision]
         self.device = self.engine.device
 
@@ -138,8 +195,11 @@ class DeepSpeedEngine:
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        sync_tree(Path(ckpt_dir) / tag)  # this rank's files reach the disk before rank 0 marks them complete
 
     def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        # Optimizer states are loaded (the default): with load_optimizer_states=False, ZeRO-3 would read the
+        # weights through zero_to_fp32 directly, outside load_deepspeed_file.
         path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
@@ -230,10 +290,12 @@ class TorchEngine:
                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                         "steps": self.steps, "micro": self.micro, "client_state": client_state},
                        path / "torch_engine.pt")
+            sync_tree(path)
 
     def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
-        state = torch.load(Path(ckpt_dir) / tag / "torch_engine.pt", map_location=self.device, weights_only=False)
-        self.raw.load_state_dict(state["module"])
+        path = Path(ckpt_dir) / tag / "torch_engine.pt"
+        state = safe_torch_load(path, map_location=self.device, not_ours_hint=NOT_OURS)
+        self.raw.load_state_dict(_module_weights(state, path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -258,18 +320,22 @@ def make_engine(model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: in
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of a checkpoint written by either engine (ZeRO shards merged), on one process."""
+    """The full fp32 weights of a checkpoint written by either engine (ZeRO shards merged), on one process.
+    Every file is read weights-only; a file that asks for more is refused (``UnsafeCheckpointError``)."""
     path = Path(ckpt_dir) / tag
     if (path / "torch_engine.pt").exists():
-        return {k: v.float() for k, v in torch.load(path / "torch_engine.pt", map_location="cpu",
-                                                     weights_only=False)["module"].items()}
+        state = safe_torch_load(path / "torch_engine.pt", not_ours_hint=NOT_OURS)
+        return {k: v.float() for k, v in _module_weights(state, path / "torch_engine.pt").items()}
     if any(path.glob("zero_pp_rank_*_optim_states.pt")) or any(path.glob("*zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils import zero_to_fp32
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        real_torch, zero_to_fp32.torch = zero_to_fp32.torch, _TorchWithSafeLoad()
+        try:
+            state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        finally:
+            zero_to_fp32.torch = real_torch
         return {k: v.float() for k, v in state.items()}
     model_states = path / "mp_rank_00_model_states.pt"
     if model_states.exists():  # ZeRO stage 0: the whole module is in the model states
-        return {k: v.float() for k, v in torch.load(model_states, map_location="cpu",
-                                                     weights_only=False)["module"].items()}
+        return {k: v.float() for k, v in _module_weights(load_deepspeed_file(model_states), model_states).items()}
     raise FileNotFoundError(f"{path}: not a checkpoint written by the DeepSpeed or torch engine")

@@ -7,9 +7,12 @@ checkpoints, metrics, evaluation reports, the exported model and the job logs (`
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
+import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -24,12 +27,24 @@ from pipeline.config import (
     RunConfig,
     apply_layer,
     batch_plan,
+    check_model,
+    check_run_name,
     dump,
     load_recipe,
     load_resolved,
     parse_overrides,
 )
 from pipeline.config import validate as validate_config
+from pipeline.secrets import (
+    SecretUnavailableError,
+    has_credentials,
+    is_secret_env,
+    redact,
+    redact_env,
+    redact_text,
+    reveal_env,
+    reveal_uri,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,18 +66,23 @@ class LaunchRequest:
 
 
 def parse_time(value: str) -> int:
-    """Minutes from ``90``, ``1:30:00``, ``2-00:00:00`` (Slurm's forms)."""
+    """Minutes from ``90``, ``1:30:00``, ``2-00:00:00`` (Slurm's forms); a limit of zero minutes is refused."""
     m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
     if not m:
         raise ConfigError(f"--time {value!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
     days, a, b, c = m.groups()
+    if any(part is not None and int(part) > 59 for part in ((b, c) if c is not None else (b,))):
+        raise ConfigError(f"--time {value!r}: minutes and seconds after a ':' are 0..59")
     if b is None:  # minutes only (or D-HH)
         minutes = int(a) * (60 if days else 1)
     elif c is None:  # MM:SS, or D-HH:MM
         minutes = int(a) * 60 + int(b) if days else int(a) + (1 if int(b) else 0)
     else:
         minutes = int(a) * 60 + int(b) + (1 if int(c) else 0)
-    return minutes + int(days or 0) * 24 * 60
+    minutes += int(days or 0) * 24 * 60
+    if minutes < 1:
+        raise ConfigError(f"--time {value!r}: expected a time limit of at least a minute")
+    return minutes
 
 
 def git_state() -> dict[str, Any]:
@@ -77,40 +97,58 @@ def git_state() -> dict[str, Any]:
 
 def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
     """The resolved config and the run directory (not created) for a request."""
-    flags = []
+    if req.gpus_per_node is not None and req.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node {req.gpus_per_node}: expected a positive number of ranks per node")
+    if req.nodes is not None and req.nodes < 1:
+        raise ConfigError(f"--nodes {req.nodes}: expected a positive number of nodes")
+    if req.name is not None:
+        check_run_name(req.name, "--name")
+    # the flags' values are taken as given (not parsed as YAML, as key=value overrides are): --runs-dir 2024
+    # is a directory name, not a number
+    flags: dict[str, Any] = {}
+    cluster_flags: dict[str, Any] = {}
     if req.gpus_per_node is not None:
-        flags.append(f"cluster.gpus_per_node={req.gpus_per_node}")
+        cluster_flags["gpus_per_node"] = req.gpus_per_node
     if req.partition is not None:
-        flags.append(f"cluster.partition={req.partition}")
+        cluster_flags["partition"] = req.partition
     if req.time is not None:
-        flags.append(f"cluster.time_min={parse_time(req.time)}")
+        cluster_flags["time_min"] = parse_time(req.time)
+    if cluster_flags:
+        flags["cluster"] = cluster_flags
     if req.runs_dir is not None:
-        flags.append(f"runs_dir={req.runs_dir}")
+        flags["runs_dir"] = req.runs_dir
     if req.resume:
         run_dir = Path(req.resume).resolve()
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {req.resume}: no config.yaml there; give a run directory made by launch.py")
         cfg = load_resolved(run_dir / "config.yaml")
         if req.overrides or flags:  # only where to run may change on resume; the recipe stays
-            layer = parse_overrides(req.overrides + flags)
+            layer = parse_overrides(req.overrides)
             bad = sorted(k for k in layer if k not in ("cluster", "runs_dir", "tracking"))
             if bad:
                 raise ConfigError(f"--resume: only cluster.* and tracking.* can change on a resumed run, "
                                   f"not {bad} (the recipe of a run is fixed; launch a new run instead)")
             apply_layer(cfg, layer, "command line")
+            apply_layer(cfg, flags, "command-line flags")
             validate_config(cfg)
         return cfg, run_dir
     if not req.recipe:
         raise ConfigError("--recipe is required (or --resume RUN_DIR)")
     extra = [req.cluster_file] if req.cluster_file else []
-    cfg = load_recipe(req.recipe, req.overrides + flags, extra_files=extra)
+    cfg = load_recipe(req.recipe, req.overrides, extra_files=extra)
+    if flags:
+        apply_layer(cfg, flags, "command-line flags")
+        validate_config(cfg)
     # local paths are read by the ranks, whose working directory may differ: fix them to absolute here
     if cfg.data.index and "://" not in cfg.data.index:
         cfg.data.index = str(Path(cfg.data.index).resolve())
     if cfg.model.init and "://" not in cfg.model.init:
         cfg.model.init = str(Path(cfg.model.init).resolve())
     name = req.name or cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not req.name and not cfg.name:  # made from the recipe's file name, which may hold anything
+        check_run_name(name, "the run name made from the recipe's name (give --name)")
     cfg.name = name
+    # the name rule (no '/', no leading '.') keeps the run directory a direct child of runs_dir
     run_dir = (Path(cfg.runs_dir) if Path(cfg.runs_dir).is_absolute() else Path.cwd() / cfg.runs_dir) / name
     return cfg, run_dir
 
@@ -121,7 +159,10 @@ def slurm_parameters(cfg: RunConfig, nodes: int, run_dir: Path) -> dict[str, Any
         "job_name": cfg.name, "nodes": nodes, "ntasks_per_node": c.gpus_per_node, "cpus_per_task": c.cpus_per_task,
         "time": c.time_min, "signal_delay_s": c.signal_delay_s,
         "additional_parameters": {"requeue": True},
-        "setup": [f"export {k}={v}" for k, v in c.env.items()] + list(c.setup),
+        # quoted: a value is data, never shell syntax; secrets are not written here (the job's environment
+        # carries them, see stored_config), so the script submitit keeps in the run directory holds none
+        "setup": [f"export {k}={shlex.quote(v)}" for k, v in c.env.items() if not is_secret_env(k, v)]
+        + list(c.setup),
     }
     if c.accelerator == "gpu":
         params["gpus_per_node"] = c.gpus_per_node
@@ -134,6 +175,14 @@ def slurm_parameters(cfg: RunConfig, nodes: int, run_dir: Path) -> dict[str, Any
     return params
 
 
+def check_slurm() -> None:
+    """Slurm's commands that submitit needs at submission (sbatch, and srun it looks for first)."""
+    missing = [b for b in ("sbatch", "srun") if shutil.which(b) is None]
+    if missing:
+        raise ConfigError(f"Slurm is not available here (no {' or '.join(missing)} on PATH): run on the cluster's "
+                          f"login node, start the development cluster (python infra/slurm_dev.py up), or use --local")
+
+
 def make_executor(cfg: RunConfig, nodes: int, run_dir: Path, local: bool):
     import submitit
 
@@ -143,9 +192,7 @@ def make_executor(cfg: RunConfig, nodes: int, run_dir: Path, local: bool):
         ex.update_parameters(tasks_per_node=nodes * cfg.cluster.gpus_per_node, nodes=1,
                              timeout_min=cfg.cluster.time_min, signal_delay_s=cfg.cluster.signal_delay_s)
         return ex
-    if shutil.which("sbatch") is None:
-        raise ConfigError("Slurm is not available here (no sbatch on PATH): run on the cluster's login node, "
-                          "start the development cluster (python infra/slurm_dev.py up), or use --local")
+    check_slurm()
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
     ex.update_parameters(**slurm_parameters(cfg, nodes, run_dir))
     return ex
@@ -167,9 +214,10 @@ def check_data(cfg: RunConfig) -> str:
 
     try:
         index, _ = load_index(cfg.data.index, cfg.data.version or None)
-    except (ShardError, StorageError, FileNotFoundError) as e:
-        raise ConfigError(f"data.index={cfg.data.index!r} cannot be read: {e}. Ingest the dataset first "
-                          f"(python jobs/ingest.py --config configs/ingest/<dataset>.yaml) or fix data.index") from None
+    except (ShardError, StorageError, OSError, ValueError, RecursionError) as e:
+        raise ConfigError(f"data.index={cfg.data.index!r} cannot be read: {' '.join(str(e).split())}. Ingest the "
+                          f"dataset first (python jobs/ingest.py --config configs/ingest/<dataset>.yaml) or fix "
+                          f"data.index") from None
     missing = [s for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split) if not index.split(s)]
     if missing:
         raise ConfigError(f"dataset {index.dataset} v{index.version} at {cfg.data.index} has no shards for "
@@ -195,8 +243,142 @@ def mlflow_tags(cfg: RunConfig, nodes: int, git: dict[str, Any]) -> dict[str, st
             "mlflow.note.content": cfg.description}
 
 
+# torch.save's legacy (non-zip) format starts with the pickled magic number 0x1950a86a20f9469cfc6c
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+
+
+def check_init(cfg: RunConfig) -> str:
+    """Fail at launch when ``model.init`` cannot be what the ranks load: a missing file, a URI (the ranks
+    read a path), a file that is neither safetensors nor a torch checkpoint. Reads headers only (the
+    safetensors header, a zip directory, a magic number): nothing is unpickled here."""
+    import zipfile
+
+    init = cfg.model.init
+    if not init:
+        return "random initialisation"
+    if "://" in init:
+        raise ConfigError(f"model.init={init!r}: the ranks load a path (a file or a directory on a file system "
+                          f"they see); copy the checkpoint there and give its path")
+    path = Path(init)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"model.init={init!r}: no such checkpoint (expected a .safetensors/.pth/.pyth file or a "
+                          f"directory with model.safetensors)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                keys = len(list(f.keys()))
+            if not keys:
+                raise ValueError("it holds no tensors")
+            return f"{path} (safetensors, {keys} tensors)"
+        with open(path, "rb") as f:
+            head = f.read(len(_LEGACY_TORCH_MAGIC))
+        if head == _LEGACY_TORCH_MAGIC:
+            return f"{path} (torch checkpoint, legacy format)"
+        with zipfile.ZipFile(path) as z:  # torch.save's format: a zip holding <name>/data.pkl
+            if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist()):
+                raise ValueError("a zip file without data.pkl is not a torch checkpoint")
+        return f"{path} (torch checkpoint)"
+    except Exception as e:  # noqa: BLE001 -- OSError, BadZipFile, safetensors' own error type: all one answer
+        raise ConfigError(f"model.init={init!r}: {path} is not a readable checkpoint ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:300]})") from None
+
+
+def stored_config(cfg: RunConfig, tracking_uri: str) -> tuple[RunConfig, dict[str, str], str]:
+    """What the run directory may hold, and what only the job's environment may carry.
+
+    Returns the config to write (``cluster.env`` secrets and the credentials of ``tracking.uri`` as ``***``),
+    the environment the job is submitted with (the secrets themselves; Slurm and the local executor hand
+    the submitting process's environment to the ranks), and the real tracking URI (for this process only).
+    A credential in a field the ranks need and no variable can carry (data.index, model.init, cluster.setup,
+    ...) is refused."""
+    import copy
+
+    stored = copy.deepcopy(cfg)
+    job_env: dict[str, str] = {}
+    try:
+        revealed = reveal_env(cfg.cluster.env)  # on --resume: "***" values come from this shell
+    except SecretUnavailableError as e:
+        raise ConfigError(str(e)) from None
+    for name, value in cfg.cluster.env.items():
+        if is_secret_env(name, value):
+            job_env[name] = revealed[name]
+    stored.cluster.env = redact_env(cfg.cluster.env)
+    try:
+        real_uri = reveal_uri(tracking_uri)
+    except SecretUnavailableError as e:
+        raise ConfigError(f"tracking: {e}") from None
+    if has_credentials(real_uri):
+        job_env["MLFLOW_TRACKING_URI"] = real_uri  # the ranks' sink reads the real URI from here
+    stored.tracking.uri = redact_text(cfg.tracking.uri)
+    stored.description = redact_text(cfg.description)
+    flat, clean = stored.flat(), redact(stored.flat())
+    leaked = sorted(k for k in flat if k != "cluster.env" and flat[k] != clean[k])
+    if leaked:
+        raise ConfigError(f"{', '.join(leaked)} hold(s) a credential (a password or token in a URI, or NAME=secret): "
+                          f"the run directory would keep it. Give credentials by environment (AWS_* for S3, "
+                          f"cluster.env for the ranks: its secrets are passed by environment, never written)")
+    if job_env and not os.environ.get("SBATCH_EXPORT", "ALL").upper().startswith("ALL"):
+        raise ConfigError(f"SBATCH_EXPORT={os.environ['SBATCH_EXPORT']!r} keeps this shell's environment from the "
+                          f"job, and the secrets {sorted(job_env)} travel only by environment: unset SBATCH_EXPORT")
+    return stored, job_env, real_uri
+
+
+@contextlib.contextmanager
+def job_environment(env: dict[str, str]):
+    """``env`` added to this process's environment while a job is submitted (the job inherits it), then
+    the environment as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class SubmissionError(RuntimeError):
+    """The scheduler refused the job; what launch created for it has been removed (or marked FAILED)."""
+
+
+# what launch itself writes into a new run directory; anything else there was written by a rank
+_LAUNCH_FILES = {"config.yaml", "deepspeed.json", "launch.json", "mlflow.json", "submitit"}
+
+
+def _undo_launch(run_dir: Path, created: bool, tracking: dict[str, str] | None, real_uri: str,
+                 error: BaseException) -> str:
+    """After a failed submission: the MLflow run this launch created is marked FAILED (with the reason)
+    and a run directory it created is removed, so the name can be used again. Returns what was done."""
+    done = []
+    if tracking is not None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(real_uri)
+            client.set_tag(tracking["run_id"], "launch_error", redact_text(" ".join(str(error).split()))[:4000])
+            client.set_terminated(tracking["run_id"], "FAILED")
+            done.append(f"MLflow run {tracking['run_id']} marked FAILED")
+        except Exception as e:  # noqa: BLE001 -- the submission error is the one to report
+            done.append(f"MLflow run {tracking['run_id']} could not be marked FAILED ({redact_text(str(e))[:200]})")
+    if created and run_dir.is_dir():
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in _LAUNCH_FILES)
+        if foreign:
+            done.append(f"{run_dir} kept: it holds {foreign}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            done.append(f"{run_dir} removed")
+    return "; ".join(done)
+
+
 def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
-    """Resolve, prepare the run directory, create the MLflow run and submit. Returns what was done."""
+    """Check everything that can be checked, then create the run directory and the MLflow run and submit.
+    A bad request creates nothing; a refused submission leaves nothing behind but a FAILED MLflow run."""
     from pipeline.train.engine import deepspeed_config
 
     cfg, run_dir = resolve(req)
@@ -204,31 +386,59 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
     if nodes is None:
         nodes = 1
         if req.resume and (run_dir / "launch.json").exists():
-            jobs = json.loads((run_dir / "launch.json").read_text()).get("jobs", [])
-            nodes = jobs[-1]["nodes"] if jobs else 1
+            try:
+                jobs = json.loads((run_dir / "launch.json").read_text()).get("jobs", [])
+                nodes = int(jobs[-1]["nodes"]) if jobs else 1
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConfigError(f"--resume: {run_dir / 'launch.json'} cannot be read ({type(e).__name__}: {e}); "
+                                  f"give --nodes") from None
+    if nodes < 1:
+        raise ConfigError(f"--nodes {nodes}: expected a positive number of nodes")
+    from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri
+
+    record_file = run_dir / MLFLOW_FILE
+    if req.resume and record_file.exists():
+        try:
+            tracking = json.loads(record_file.read_text())
+            uri = tracking["tracking_uri"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"--resume: {record_file} cannot be read ({type(e).__name__}: {e})") from None
+    else:
+        tracking, uri = None, cfg.tracking.uri or default_tracking_uri(run_dir.parent)
+    # first: a credential where it would be written is refused before any message could repeat it
+    stored, job_env, real_uri = stored_config(cfg, uri)
     world = nodes * cfg.cluster.gpus_per_node
     plan = batch_plan(cfg, world)
+    check_model(cfg)
     ds_json = deepspeed_config(cfg, plan)
-    try:
-        data = check_data(cfg)
-    except ConfigError as e:
-        if not req.dry_run:
-            raise
-        data = f"NOT READABLE from here ({e})"
+    checks = {}
+    for what, check in (("data", check_data), ("init", check_init)):
+        try:
+            checks[what] = check(cfg)
+        except ConfigError as e:
+            if not req.dry_run:
+                raise
+            checks[what] = f"NOT READABLE from here ({e})"
+    data = checks["data"]
+    if not req.local and not req.dry_run:
+        check_slurm()
     git = git_state()
     executor_kind = "local" if req.local else "slurm"
     info: dict[str, Any] = {"run_dir": str(run_dir), "recipe": cfg.recipe, "nodes": nodes,
                             "gpus_per_node": cfg.cluster.gpus_per_node, "world_size": world,
                             "batch": plan.describe(), "executor": executor_kind, "data": data}
     if req.dry_run:
-        out(f"[dry run] nothing is written or submitted\nrecipe      {cfg.recipe}: {cfg.description}")
+        out(f"[dry run] nothing is written or submitted\nrecipe      {cfg.recipe}: {stored.description}")
         out(f"run dir     {run_dir}\nworld       {nodes} node(s) x {cfg.cluster.gpus_per_node} = {world} rank(s); "
-            f"{plan.describe()}\ndata        {data}\nexecutor    {executor_kind}")
-        out("--- config.yaml\n" + dump(cfg) + "--- deepspeed.json\n" + json.dumps(ds_json, indent=1))
+            f"{plan.describe()}\ndata        {data}\ninit        {checks['init']}\nexecutor    {executor_kind}")
+        if job_env:
+            out(f"secrets     {', '.join(sorted(job_env))}: passed to the job by environment, written nowhere")
+        out("--- config.yaml\n" + dump(stored) + "--- deepspeed.json\n" + json.dumps(ds_json, indent=1))
         if not req.local:
-            out("--- sbatch script (submitit)\n" + sbatch_script(cfg, nodes, run_dir))
+            out("--- sbatch script (submitit)\n" + sbatch_script(stored, nodes, run_dir))
         info["deepspeed"] = ds_json
         return info
+    created = False
     if req.resume:
         if not run_dir.is_dir():
             raise ConfigError(f"--resume {run_dir}: not a directory")
@@ -236,40 +446,50 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
         if run_dir.exists():
             raise ConfigError(f"run directory {run_dir} exists: choose another --name, or continue it with "
                               f"--resume {run_dir}")
-        run_dir.mkdir(parents=True)
-    (run_dir / "config.yaml").write_text(dump(cfg))
-    (run_dir / "deepspeed.json").write_text(json.dumps(ds_json, indent=1))
-    record_path = run_dir / "launch.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {
-        "created": time.time(), "user": getpass.getuser(), "host": socket.gethostname(), "git": git,
-        "recipe": cfg.recipe, "jobs": []}
-    from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri
+        try:
+            run_dir.mkdir(parents=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the run directory {run_dir} ({e.strerror}); check runs_dir") from None
+        created = True
+    created_tracking = None  # an MLflow run made here, to mark FAILED if the submission fails
+    try:
+        (run_dir / "config.yaml").write_text(dump(stored))
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_json, indent=1))
+        record_path = run_dir / "launch.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {
+            "created": time.time(), "user": getpass.getuser(), "host": socket.gethostname(), "git": git,
+            "recipe": cfg.recipe, "jobs": []}
+        executor = make_executor(stored, nodes, run_dir, req.local)
+        if tracking is None:
+            tracking = created_tracking = create_run(run_dir, real_uri, cfg.tracking.experiment or cfg.recipe,
+                                                     cfg.name, redact(mlflow_tags(cfg, nodes, git)))
+        from pipeline.train.main import TrainJob
 
-    tracking = None
-    if (run_dir / MLFLOW_FILE).exists():
-        tracking = json.loads((run_dir / MLFLOW_FILE).read_text())
-    else:
-        uri = cfg.tracking.uri or default_tracking_uri(run_dir.parent)
-        tracking = create_run(run_dir, uri, cfg.tracking.experiment or cfg.recipe, cfg.name,
-                              mlflow_tags(cfg, nodes, git))
-    executor = make_executor(cfg, nodes, run_dir, req.local)
-    from pipeline.train.main import TrainJob
-
-    job = executor.submit(TrainJob(run_dir))
+        with job_environment(job_env):
+            job = executor.submit(TrainJob(run_dir))
+    except BaseException as e:
+        undone = _undo_launch(run_dir, created, created_tracking, real_uri, e)
+        if isinstance(e, (ConfigError, KeyboardInterrupt)):
+            raise
+        raise SubmissionError(f"the job could not be submitted: {redact_text(' '.join(str(e).split()))[-1500:]}"
+                              f" ({undone or 'nothing to undo'})") from e
     record["jobs"].append({"job_id": str(job.job_id), "submitted": time.time(), "executor": executor_kind,
-                           "nodes": nodes, "gpus_per_node": cfg.cluster.gpus_per_node, "argv": sys.argv,
-                           "git": git, "resume": bool(req.resume)})
+                           "nodes": nodes, "gpus_per_node": cfg.cluster.gpus_per_node,
+                           "argv": redact(list(sys.argv)), "git": git, "resume": bool(req.resume),
+                           "secrets_by_environment": sorted(job_env)})
     record_path.write_text(json.dumps(record, indent=1))
     info.update(job_id=str(job.job_id), job=job, mlflow=tracking,
                 logs=str(run_dir / "submitit" / str(job.job_id) / str(job.job_id)))
     out(f"submitted   job {job.job_id} ({executor_kind}, {nodes} node(s) x {cfg.cluster.gpus_per_node} rank(s))")
     out(f"run dir     {run_dir}\nbatch       {plan.describe()}\ndata        {data}")
+    if job_env:
+        out(f"secrets     {', '.join(sorted(job_env))}: passed by environment; export them again to --resume")
     out(f"logs        {info['logs']}_<rank>_log.out")
     if tracking:
-        out(f"mlflow      run {tracking['run_id']} in experiment {tracking['experiment']!r} at "
-            f"{tracking['tracking_uri']}")
-        if tracking["tracking_uri"].startswith("sqlite:"):
-            out(f"            UI: mlflow ui --backend-store-uri {tracking['tracking_uri']} --host 127.0.0.1")
+        shown = redact_text(tracking["tracking_uri"])
+        out(f"mlflow      run {tracking['run_id']} in experiment {tracking['experiment']!r} at {shown}")
+        if shown.startswith("sqlite:"):
+            out(f"            UI: mlflow ui --backend-store-uri {shown} --host 127.0.0.1")
     else:
         out("mlflow      unavailable at launch; rank 0 logs to metrics.jsonl in the run directory")
     return info

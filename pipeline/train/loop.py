@@ -4,6 +4,11 @@ The data stream is cut into intervals of ``train.ckpt_every`` steps; each interv
 (seed, rank, worker, first step of the interval). A run resumed at any step re-opens its interval's stream
 and skips what was consumed (without decoding), so it sees exactly the batches the uninterrupted run saw,
 and a later interval never replays an earlier one.
+
+Broken samples are skipped by the loader; each batch carries its worker's counts (``batch["faults"]``).
+The loop sums them (``FaultTally``), logs ``data/skipped``, ``data/skipped_fraction`` and
+``data/samples_read`` (this process's attempt, all ranks summed) and stops every rank together with a
+``DataQualityError`` when a rank skipped more than ``data.max_skip_fraction`` of what it read.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.loader import ClipConfig, make_loader
+from pipeline.data.loader import ClipConfig, DataQualityError, FaultTally, make_loader
 
 log = logging.getLogger("pipeline.train")
 
@@ -83,6 +88,7 @@ def train_loop(s: LoopState) -> str:
     val_every = s.per_epoch if t.val_every == 0 else t.val_every
     step = s.engine.global_step
     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0}
+    faults = FaultTally()  # broken samples this rank's loaders skipped, over the whole attempt
     while step < s.total:
         batches, interval_end = _interval_stream(s, step)
         while step < interval_end:
@@ -91,6 +97,7 @@ def train_loop(s: LoopState) -> str:
                 t_wait = time.perf_counter()
                 batch = next(batches)
                 window["wait"] += time.perf_counter() - t_wait
+                faults.add(batch.get("faults"))
                 # drop-path draws depend only on (seed, rank, step, micro): a resumed run draws the same
                 torch.manual_seed(int(np.random.SeedSequence([t.seed, s.rank, step, micro]).generate_state(1)[0]))
                 losses.append(s.engine.train_micro_batch(batch["video"], batch["label"]))
@@ -101,9 +108,10 @@ def train_loop(s: LoopState) -> str:
             # fp16's loss scaler skips overflowing steps itself (an infinite norm there is routine)
             norm = s.engine.grad_norm() if t.precision != "fp16" else None
             diverged = not math.isfinite(loss) or (norm is not None and not (math.isfinite(norm) and norm >= 0))
+            bad_data = faults.exceeds(s.cfg.data.max_skip_fraction)
             flags = [s.stop.reason == "preempted", s.stop.reason == "terminated",
-                     s.rank == 0 and s.account.exhausted, diverged]
-            preempted, terminated, budget, diverged = (
+                     s.rank == 0 and s.account.exhausted, diverged, bad_data]
+            preempted, terminated, budget, diverged, any_bad_data = (
                 bool(v) for v in _all_reduce([float(f) for f in flags], s.device, "max"))
             if diverged:
                 raise DivergedError(
@@ -112,8 +120,15 @@ def train_loop(s: LoopState) -> str:
                     f"{s.run_dir}/checkpoints holds finite weights. If broken clips caused it, fix the data and "
                     f"`python jobs/launch.py --resume {s.run_dir}` continues from that checkpoint; a learning rate "
                     f"too high needs a new run with a lower optim.lr (now {s.cfg.optim.lr:g}) or a longer warm-up.")
+            if any_bad_data:  # every rank stops here together (one alone would leave the others in a collective)
+                who = f"step {step}, rank {s.rank}: " if bad_data else \
+                    f"step {step}: another rank skipped too many samples; rank {s.rank}: "
+                raise DataQualityError(
+                    f"{faults.error(s.cfg.data.max_skip_fraction, who)}. Nothing of this step was saved; once the "
+                    f"data is fixed, `python jobs/launch.py --resume {s.run_dir}` continues from the newest "
+                    f"checkpoint")
             if step % t.log_every == 0 or step == s.total:
-                log_step(s, step, window)
+                log_step(s, step, window, faults)
             if val_every > 0 and (step % val_every == 0 or step == s.total):
                 metrics = s.validate()
                 if s.rank == 0:
@@ -128,9 +143,11 @@ def train_loop(s: LoopState) -> str:
     return "done"
 
 
-def log_step(s: LoopState, step: int, window: dict[str, float]) -> None:
+def log_step(s: LoopState, step: int, window: dict[str, float], faults: FaultTally | None = None) -> None:
     elapsed = time.perf_counter() - window["t0"]
-    loss_sum, wait = _all_reduce([window["loss"], window["wait"]], s.device)
+    faults = faults or FaultTally()
+    loss_sum, wait, skipped, read = _all_reduce([window["loss"], window["wait"], float(faults.skipped),
+                                                 float(faults.read)], s.device)
     n = max(1, window["steps"])
     clips_per_s = n * s.plan.global_batch / max(elapsed, 1e-9)
     metrics = {
@@ -141,6 +158,10 @@ def log_step(s: LoopState, step: int, window: dict[str, float]) -> None:
         "data_wait_frac": min(1.0, wait / s.world_size / max(elapsed, 1e-9)),
         "memory_gib": _memory_gib(s.device),
         "gpu_hours": s.account.hours,
+        # broken samples skipped since this attempt started, all ranks (the per-shard detail is in the log)
+        "data/skipped": skipped,
+        "data/skipped_fraction": skipped / read if read else 0.0,
+        "data/samples_read": read,
         **system_metrics(),
     }
     if s.flops_per_clip:
@@ -153,6 +174,11 @@ def log_step(s: LoopState, step: int, window: dict[str, float]) -> None:
     if s.rank == 0:
         s.sinks.log_metrics(metrics, step)
         log.info("step %d/%d %s", step, s.total, _fmt({k: v for k, v in metrics.items() if "/" not in k}))
+        if skipped > window.get("skipped_seen", 0.0):  # new skips since the last metric line
+            window["skipped_seen"] = skipped
+            log.warning("step %d: %d of %d samples read were skipped as broken (%.3g%%, all ranks; "
+                        "data.max_skip_fraction=%g per rank); this rank: %s", step, skipped, read,
+                        100 * skipped / max(read, 1), s.cfg.data.max_skip_fraction, faults.describe(3))
         s.account.save()
     window.update(t0=time.perf_counter(), wait=0.0, steps=0, loss=0.0)
 

@@ -7,10 +7,15 @@ A preemption or time-limit signal (Slurm's USR2, sent ``cluster.signal_delay_s``
 turned into a flag that all ranks agree on at the next step: they save a checkpoint, rank 0 requeues the
 job (submitit: ``scontrol requeue``, or a restart of the local tasks), and the requeued job resumes into
 the same run directory and MLflow run. SIGTERM (a cancel) saves and stops without requeueing.
+
+The MLflow run says how the job ended: FINISHED; KILLED for a cancel (SIGTERM; outside the training loop,
+where there is nothing to save, it stops at once); FAILED when a rank dies of an exception (that rank
+marks it, whichever it is); still RUNNING across a requeue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +28,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import RunConfig, batch_plan, load_resolved, steps_per_epoch, total_steps
+from pipeline.config import ConfigError, RunConfig, batch_plan, load_resolved, steps_per_epoch, total_steps
 from pipeline.data.loader import ClipConfig, make_loader
 from pipeline.data.shards import load_index
 from pipeline.distributed import DistEnv
@@ -32,7 +37,7 @@ from pipeline.models.timesformer import TimeSformer, apply_activation_checkpoint
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
 from pipeline.train.engine import consolidated_state_dict, init_distributed, make_engine
-from pipeline.train.evaluate import test_protocol, validate
+from pipeline.train.evaluate import RUN_DATASET_FILE, test_protocol, validate
 from pipeline.train.loop import LoopState, train_loop
 
 log = logging.getLogger("pipeline.train")
@@ -53,14 +58,29 @@ def clip_config(cfg: RunConfig) -> ClipConfig:
     d = cfg.data
     return ClipConfig(num_frames=d.num_frames, sampling_rate=d.sampling_rate, ref_fps=d.ref_fps, sampler=d.sampler,
                       crop=d.crop, scale=(d.scale[0], d.scale[1]), flip=d.flip,
-                      output="uint8" if cfg.cluster.accelerator == "gpu" else "float")
+                      output="uint8" if cfg.cluster.accelerator == "gpu" else "float",
+                      num_classes=cfg.model.num_classes)  # labels outside [0, num_classes) are skipped, counted
+
+
+class StoppedForNow(SystemExit):
+    """The process leaves after its stop checkpoint (``requeue_or_exit``), which has already set the MLflow
+    run as it should be: open for the requeued job, or KILLED. A SystemExit: the exit code is the one given."""
+
+
+class RunCancelled(BaseException):
+    """SIGTERM outside the training loop (start-up, the final test, the export): stop now, the run KILLED.
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way swallows it."""
 
 
 class StopSignal:
-    """Remembers the first preemption (USR2) or termination (TERM) signal; the loop polls it."""
+    """Remembers the first preemption (USR2) or termination (TERM) signal; the loop polls it. Inside the
+    loop (``deferred``) a TERM waits for the next step's checkpoint; outside it there is nothing to save,
+    so it raises ``RunCancelled`` at once (before Slurm's KillWait ends in a SIGKILL that marks nothing)."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.deferred = False
+        self.pid = os.getpid()  # forked DataLoader workers inherit the handler: only this process raises
         signal.signal(signal.SIGUSR2, self._on("preempted"))
         signal.signal(signal.SIGTERM, self._on("terminated"))
 
@@ -68,9 +88,55 @@ class StopSignal:
         def handler(signum, frame):
             if self.reason is None:
                 self.reason = reason
-                log.warning("received %s: checkpoint at the next step, then %s", signal.Signals(signum).name,
-                            "requeue" if reason == "preempted" else "stop")
+                cancel_now = reason == "terminated" and not self.deferred and os.getpid() == self.pid
+                log.warning("received %s: %s", signal.Signals(signum).name, "stopping now" if cancel_now else
+                            "checkpoint at the next step, then " + ("requeue" if reason == "preempted" else "stop"))
+                if cancel_now:
+                    raise RunCancelled(f"cancelled ({signal.Signals(signum).name}) outside the training loop")
         return handler
+
+    @contextlib.contextmanager
+    def deferring(self):
+        """The training loop: a TERM becomes a flag that the loop turns into a checkpoint and a stop."""
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+
+
+class RunEnd:
+    """Marks the MLflow run when ``run`` leaves by an exception: KILLED for a cancel (TERM, Ctrl-C),
+    FAILED for anything else, with the error in the ``last_failure`` tag. Rank 0 goes through its sinks
+    (what is queued first); any other rank, or rank 0 before its sinks are open, through a client of its
+    own: the rank that died is the one that knows, and the others may hang in a collective."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.rank: int | None = None
+        self.sinks = None
+        self.stop: StopSignal | None = None
+        self.decided = False
+
+    def failed(self, error: BaseException) -> str | None:
+        if self.decided or isinstance(error, StoppedForNow):
+            return None
+        from pipeline.secrets import redact_text
+        from pipeline.tracking.sink import end_run
+
+        cancelled = isinstance(error, (RunCancelled, KeyboardInterrupt)) or (
+            self.stop is not None and self.stop.reason == "terminated")
+        status = "KILLED" if cancelled else "FAILED"
+        what = redact_text(f"{type(error).__name__}: {error}")[:2000]
+        tags = {"last_failure": what, "failed_rank": str(self.rank)} if status == "FAILED" else {"last_stop": "cancel"}
+        log.error("rank %s: the run ends %s (%s)", self.rank, status, what)
+        if self.sinks is not None and self.sinks.tracks_mlflow and not self.sinks.closed:
+            self.sinks.set_tags(tags)
+            self.sinks.close(status)
+        else:
+            end_run(self.run_dir, status, tags)
+        self.decided = True
+        return status
 
 
 def setup_logging(rank: int) -> None:
@@ -81,18 +147,30 @@ def setup_logging(rank: int) -> None:
 
 
 def run(run_dir: str | Path) -> dict[str, Any]:
+    """One rank's run; its result, or an exception after the MLflow run was marked (see ``RunEnd``)."""
     run_dir = Path(run_dir).resolve()
+    end = RunEnd(run_dir)
+    try:
+        return _run(run_dir, end)
+    except BaseException as e:
+        end.failed(e)
+        raise
+
+
+def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
     cfg = load_resolved(run_dir / "config.yaml")
     os.environ.update(cfg.cluster.env)
     if "OMP_NUM_THREADS" in cfg.cluster.env:  # torch read the variable at import; the recipe's value rules
         torch.set_num_threads(int(cfg.cluster.env["OMP_NUM_THREADS"]))
-    stop = StopSignal()
+    stop = end.stop = StopSignal()
     denv = DistEnv.detect().export()
+    end.rank = denv.rank
     setup_logging(denv.rank)
     record_process(run_dir, denv)
     device = init_distributed(cfg, denv.rank, denv.world_size, denv.local_rank)
     plan = batch_plan(cfg, denv.world_size)
     index, storage = load_index(cfg.data.index, cfg.data.version or None)
+    record_dataset(run_dir, index, write=denv.is_main)
     per_epoch = steps_per_epoch(cfg, index.num_samples(cfg.data.train_split))
     total = total_steps(cfg, index.num_samples(cfg.data.train_split))
     if denv.is_main:
@@ -112,11 +190,12 @@ def run(run_dir: str | Path) -> dict[str, Any]:
 
         create_run(run_dir, cfg.tracking.uri or default_tracking_uri(run_dir.parent), cfg.tracking.experiment or
                    cfg.recipe, cfg.name, mlflow_tags(cfg, denv.num_nodes, git_state()))
-    sinks = open_sinks(run_dir, denv.is_main)
+    sinks = end.sinks = open_sinks(run_dir, denv.is_main)
     devices = denv.world_size
     account = GpuHours(run_dir, devices, "gpu" if device.type == "cuda" else "cpu-process", cfg.budget.gpu_hours,
                        start=process_start_time())
     if denv.is_main:
+        sinks.set_running()  # an earlier attempt may have left it FAILED or KILLED
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
         sinks.set_tags({"resumed_from_step": str(resumed), "world_size": str(denv.world_size), "device": device_name,
                         "attempts": str(len(account.attempts)), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
@@ -135,11 +214,11 @@ def run(run_dir: str | Path) -> dict[str, Any]:
                       flops_per_clip=2.0 * training_flops_per_clip(model_config(cfg)),
                       peak_tflops=device_peak_tflops(device))
     try:
-        outcome = train_loop(state)
+        with stop.deferring():
+            outcome = train_loop(state)
     except BaseException:
         if denv.is_main:
-            account.save()
-            sinks.close("FAILED")
+            account.save()  # the hours of a failed attempt count; run() marks the MLflow run
         raise
     step = engine.global_step
     if outcome in ("preempted", "terminated"):
@@ -158,14 +237,25 @@ def run(run_dir: str | Path) -> dict[str, Any]:
             out = run_dir / "eval" / "test.json"
             out.parent.mkdir(exist_ok=True)
             out.write_text(json.dumps(report, indent=1))
-            sinks.log_metrics({"test_top1": report["top1"], "test_top5": report["top5"],
-                               "gpu_hours": account.hours}, step)
+            sinks.log_metrics({**report_metrics(report), "gpu_hours": account.hours}, step)
             sinks.log_artifact(out, "eval")
+            if report["top1"] is None:  # an unlabelled test split: predictions, and no made-up accuracy
+                log.error("test split %r: no labelled video (%d unlabelled, %d skipped), so no test accuracy; "
+                          "the predictions are in %s", cfg.data.test_split, report["unlabelled"], report["skipped"],
+                          out)
+                sinks.set_tags({"test": "no labelled videos"})
+            seen = report["read"] or (report["videos"] + report["unlabelled"] + report["skipped"])
+            if report["skipped"] > cfg.data.max_skip_fraction * seen:
+                log.error("test: %d of %d videos could not be read (above data.max_skip_fraction=%g): the test "
+                          "accuracy covers part of the split only; %s says which shards", report["skipped"], seen,
+                          cfg.data.max_skip_fraction, out)
+                sinks.set_tags({"test": f"partial: {report['skipped']} of {seen} videos skipped"})
             image = confusion_image(report, index.classes, out.with_name("confusion.png"))
             if image is not None:
                 sinks.log_artifact(image, "eval")
-            result.update(test_top1=report["top1"], test_top5=report["top5"], test_videos=report["videos"])
-        export = export_model(run_dir, cfg)
+            result.update(test_top1=report["top1"], test_top5=report["top5"], test_videos=report["videos"],
+                          test_unlabelled=report["unlabelled"], test_skipped=report["skipped"])
+        export = export_model(run_dir, cfg, classes=index.classes)
         sinks.log_artifact(export, "model")
         account.save()
         sinks.set_tags({"outcome": outcome, "gpu_hours": f"{account.hours:.6f}", "gpu_hours_unit": account.unit})
@@ -175,6 +265,42 @@ def run(run_dir: str | Path) -> dict[str, Any]:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return result
+
+
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The test protocol's numbers for MLflow: accuracy only when something labelled was scored; what
+    was left out (unlabelled, skipped videos) when anything was."""
+    metrics = {} if report["top1"] is None else {"test_top1": report["top1"], "test_top5": report["top5"]}
+    metrics.update({f"test_{k}": float(report[k]) for k in ("unlabelled", "skipped") if report.get(k)})
+    return metrics
+
+
+def record_dataset(run_dir: Path, index, write: bool) -> None:
+    """``dataset.json``: the dataset this run trains on and its class list (exports and evaluation name
+    the model's classes from it). A resumed run whose dataset now lists other classes is refused: its
+    labels would mean other things than the ones the model learnt."""
+    path = run_dir / RUN_DATASET_FILE
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+            classes = recorded["classes"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{path}: not a dataset record ({type(e).__name__}: {e}); it is written at the "
+                              f"run's first start: restore it or start a new run") from None
+        if classes != index.classes:
+            differ = next((i for i, (a, b) in enumerate(zip(classes, index.classes, strict=False)) if a != b),
+                          min(len(classes), len(index.classes)))
+            raise ConfigError(
+                f"{run_dir}: this run trained on {recorded.get('dataset')} v{recorded.get('version')} with "
+                f"{len(classes)} classes; data.index now gives {index.dataset} v{index.version} with "
+                f"{len(index.classes)}, first differing at class {differ}. Pin data.version="
+                f"{recorded.get('version')} to resume, or start a new run (model.init=...) for the new classes")
+        return
+    if write:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"dataset": index.dataset, "version": index.version, "classes": index.classes},
+                                  indent=1))
+        os.replace(tmp, path)
 
 
 def process_start_time() -> float:
@@ -273,16 +399,18 @@ def confusion_image(report: dict[str, Any], classes: list[str], path: Path) -> P
                     ax.text(j, i, str(matrix[i][j]), ha="center", va="center", fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"{report['split']}: top-1 {report['top1']:.1f}% over {report['videos']} videos "
-                 f"({report['protocol']})")
+    top1 = "no labelled videos" if report["top1"] is None else f"top-1 {report['top1']:.1f}%"
+    ax.set_title(f"{report['split']}: {top1} over {report['videos']} videos ({report['protocol']})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Path | None = None) -> Path:
-    """The consolidated fp32 model of a checkpoint (default: the newest complete) as model.safetensors."""
+def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Path | None = None,
+                 classes: list[str] | None = None) -> Path:
+    """The consolidated fp32 model of a checkpoint (default: the newest complete) as model.safetensors,
+    with its class names (``classes``, else the run's ``dataset.json``) in the metadata."""
     if tag is None:
         latest = ckpt.latest_complete(run_dir)
         if latest is None:
@@ -291,7 +419,13 @@ def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Pat
     state = consolidated_state_dict(ckpt.checkpoint_root(run_dir), tag)
     model = TimeSformer(model_config(cfg))
     model.load_state_dict(state, strict=True)
-    return save_safetensors(model, out or (run_dir / "export" / "model.safetensors"))
+    record = run_dir / RUN_DATASET_FILE
+    if classes is None and record.exists():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            classes = json.loads(record.read_text())["classes"]
+    if classes is not None and len(classes) != model.cfg.num_classes:
+        classes = None  # names that do not fit the head are not this model's: leave them out
+    return save_safetensors(model, out or (run_dir / "export" / "model.safetensors"), classes=classes)
 
 
 def requeue_or_exit(reason: str, run_dir: Path, cfg: RunConfig, denv: DistEnv, sinks) -> None:
@@ -313,12 +447,12 @@ def requeue_or_exit(reason: str, run_dir: Path, cfg: RunConfig, denv: DistEnv, s
             else:
                 from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
-                sys.exit(LOCAL_REQUEUE_RETURN_CODE)
+                raise StoppedForNow(LOCAL_REQUEUE_RETURN_CODE)
         else:
             log.warning("stopped (%s) after a checkpoint; continue with: python jobs/launch.py --resume %s",
                         reason, run_dir)
             sinks.close("KILLED")
-    sys.exit(EXIT_REQUEUED)
+    raise StoppedForNow(EXIT_REQUEUED)
 
 
 class TrainJob:

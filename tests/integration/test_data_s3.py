@@ -136,14 +136,17 @@ def test_wrong_credentials_are_reported_without_the_secret(s3_bucket, monkeypatc
     assert "definitely-wrong-secret" not in str(err.value)
 
 
-def test_a_sample_that_does_not_decode_stops_evaluation_with_its_name(s3_bucket):
+def test_a_sample_that_does_not_decode_is_skipped_and_counted_in_evaluation_with_its_shard(s3_bucket):
+    """One undecodable clip no longer ends the pass: the good sample is evaluated, the broken one is
+    counted under its shard (``faults``) for the evaluator to report."""
     storage = open_storage(f"s3://{s3_bucket}/bad")
-    meta = {"label": 0, "label_name": "x", "dataset": "d", "split": "val", "source": "s", "duration": 1.0,
-            "fps": 10.0, "num_frames": 10, "source_sha256": "-"}
-    data, count, keys = shard_bytes([ShardSample("broken", b"\\x00" * 100, meta)])
+    meta = {"label": 0, "label_name": "x", "dataset": "d", "split": "val", "source": "s", "duration": 2.0,
+            "fps": 16.0, "num_frames": 32, "source_sha256": "-"}
+    data, count, keys = shard_bytes([ShardSample("broken", b"\\x00" * 100, meta),
+                                     ShardSample("fine", make_video("motion", MOTION_CLASSES[0], seed=1), meta)])
     storage.put_bytes("shards/val/000000.tar", data)
     index = DatasetIndex("d", 1, ["x"], {}, [ShardInfo("shards/val/000000.tar", "val", count, len(data),
                                                        sha256_of(data), keys)])
-    loader = make_loader(index, storage, "val", train=False, batch_size=1, num_workers=0, clip=CLIP)
-    with pytest.raises(Exception, match=r"000000.tar/broken.mp4"):
-        list(loader)
+    batches = list(make_loader(index, storage, "val", train=False, batch_size=1, num_workers=0, clip=CLIP))
+    assert [b["key"] for b in batches] == [["fine"]]
+    assert batches[0]["faults"] == {"read": 2, "skipped": {storage.uri("shards/val/000000.tar"): {"undecodable": 1}}}

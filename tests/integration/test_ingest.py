@@ -1,5 +1,5 @@
 """Ingestion with a local Ray into a real S3 server (SeaweedFS): quarantine, no-op rerun, incremental
-version, refused concurrent run."""
+version, refused concurrent run; one hostile video among good ones; the local Ray listens on loopback."""
 
 from __future__ import annotations
 
@@ -19,12 +19,11 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import os
-
     import ray
 
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from pipeline.ingest.run import start_local_ray
+
+    start_local_ray(num_cpus=2)  # on 127.0.0.1 only, as an ingest's own Ray
     yield
     ray.shutdown()
 
@@ -199,3 +198,66 @@ def test_a_killed_ray_worker_is_retried_and_the_run_completes(tmp_path, s3_bucke
     assert len(keys) == len(set(keys)) == 16
     for shard in index.shards:
         verify_shard(storage, shard)
+
+
+def test_six_good_videos_and_one_that_libx264_refuses_commit_the_six(tmp_path, ray_local):
+    """A 2x2048 video made libx264 refuse to open (av.error.ExternalError): the shard task failed with a Ray
+    traceback naming no file and the six good videos were not committed."""
+    import numpy as np
+
+    from pipeline.data.video import encode_video
+
+    root = tmp_path / "src"
+    make_corpus(root, "colour", per_class={"train": 2})  # 8 videos
+    videos = sorted((root / "videos").iterdir())
+    thin = videos[3]
+    thin.write_bytes(encode_video(np.zeros((3, 2048, 2, 3), np.uint8), fps=10, codec="mpeg4", container="avi"))
+    videos[5].unlink()  # and one listed video is missing: 6 good ones remain
+    cfg = config(root, tmp_path / "out")
+    cfg.samples_per_shard = 8  # all in one shard
+    result = run_ingest(cfg, progress=False)
+    assert result.version == 1 and result.videos_out == 6 and len(result.quarantine) == 2
+    bad = next(k for k in result.quarantine if k.startswith(thin.stem))
+    q = result.quarantine[bad]
+    assert q["kind"] == "content" and q["reason"].startswith(f"{thin}: the libx264 encoder refused the 48x49152")
+    index, storage = load_index(cfg.output)
+    assert index.num_samples() == 6 and len(index.shards) == 1
+    verify_shard(storage, index.shards[0])
+
+
+LISTENERS = r"""
+import json, os
+os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+import psutil
+import ray  # imported before the ingest starts its Ray: Ray has read its environment by now
+from pipeline.ingest.run import start_local_ray
+start_local_ray(num_cpus=1)
+@ray.remote
+def task():
+    return os.getpid()
+ray.get([task.remote() for _ in range(2)])  # worker processes too
+me = psutil.Process()
+found = set()
+for proc in [me, *me.children(recursive=True)]:
+    try:
+        found |= {(c.laddr.ip, proc.name()) for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+    except psutil.Error:
+        pass
+ray.shutdown()
+print(json.dumps(sorted(found)))
+"""
+
+
+def test_the_local_ray_of_an_ingest_listens_on_loopback_only():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", LISTENERS], cwd=Path(__file__).resolve().parents[2],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    listeners = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {name for _, name in listeners}
+    assert {"gcs_server", "raylet"} <= names, listeners  # the sockets were seen at all
+    outside = [(ip, name) for ip, name in listeners if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not outside, f"listening beyond loopback: {outside}"

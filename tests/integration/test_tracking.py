@@ -193,3 +193,23 @@ def test_the_mlflow_ui_shows_the_runs_and_the_comparison_plot(compared, mlflow_s
     assert (shots / "mlflow-runs.png").stat().st_size > 20_000
     assert (shots / "mlflow-comparison-plot.png").stat().st_size > 20_000
     assert not external, f"the UI reached outside this machine: {external[:5]}"
+
+
+def test_the_servers_store_uris_travel_by_environment_not_on_any_command_line(mlflow_server):
+    """`ps` shows every user each process's argv: the backend URI (a database password, for PostgreSQL)
+    must be on none of the mlflow server's processes' (the server, its uvicorn worker); it is in the
+    server's environment, which only its owner can read."""
+    group = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        if int(fields[2]) == mlflow_server.proc.pid:  # process group: the server started its own session
+            group.append(stat_file.parent)
+    assert len(group) >= 2  # the CLI and its uvicorn worker: both checked
+    for proc in group:
+        argv = (proc / "cmdline").read_bytes().decode(errors="replace")
+        assert mlflow_server.backend not in argv and "mlflow.db" not in argv, argv
+    server_env = (Path("/proc") / str(mlflow_server.proc.pid) / "environ").read_bytes().split(b"\0")
+    assert f"MLFLOW_BACKEND_STORE_URI={mlflow_server.backend}".encode() in server_env

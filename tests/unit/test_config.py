@@ -68,7 +68,7 @@ def test_errors_name_the_file_and_the_field(tmp_path):
     bad.write_text("inherits: k400_base\ndata: {num_frames: eight}\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: data\.num_frames='eight' \(str\): expected an integer"):
         load_recipe(str(bad))
-    with pytest.raises(ConfigError, match=r"optim\.lr='nan' \(str\): expected a number"):
+    with pytest.raises(ConfigError, match=r"optim\.lr=nan \(float\): expected a finite number"):
         load_recipe("smoke", ["optim.lr=nan"])
     with pytest.raises(ConfigError, match=r"command line: unknown key 'modle'"):
         load_recipe("smoke", ["modle.variant=x"])

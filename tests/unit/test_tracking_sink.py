@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
-from pipeline.tracking.sink import JsonlSink, MLflowSink, Sinks, create_run
+import pytest
+
+from pipeline.tracking.sink import JsonlSink, MLflowSink, Sinks, create_run, end_run
+from tests.synthetic_data import write_dataset
 
 
 def closed_port_uri() -> str:
@@ -35,3 +43,184 @@ def test_an_unreachable_server_is_queued_warned_about_and_never_raises(tmp_path,
     assert "unavailable" in caplog.text and uri in caplog.text
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 200 and json.loads(lines[-1])["step"] == 199  # the numbers are kept locally
+
+
+# -- how a run ends: FINISHED, FAILED, KILLED, in a real (sqlite) MLflow store --------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("colour")
+    write_dataset(str(root), "colour", per_class={"train": 1, "val": 1})
+    return root
+
+
+def prepared_run(tmp_path: Path, data: Path, name: str, *overrides: str) -> tuple[Path, dict]:
+    """A run directory as jobs/launch.py leaves it (config.yaml, mlflow.json) for a one-rank CPU run with
+    the plain engine, tracked in an sqlite store under tmp_path."""
+    from pipeline.config import dump, load_recipe
+
+    cfg = load_recipe("smoke", [f"data.index={data}", "train.engine=torch", "train.zero_stage=0",
+                                "train.max_steps=2", "train.log_every=1", "train.ckpt_every=2", "train.val_every=-1",
+                                "data.num_workers=0", "test.max_videos=2", "test.temporal_clips=1",
+                                "test.spatial_crops=1", f"name={name}", *overrides])
+    run_dir = tmp_path / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump(cfg))
+    record = create_run(run_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", "status", name, {"recipe": "smoke"})
+    assert record is not None
+    return run_dir, record
+
+
+def start_rank(run_dir: Path) -> subprocess.Popen:
+    """One rank, as srun or torchrun would start it (a free rendezvous port; no launcher variables)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_", "MLFLOW_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train.main", str(run_dir)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def mlflow_run(record: dict):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(record["tracking_uri"]).get_run(record["run_id"])
+
+
+def test_a_run_that_ends_normally_is_finished_and_its_export_names_its_classes(tmp_path, colour_data):
+    from pipeline.train.evaluate import model_classes
+
+    run_dir, record = prepared_run(tmp_path, colour_data, "finished")
+    rank = start_rank(run_dir)
+    out, _ = rank.communicate(timeout=300)
+    assert rank.returncode == 0, out[-3000:]
+    run = mlflow_run(record)
+    assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "done"
+    assert "last_failure" not in run.data.tags
+    classes, _ = model_classes(run_dir / "export" / "model.safetensors")
+    assert classes == ["red", "green", "blue", "yellow"]  # from the dataset it trained on (dataset.json)
+    assert json.loads((run_dir / "dataset.json").read_text())["classes"] == classes
+
+
+@pytest.mark.parametrize("where", ["start-up", "training loop"])
+def test_a_rank_that_dies_marks_its_run_failed_with_the_error(tmp_path, colour_data, where):
+    if where == "start-up":  # before the sinks are open: the rank marks the run with a client of its own
+        empty = tmp_path / "no-dataset"
+        empty.mkdir()
+        run_dir, record = prepared_run(tmp_path, colour_data, "dies-early", f"data.index={empty}")
+        expected = "ShardError"
+    else:  # a learning rate far too high: the loop's divergence check raises at the first steps
+        run_dir, record = prepared_run(tmp_path, colour_data, "diverges", "optim.name=sgd", "optim.lr=1e30",
+                                       "optim.grad_clip=0", "train.max_steps=20", "train.ckpt_every=10")
+        expected = "DivergedError"
+    rank = start_rank(run_dir)
+    out, _ = rank.communicate(timeout=300)
+    assert rank.returncode != 0 and expected in out, out[-3000:]
+    run = mlflow_run(record)
+    assert run.info.status == "FAILED", out[-3000:]  # before: RUNNING for ever (start-up), FAILED (loop)
+    assert run.data.tags["last_failure"].startswith(expected) and run.data.tags["failed_rank"] == "0"
+
+
+@pytest.mark.parametrize("when", ["start-up", "training loop"])
+def test_a_cancelled_run_is_killed(tmp_path, colour_data, when):
+    """SIGTERM (scancel, no requeue): in the loop, a checkpoint and KILLED; outside it (start-up here),
+    KILLED at once, before Slurm's SIGKILL would leave the run RUNNING."""
+    run_dir, record = prepared_run(tmp_path, colour_data, f"cancel-{when.replace(' ', '-')}",
+                                   "train.max_steps=100000", "train.ckpt_every=100000")
+    rank = start_rank(run_dir)
+    deadline = time.time() + 240
+    ready = (lambda: (run_dir / "pids" / "rank0.json").exists()) if when == "start-up" else (
+        lambda: (run_dir / "metrics.jsonl").exists() and '"loss"' in (run_dir / "metrics.jsonl").read_text())
+    while not ready() and rank.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert rank.poll() is None, rank.communicate()[0][-3000:]
+    rank.send_signal(signal.SIGTERM)
+    out, _ = rank.communicate(timeout=240)
+    assert rank.returncode != 0, out[-3000:]
+    run = mlflow_run(record)
+    assert run.info.status == "KILLED", out[-3000:]
+    assert "last_failure" not in run.data.tags
+    checkpoints = list((run_dir / "checkpoints").glob("*")) if (run_dir / "checkpoints").exists() else []
+    if when == "training loop":  # the loop's stop: a checkpoint to resume from, and the stop recorded
+        assert run.data.tags["last_stop"] == "terminated" and checkpoints
+    else:  # stopped where it was: no training step ran after the signal (before: one step and a checkpoint)
+        assert run.data.tags["last_stop"] == "cancel" and not checkpoints
+        assert not (run_dir / "metrics.jsonl").exists() or '"loss"' not in (run_dir / "metrics.jsonl").read_text()
+
+
+def test_ending_a_run_from_another_rank_and_resuming_it(tmp_path):
+    """end_run (a rank without sinks) marks the run; a cancel after a crash keeps FAILED; a resumed
+    job's sinks make it RUNNING again."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    record = create_run(run_dir, f"sqlite:///{tmp_path / 'mlflow.db'}", "status", "r", {})
+    assert end_run(run_dir, "FAILED", {"last_failure": "RuntimeError: rank 3 ran out of memory"})
+    assert end_run(run_dir, "KILLED")  # the launcher then cancels the others: the crash stays visible
+    run = mlflow_run(record)
+    assert run.info.status == "FAILED" and run.data.tags["last_failure"].endswith("out of memory")
+    sinks = Sinks([JsonlSink(run_dir), MLflowSink(record)])
+    sinks.set_running()
+    sinks.close(None)  # a requeue: delivered, and left open
+    assert sinks.closed and mlflow_run(record).info.status == "RUNNING"
+    sinks = Sinks([MLflowSink(record)])
+    sinks.close("KILLED")
+    assert mlflow_run(record).info.status == "KILLED"
+    assert not end_run(tmp_path / "elsewhere", "FAILED")  # no mlflow.json: nothing to mark, no error
+
+
+def test_compare_shows_each_runs_status_and_marks_the_unfinished(tmp_path, monkeypatch):
+    """Four runs in a real store, one per status: the table has a status column and a note naming the
+    unfinished ones, the plot labels them and draws them dotted, and --finished-only leaves them out."""
+    import matplotlib.figure
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("cmp", artifact_location=(tmp_path / "art").as_uri())
+    for name, status in (("done", "FINISHED"), ("crashed", "FAILED"), ("cancelled", "KILLED"), ("going", "RUNNING")):
+        run = client.create_run(exp, run_name=name, tags={"variant": "timesformer_tiny", "attention_type": "x"})
+        client.log_batch(run.info.run_id, params=[Param("test.temporal_clips", "1"), Param("test.spatial_crops", "3")],
+                         tags=[RunTag("gflops_per_view", "1.0")],
+                         metrics=[Metric("gpu_hours", 0.1 * s, 0, s) for s in (1, 2)]
+                         + [Metric("val_top1", 10.0 * s, 0, s) for s in (1, 2)]
+                         + ([Metric("test_top1", 55.0, 0, 2)] if status == "FINISHED" else []))
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+    summaries = compare.fetch(uri, "cmp")
+    assert {s.run: s.status for s in summaries} == {"done": "FINISHED", "crashed": "FAILED", "cancelled": "KILLED",
+                                                   "going": "RUNNING"}
+    lines = compare.table_text(summaries).splitlines()
+    assert lines[0].split()[-1] == "status"
+    for name, status in (("done", "FINISHED"), ("crashed", "FAILED"), ("cancelled", "KILLED"), ("going", "RUNNING")):
+        assert next(line for line in lines if line.startswith(name)).split()[-1] == status
+    assert "not finished, numbers partial: FAILED: crashed; KILLED: cancelled; RUNNING: going" in lines[-1]
+    assert compare.table_csv(summaries).splitlines()[0].split(",").count("status") == 1
+    assert "| FAILED |" in compare.table_markdown(summaries)
+    drawn = {}
+
+    def capture(fig, path, **kw):  # what the plot shows: each line's legend label and its style
+        for line in fig.axes[0].get_lines():
+            if not line.get_label().startswith("_"):
+                drawn[line.get_label()] = line.get_linestyle()
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    compare.plot(summaries, tmp_path / "plot.png", "cmp")
+    assert drawn == {"done (x)": "-", "crashed (x) [FAILED]": ":", "cancelled (x) [KILLED]": ":",
+                     "going (x) [RUNNING]": ":"}
+    assert [s.run for s in compare.fetch(uri, "cmp", finished_only=True)] == ["done"]
+    cli = [sys.executable, str(REPO / "jobs" / "compare.py"), "--experiment", "cmp", "--tracking-uri", uri, "--no-log"]
+    p = subprocess.run(cli + ["--out", str(tmp_path / "all")], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert "status" in p.stdout.splitlines()[0] and "KILLED" in p.stdout and "not finished" in p.stdout
+    p = subprocess.run(cli + ["--out", str(tmp_path / "done"), "--finished-only"], capture_output=True, text=True,
+                       timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert "done" in p.stdout and "crashed" not in p.stdout and "not finished" not in p.stdout
