@@ -402,7 +402,7 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
                     results.append(ray.get(ref))
                 except Exception as err:  # RayTaskError, WorkerCrashedError, ...: after Ray's own retries
                     log.warning("shard %s failed; its %d video(s) are retried by the next run: %s", shard.url,
-                                len(shard.sources), str(err).strip().splitlines()[-1:])
+                                len(shard.sources), (str(err).strip().splitlines() or [""])[-1])
                     results.append(shard_failure(shard, err))
             bar.update(len(done))
         bar.close()

@@ -107,7 +107,8 @@ def failure(src: Source, err: BaseException, kind: str, limits: DecodeLimits) ->
 def shard_failure(plan: ShardPlan, err: BaseException) -> dict[str, Any]:
     """The result of a shard whose task failed as a whole (its worker died, its upload failed after the
     retries): every video in it is quarantined as transient, so the next run plans them again."""
-    reason = f"the shard task for {plan.url} failed ({type(err).__name__}: {str(err).strip().splitlines()[-1:]})"
+    last_line = (str(err).strip().splitlines() or [""])[-1]  # a Ray error carries the remote traceback
+    reason = f"the shard task for {plan.url} failed ({type(err).__name__}: {last_line})"
     quarantine = {s.entry.video_id: {"sha256": s.sha256, "reason": f"{s.uri}: {reason}", "kind": TRANSIENT}
                   for s in plan.sources}
     return {"shard": None, "quarantine": quarantine, "stats": {"reused": 0, "videos": 0, "bytes_in": 0,

@@ -32,6 +32,7 @@ from pipeline.config import ConfigError, RunConfig, batch_plan, load_resolved, s
 from pipeline.data.loader import ClipConfig, make_loader
 from pipeline.data.shards import load_index
 from pipeline.distributed import DistEnv
+from pipeline.secrets import reveal_env
 from pipeline.models.convert import load_checkpoint, save_safetensors
 from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, model_config
 from pipeline.train import checkpoint as ckpt
@@ -159,7 +160,8 @@ def run(run_dir: str | Path) -> dict[str, Any]:
 
 def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
     cfg = load_resolved(run_dir / "config.yaml")
-    os.environ.update(cfg.cluster.env)
+    # config.yaml holds *** for secrets: their real values came with the job's environment (launch.stored_config)
+    os.environ.update(reveal_env(cfg.cluster.env))
     if "OMP_NUM_THREADS" in cfg.cluster.env:  # torch read the variable at import; the recipe's value rules
         torch.set_num_threads(int(cfg.cluster.env["OMP_NUM_THREADS"]))
     stop = end.stop = StopSignal()

@@ -257,8 +257,8 @@ def test_a_shard_task_that_fails_leaves_its_videos_to_the_next_run(tmp_path, mon
     monkeypatch.setattr(ingest_run, "_build_all", build_all)
     first = run_ingest(cfg, progress=False)
     assert first.version == 1 and first.videos_out == 4 and first.transient == 4
-    assert all("the shard task for shards/train/" in q["reason"] and "WorkerCrashedError" in q["reason"]
-               for q in first.quarantine.values())
+    assert all(q["reason"].endswith("failed (RuntimeError: ray.exceptions.WorkerCrashedError: the worker died)")
+               and "the shard task for shards/train/" in q["reason"] for q in first.quarantine.values())
 
     monkeypatch.setattr(ingest_run, "_build_all", lambda plan, cfg, a, p: [
         build_shard(s, cfg.output, cfg.dataset, cfg.transcode) for s in plan.build])
