@@ -14,7 +14,9 @@ it) before anything from it moves on; a mismatch is a ``ShardError`` that stops 
 that does not decode) is skipped and counted per shard and reason, and logged at a limited rate. Every
 batch (or evaluation item) carries ``"faults"``: what its DataLoader worker read and skipped since its
 previous batch, ``{"read": int, "skipped": {shard_uri: {reason: count}}}``, so the counts cross the worker
-process boundary; ``FaultTally`` sums them and holds the ceiling (``DataQualityError``).
+process boundary; ``FaultTally`` sums them and holds the ceiling (``DataQualityError``). Evaluation
+pipelines hold their last item back so the counts of a pass's end travel on it; a worker that has counts
+but no item left to carry them ends with a marker, ``{"faults": ...}`` alone (no ``video``/``views``).
 
 Node and worker splitting are explicit (rank and world size are arguments, not environment guesses).
 Every random choice in training comes from a generator seeded by (seed, rank, worker, start step), so
@@ -244,10 +246,12 @@ def open_shards(storage: Storage, index: DatasetIndex, counter: FaultCounter, ve
 
     Verification holds the shard back: its bytes are read (and hashed in the same pass) into memory, and
     nothing of it moves on until the last byte matched the index's size and sha256. Memory: one shard per
-    DataLoader worker (K400's 256-sample shards are ~0.3-0.5 GB), briefly alongside the samples just cut
-    from it. That is the same order as what each worker's shuffle buffer already holds (data.shuffle_buffer
-    samples of raw clip bytes, 256 by default), and a price worth paying: a shard that was swapped or
-    damaged after ingest is refused whole, before a single sample of it is trained on or evaluated.
+    DataLoader worker (K400 at 256 samples of ~2 MB per shard: ~0.5 GB; 4-5 GB for a rank's 8-10 workers),
+    briefly alongside the samples just cut from it. Each worker's shuffle buffer already holds as much
+    (data.shuffle_buffer = 256 samples of clip bytes), so this at most doubles the loader's raw bytes, on
+    nodes with hundreds of GB; in return a shard swapped or damaged after ingest is refused whole, before
+    one of its samples is trained on or evaluated. CPU: sha256 and the copy add ~1.3 ms per 1.8 MB sample,
+    about 1% of a 96x224 clip's decode (jobs/bench_loader.py --verify-cost).
     ``verify=False`` streams unchecked; it exists only for jobs/bench_loader.py's measurement of the cost."""
     infos = {s.url: s for s in index.shards}
 
