@@ -32,9 +32,9 @@ from pipeline.config import ConfigError, RunConfig, batch_plan, load_resolved, s
 from pipeline.data.loader import ClipConfig, make_loader
 from pipeline.data.shards import load_index
 from pipeline.distributed import DistEnv
-from pipeline.secrets import reveal_env
 from pipeline.models.convert import load_checkpoint, save_safetensors
 from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, model_config
+from pipeline.secrets import reveal_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
 from pipeline.train.engine import consolidated_state_dict, init_distributed, make_engine
