@@ -322,8 +322,15 @@ _NAME_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's split: key
 
 
 def _member_kind(member: tarfile.TarInfo) -> str:
-    return ("symbolic link" if member.issym() else "hard link" if member.islnk() else
-            "directory" if member.isdir() else "device or fifo")
+    return ("sparse file" if member.issparse() else "symbolic link" if member.issym() else
+            "hard link" if member.islnk() else "directory" if member.isdir() else "device or fifo")
+
+
+def _plain_file(member: tarfile.TarInfo) -> bool:
+    """A regular member whose bytes are all in the tar. A sparse member (GNU or pax) is "regular" to tarfile
+    but declares a size of its own, filled with zeros as it is read: 10 KB of tar became 1 GiB in memory,
+    and the declared size has no bound. The ingest never writes one."""
+    return member.isreg() and not member.issparse()
 
 
 def shard_samples(counter: FaultCounter):
@@ -354,7 +361,7 @@ def shard_samples(counter: FaultCounter):
                             if key is not None and (sample := finish(uri, key, parts, problems)) is not None:
                                 yield sample
                             key, parts, problems = name_key, {}, []
-                        if not member.isreg():
+                        if not _plain_file(member):
                             problems.append(f"{member.name} is a {_member_kind(member)}, not a regular file")
                         elif ext in parts:
                             problems.append(f"{member.name} appears twice")

@@ -76,6 +76,8 @@ def read_shard(fileobj: BinaryIO, name: str = "shard") -> Iterator[ShardSample]:
             for member in tar:
                 if not member.isfile():
                     continue
+                if member.issparse():  # its declared size is filled with zeros on reading: unbounded memory
+                    raise ShardError(f"{name}: member {member.name} is a sparse file, which no shard holds")
                 key, _, ext = member.name.partition(".")
                 data = tar.extractfile(member).read()
                 pending.setdefault(key, {})[ext] = data
@@ -181,9 +183,13 @@ def _check_index(d: Any, where: str) -> None:
         raise bad("dataset", d["dataset"], "a non-empty name")
     if d["version"] < 1:
         raise bad("version", d["version"], "a positive integer")
+    seen_classes: dict[str, int] = {}
     for i, c in enumerate(d["classes"]):
         if not isinstance(c, str):
             raise bad(f"classes[{i}]", c, "a class name (string)")
+        if c in seen_classes:  # two label indices with one name: predictions could not be told apart
+            raise bad(f"classes[{i}]", c, f"a name not already used (classes[{seen_classes[c]}])")
+        seen_classes[c] = i
     if "created" in d and not math.isfinite(d["created"]):
         raise bad("created", d["created"], "a finite time stamp")
     for k, v in d.get("source_checksums", {}).items():

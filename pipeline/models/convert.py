@@ -27,8 +27,9 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -98,26 +99,121 @@ def _refusal(error: Exception) -> str:
             f"could run code")
 
 
+# Globals that torch's weights-only unpickler allows but that let a pickle of a few bytes ask for memory of any
+# size: ``bytearray(n)`` zero-fills n bytes as it is built (a 1 KB file held 1 GiB here, and asking for more
+# costs no more bytes of file). No checkpoint holds one. Found in the pickle's text before torch reads it.
+_AMPLIFYING_GLOBALS = (b"builtins\nbytearray\n",)
+_SCAN_CHUNK = 16 << 20
+
+
+def _pickle_texts(path: Path) -> Iterator[bytes]:
+    """The pickle bytes of a torch file, in chunks that overlap by enough to find a global's name: the
+    ``data.pkl`` records of a zip file (decompressed, as torch would read them), else the whole file (the
+    legacy format puts its pickles at the front, but the scan need not know where they end)."""
+    overlap = max(len(g) for g in _AMPLIFYING_GLOBALS)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.filename.endswith(".pkl"):
+                    with z.open(info) as f:
+                        yield from _chunks(f, overlap)
+        return
+    with open(path, "rb") as f:
+        yield from _chunks(f, overlap)
+
+
+def _chunks(f: Any, overlap: int) -> Iterator[bytes]:
+    tail = b""
+    while chunk := f.read(_SCAN_CHUNK):
+        yield tail + chunk
+        tail = chunk[-overlap:]
+
+
+def _refuse_amplifiers(path: Path, hint: str) -> None:
+    try:
+        for text in _pickle_texts(path):
+            for name in _AMPLIFYING_GLOBALS:
+                if name in text:
+                    qualified = name.decode().strip().replace("\n", ".")
+                    raise UnsafeCheckpointError(
+                        f"{path}: refused to load: its pickle asks for {qualified}, which no checkpoint holds and "
+                        f"which lets a small file claim memory of any size; nothing from it was built. {hint}")
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, ValueError) as e:
+        if isinstance(e, UnsafeCheckpointError):
+            raise
+        # a damaged zip: torch.load below says what is wrong with it
+
+
+def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a loaded checkpoint (containers and the __dict__ of allowed objects), without
+    recursion: a hostile file may nest its containers deeper than Python's stack."""
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, torch.Tensor):
+            yield item
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        if hasattr(item, "__dict__") and not isinstance(item, (torch.Tensor, type)):
+            stack.extend(vars(item).values())
+
+
+def _check_storage_bytes(state: Any, path: Path, hint: str) -> None:
+    """Refuse tensors whose storages hold more bytes than the file does. A tensor read from the file has its
+    bytes there; one built by a legacy constructor the pickle called (``torch.BFloat16Tensor(2**40)``) got
+    an uninitialised allocation of the size it asked for, which the first copy or cast (an inflation's
+    clone, an export's ``float()``) would fill: a small file that takes a node's memory."""
+    size = path.stat().st_size
+    storages: dict[tuple[str, int], int] = {}
+    for t in _tensors_in(state):
+        if t.layout != torch.strided or t.is_meta:
+            continue  # sparse tensors are rebuilt from strided ones, which are counted; meta ones hold nothing
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # a wrapper subclass without storage of its own
+            continue
+        storages[(str(t.device), s.data_ptr())] = s.nbytes()
+    held = sum(storages.values())
+    if held > size:
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: its tensors hold {held:,} bytes, more than the file's {size:,}: its pickle "
+            f"builds tensors that are not in the file (so any amount of memory could be asked for). {hint}")
+
+
 def safe_torch_load(path: str | os.PathLike, *, map_location: Any = "cpu",
                     allowed: Iterable[Any] = (), not_ours_hint: str | None = None, **kwargs: Any) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, plain containers and the ``allowed`` globals
     (classes, or ``(stand_in, "qualified.name")`` pairs) are rebuilt; anything else in the pickle is
     refused with ``UnsafeCheckpointError`` before it runs. Other failures (truncated, not a torch file)
-    raise ``ValueError``; both name the file. ``not_ours_hint`` ends the refusal's message (what to do)."""
+    raise ``ValueError``; both name the file. ``not_ours_hint`` ends the refusal's message (what to do).
+    A pickle that could ask for memory of any size (``bytearray``, tensors larger than the file) is refused
+    too (``UnsafeCheckpointError``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    hint = not_ours_hint or (
+        "If it is a model from a source you trust, load it once in an isolated environment and re-save only "
+        "its weights (torch.save(model.state_dict(), ...) or safetensors), then use that file.")
+    if path.is_file():
+        _refuse_amplifiers(path, hint)
     try:
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(str(path), map_location=map_location, weights_only=True, **kwargs)
+            state = torch.load(str(path), map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
-        hint = not_ours_hint or (
-            "If it is a model from a source you trust, load it once in an isolated environment and re-save only "
-            "its weights (torch.save(model.state_dict(), ...) or safetensors), then use that file.")
         raise UnsafeCheckpointError(
             f"{path}: refused to load: {_refusal(e)}; nothing from it was run. {hint}") from None
     except Exception as e:  # a truncated or foreign file: say which and why
         raise ValueError(f"{path}: cannot be read as a PyTorch checkpoint ({type(e).__name__}: {e})") from e
+    if path.is_file():
+        _check_storage_bytes(state, path, hint)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,10 +336,22 @@ def from_official(checkpoint: Mapping[str, Any]) -> StateDict:
     out = {}
     for k, v in checkpoint.items():
         for prefix in ("module.", "model."):
-            if k.startswith(prefix):
+            if isinstance(k, str) and k.startswith(prefix):
                 k = k[len(prefix):]
         out[k] = v
     return out
+
+
+def require_tensors(state: Mapping[Any, Any], where: str) -> None:
+    """A state dict maps names to tensors; a checkpoint whose weights are anything else (a number, a string,
+    a nested dict where a tensor belongs) is named here, key by key, instead of failing deep in the load."""
+    bad = [f"{k!r} ({type(v).__name__})" for k, v in state.items()
+           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise CheckpointMismatchError(
+            f"{where}: not a state dict of named tensors: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} "
+            f"not a tensor under a string key: {shown}. Re-save it with torch.save(model.state_dict(), ...)")
 
 
 def to_official(state: Mapping[str, torch.Tensor], cfg: TimeSformerConfig, epoch: int = 0) -> dict[str, Any]:
@@ -436,8 +544,14 @@ def load_safetensors(path: str | os.PathLike) -> TimeSformer:
         raise ValueError(f"{path}: the metadata's timesformer_config is a {type(fields).__name__}, not an object")
     try:
         cfg = TimeSformerConfig.from_dict(fields, where=str(path))
-    except TypeError as e:  # a field of the wrong type that the config's own checks did not name
+    except (TypeError, ValueError) as e:  # a field of the wrong type or value (NaN mlp_ratio): name the file
+        if str(path) in str(e):
+            raise
         raise ValueError(f"{path}: the metadata's timesformer_config is not a valid model config ({e})") from None
+    odd = [f"{k}={v!r}" for k, v in fields.items() if isinstance(v, float) and not math.isfinite(v)]
+    if odd:  # NaN passes every range check (all comparisons are false), then fails deep in the model's sizes
+        raise ValueError(f"{path}: the metadata's timesformer_config has non-finite values ({', '.join(odd)}); "
+                         f"export the run again (jobs/export.py)")
     check_config_against_shapes(cfg, shapes, str(path))
     return load_into(TimeSformer(cfg), load_file(str(path)), where=str(path))
 
@@ -496,15 +610,16 @@ def load_checkpoint(model: TimeSformer, source: str | os.PathLike | Mapping[str,
         video_model = model.time_embed is not None or EXTRA_STEPS[model.cfg.attention_type]
         if fmt == "timm_vit" and not video_model:
             fmt = "ours"  # same keys: a space-only TimeSformer is an image ViT; load strictly, no head reset
+    if fmt not in ("ours", "official", "hf", "timm_vit"):
+        raise ValueError(f"unknown checkpoint format {fmt!r}: expected auto, ours, official, hf or timm_vit")
     if fmt == "official":
         state = from_official(state)
-    elif fmt == "hf":
+    require_tensors(state, where)  # a number or a string where a weight belongs: named, not an AttributeError
+    if fmt == "hf":
         state = from_hf(state, where=where)
     elif fmt == "timm_vit":
         model.load_state_dict(inflate_vit(state, model, where=where), strict=True)
         return model
-    elif fmt != "ours":
-        raise ValueError(f"unknown checkpoint format {fmt!r}: expected auto, ours, official, hf or timm_vit")
     return load_into(model, state, reset_head=reset_head, where=where)
 
 

@@ -408,6 +408,7 @@ def shard_change(**kw):
 HOSTILE_INDEXES = {
     "classes a string": (lambda d: d.update(classes="abcd"), "classes"),
     "classes not strings": (lambda d: d.update(classes=[1, 2]), r"classes\[0\]"),
+    "a class named twice": (lambda d: d.update(classes=[*d["classes"], d["classes"][0]]), "already used"),
     "version a string": (lambda d: d.update(version="3"), "version"),
     "version a bool": (lambda d: d.update(version=True), "version"),
     "version zero": (lambda d: d.update(version=0), "positive"),
