@@ -352,6 +352,14 @@ def require_tensors(state: Mapping[Any, Any], where: str) -> None:
         raise CheckpointMismatchError(
             f"{where}: not a state dict of named tensors: {len(bad)} entr{'y is' if len(bad) == 1 else 'ies are'} "
             f"not a tensor under a string key: {shown}. Re-save it with torch.save(model.state_dict(), ...)")
+    # A saved weight owns its elements; a view larger than its storage (stride 0, overlapping strides) is a
+    # small file posing as a huge tensor, which the first clone or cast would materialise.
+    posing = [f"{k} {tuple(v.shape)}" for k, v in state.items()
+              if v.numel() * v.element_size() > v.untyped_storage().nbytes()]
+    if posing:
+        raise CheckpointMismatchError(
+            f"{where}: {len(posing)} tensor(s) are views larger than the data stored for them ({', '.join(posing[:5])}"
+            f"): not weights a model saved. Refusing to load it; re-save the checkpoint from the model")
 
 
 def to_official(state: Mapping[str, torch.Tensor], cfg: TimeSformerConfig, epoch: int = 0) -> dict[str, Any]:

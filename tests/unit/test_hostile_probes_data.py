@@ -117,6 +117,21 @@ def test_a_number_where_a_weight_belongs_is_named_not_an_attribute_error(tmp_pat
     assert str(path) in str(e.value) and repr(key) in str(e.value) and "(int)" in str(e.value)
 
 
+def test_a_stride_zero_view_posing_as_a_huge_weight_is_refused_before_inflation_clones_it(tmp_path):
+    """An image-ViT checkpoint whose qkv weight is one stored float expanded to 2**28 elements: the file is
+    tiny, and ViT inflation clones attention weights before any shape check, which would fill 1 GiB."""
+    vit = {k: v for k, v in tiny_model(attention_type="space_only").state_dict().items()}
+    vit["blocks.0.attn.qkv.weight"] = torch.zeros(1).expand(1 << 14, 1 << 14)
+    path = tmp_path / "posing.pth"
+    torch.save(vit, path)
+    assert path.stat().st_size < 1 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_checkpoint(tiny_model(), path, fmt="timm_vit")
+    assert str(path) in str(e.value) and "blocks.0.attn.qkv.weight" in str(e.value) and "views larger" in str(e.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 << 10  # KiB: nothing was filled
+
+
 def test_a_non_string_key_is_named(tmp_path):
     path = tmp_path / "intkey.pth"
     torch.save({1: torch.zeros(1)}, path)
