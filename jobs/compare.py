@@ -11,7 +11,8 @@ Prints the table; writes table.txt/.csv/.md, runs.json and accuracy_vs_gpu_hours
 (default runs/compare-<experiment>), and logs them to MLflow as a comparison run in the same experiment
 (--no-log to skip). Each run's MLflow status is a column; runs that did not finish (FAILED, KILLED,
 RUNNING) are marked in the table and dotted in the plot, or left out with --finished-only.
-Exit codes: 0 done, 2 no such experiment or runs.
+Exit codes: 0 done, 1 the report was written but MLflow did not take it, 2 no such database,
+experiment or runs, or an --out that cannot be written (nothing created).
 """
 
 from __future__ import annotations
@@ -35,28 +36,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finished-only", action="store_true",
                    help="leave out runs whose status is not FINISHED (default: shown, and marked)")
     args = p.parse_args(argv)
+    from pipeline.secrets import redact_text
     from pipeline.tracking.compare import fetch, log_comparison, table_text, write_report
-    from pipeline.tracking.sink import default_tracking_uri
+    from pipeline.tracking.sink import _quick_failing_http, default_tracking_uri
 
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
+    shown = redact_text(uri)  # a URI may carry a password or a token: never printed
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():  # MLflow would create an empty database (and its tables) here: reading creates nothing
+            print(f"compare: no MLflow database at {db} (give --runs-dir where the runs were launched, or "
+                  f"--tracking-uri)", file=sys.stderr)
+            return 2
+    _quick_failing_http()  # an unreachable server: one error now, not minutes of retries
     try:
         summaries = fetch(uri, args.experiment, args.runs, finished_only=args.finished_only)
-    except ValueError as e:
-        print(f"compare: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 -- ValueError (no such experiment/run), MlflowException, network errors
+        print(f"compare: {redact_text(' '.join(str(e).split()))[:1000]}", file=sys.stderr)
         return 2
     if not summaries:
         what = "finished training runs" if args.finished_only else "training runs"
         print(f"compare: experiment {args.experiment!r} has no {what} yet", file=sys.stderr)
         return 2
     out = Path(args.out or Path(args.runs_dir) / f"compare-{args.experiment}")
-    paths = write_report(summaries, out, args.experiment)
+    try:
+        paths = write_report(summaries, out, args.experiment)
+    except OSError as e:
+        print(f"compare: cannot write the report to {out} ({e.strerror or e}): choose another --out", file=sys.stderr)
+        return 2
     print(table_text(summaries))
     print(f"\nwrote {', '.join(sorted(paths))} in {out}\nplot: {paths['accuracy_vs_gpu_hours.png']}")
     if not args.no_log:
-        run_id = log_comparison(uri, args.experiment, summaries, paths)
-        print(f"logged to MLflow at {uri} as comparison run {run_id}")
+        try:
+            run_id = log_comparison(uri, args.experiment, summaries, paths)
+        except Exception as e:  # noqa: BLE001 -- the report is written; say why MLflow did not take it
+            print(f"compare: the comparison was not logged to MLflow at {shown} "
+                  f"({redact_text(' '.join(str(e).split()))[:500]}); the files above have it", file=sys.stderr)
+            return 1
+        print(f"logged to MLflow at {shown} as comparison run {run_id}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -63,6 +63,26 @@ def free_name(path: Path) -> Path:
     return candidate
 
 
+def check_writable(out: Path) -> None:
+    """Refuse, before the pass, a report path that cannot be written (a parent that is a file, a read-only
+    or pseudo file system): otherwise the whole test pass would be lost at its last step. Leaves nothing
+    behind (a refusal during the pass writes nothing either): a file is created and removed in the
+    nearest directory that exists."""
+    import tempfile
+
+    if out.is_dir():
+        raise FileExistsError(f"--out {out} is a directory: give a file name (report.json)")
+    try:
+        nearest = next(p for p in out.parents if p.exists())
+        if not nearest.is_dir():
+            raise NotADirectoryError(0, f"{nearest} is a file")
+        with tempfile.TemporaryFile(dir=nearest, prefix=".evaluate-probe-"):
+            pass
+    except OSError as e:
+        raise FileExistsError(f"the report cannot be written to {out} ({e.strerror or e}): choose another "
+                              "--out") from None
+
+
 def write_report(report: dict, out: Path, overwrite: bool) -> Path:
     """Write without ever replacing a report this command did not ask to replace: a file that appeared
     during the pass (another evaluation) sends this one to the next free name instead."""
@@ -109,13 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                  FileExistsError, ValueError)
     src = Path(args.model).resolve()
     try:
+        export_needed = False
         if src.is_dir():
             cfg = load_resolved(src / "config.yaml") if not args.recipe else load_recipe(args.recipe)
             model_path = src / "export" / "model.safetensors"
             if not model_path.exists():
                 if ckpt.latest_complete(src) is None:
                     raise ConfigError(f"{src}: no export and no complete checkpoint to evaluate")
-                model_path = export_model(src, cfg)
+                export_needed = True  # made below, once every other input has been checked
         else:
             if not args.recipe:
                 raise ConfigError("a model file needs --recipe (which dataset and protocol to test on)")
@@ -125,9 +146,20 @@ def main(argv: list[str] | None = None) -> int:
             validate(cfg)
         split = args.split or cfg.data.test_split
         out, note = report_path(args, src, split)  # before the pass: a refusal costs nothing
+        index, storage = load_index(cfg.data.index, cfg.data.version or None)
+        if export_needed:
+            # the run's export is the run's model: built from its own config.yaml, whatever --recipe says
+            # (another recipe's model would fail to load, or load into another architecture)
+            run_cfg = load_resolved(src / "config.yaml") if args.recipe else cfg
+            try:
+                model_path = export_model(src, run_cfg)
+            except RuntimeError as e:  # load_state_dict: the checkpoint is not the model of config.yaml
+                raise ConfigError(f"{src}: its newest checkpoint does not fit the model of its config.yaml "
+                                  f"({' '.join(str(e).split())[:300]}); the run directory was edited or "
+                                  "damaged") from None
         model = load_safetensors(model_path)
         classes, classes_from = model_classes(model_path, src if src.is_dir() else None)
-        index, storage = load_index(cfg.data.index, cfg.data.version or None)
+        check_writable(out)  # last, so a refusal above creates nothing; first, so a pass is never lost to it
     except bad_input as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2

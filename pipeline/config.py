@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import math
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,13 +180,49 @@ class RunConfig:
 
 # -- typed loading ---------------------------------------------------------------------------------
 
+# error messages quote what was given, shortened: a YAML alias bomb (a few hundred bytes whose aliases
+# unfold to billions of items) or a megabyte string must not become the message itself
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxtuple, _SHOWN.maxdict = 2, 6, 6, 6
+_SHOWN.maxstring = _SHOWN.maxother = 160
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, bounded in size and depth (for error messages)."""
+    return _SHOWN.repr(value)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML keeps the last silently:
+    ``optim: {lr: 0.1}`` written twice would drop the first without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<' merges are YAML's own way of overriding; complex keys are refused later
+            key = self.construct_object(key_node)
+            with contextlib.suppress(TypeError):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {shown(key)} appears twice in one mapping (first at line {seen[key]})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def yaml_load(text: str) -> Any:
+    """A YAML document read the way recipes and overrides are: safe (no tags that run code), and a key
+    written twice in one mapping is an error instead of a silent overwrite."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 -- _RecipeLoader is a SafeLoader
+
 
 def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
     """``value`` as type ``tp`` (ints accepted for floats), or a ConfigError naming where and which key."""
     origin = typing.get_origin(tp)
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{where}: {key}={value!r} ({type(value).__name__}): expected {expected}")
+        return ConfigError(f"{where}: {key}={shown(value)} ({type(value).__name__}): expected {expected}")
 
     if tp is bool:
         if not isinstance(value, bool):
@@ -218,7 +255,8 @@ def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
             raise bad("a mapping")
         for k, v in value.items():
             if v is None or isinstance(v, (dict, list)):
-                raise ConfigError(f"{where}: {key}.{k}={v!r}: expected a string or a number (an environment value)")
+                raise ConfigError(f"{where}: {key}.{k}={shown(v)}: expected a string or a number (an environment "
+                                  "value)")
         return {str(k): str(v) for k, v in value.items()}
     raise TypeError(f"unsupported config type {tp} for {key}")  # a schema bug, not a user error
 
@@ -226,13 +264,13 @@ def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
 def apply_layer(obj: Any, data: dict[str, Any], where: str, prefix: str = "") -> None:
     """Set the fields of dataclass ``obj`` from ``data``, checking names and types."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {data!r}")
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {shown(data)}")
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise ConfigError(f"{where}: unknown key {dotted!r}; known keys under "
+            raise ConfigError(f"{where}: unknown key {shown(dotted)}; known keys under "
                               f"{prefix.rstrip('.') or 'the top level'}: {', '.join(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
@@ -255,7 +293,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             if not isinstance(target, dict):
                 raise ConfigError(f"command line: {item!r} conflicts with an earlier override of {p}")
         try:
-            target[parts[-1]] = yaml.safe_load(value)
+            target[parts[-1]] = yaml_load(value)
         except (yaml.YAMLError, RecursionError) as e:
             raise ConfigError(f"command line: {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
                               "put a string that holds YAML syntax in quotes") from None
@@ -278,7 +316,7 @@ def _read_yaml(path: Path, what: str) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read this {what} ({type(e).__name__}: {e})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except (yaml.YAMLError, RecursionError) as e:
         raise ConfigError(f"{path}: this {what} is not valid YAML ({_yaml_problem(e)})") from None
 
@@ -309,7 +347,7 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict[str
     parents = data.pop("inherits", [])
     parents = [parents] if isinstance(parents, str) else parents
     if not isinstance(parents, list) or not all(isinstance(p, str) and p for p in parents):
-        raise ConfigError(f"{path}: inherits={parents!r}: expected a recipe name or a list of recipe names")
+        raise ConfigError(f"{path}: inherits={shown(parents)}: expected a recipe name or a list of recipe names")
     layers: list[tuple[str, dict[str, Any]]] = []
     for parent in parents:
         try:
@@ -371,7 +409,7 @@ def dump(cfg: RunConfig) -> str:
 
 def _choice(value: Any, choices: tuple, key: str, where: str) -> None:
     if value not in choices:
-        raise ConfigError(f"{where}: {key}={value!r}: expected one of {', '.join(map(str, choices))}")
+        raise ConfigError(f"{where}: {key}={shown(value)}: expected one of {', '.join(map(str, choices))}")
 
 
 RUN_NAME_RULE = ("letters, digits, '.', '_' and '-', at most 128 characters, starting with a letter, a digit or "
@@ -384,7 +422,7 @@ def check_run_name(name: str, what: str = "name") -> None:
     """Refuse a run name that could leave the runs directory (``../x``, ``a/b``) or break a shell or an
     sbatch line (spaces, control characters)."""
     if not isinstance(name, str) or not _RUN_NAME.fullmatch(name):
-        raise ConfigError(f"{what}={name!r}: expected {RUN_NAME_RULE}")
+        raise ConfigError(f"{what}={shown(name)}: expected {RUN_NAME_RULE}")
 
 
 def _fields(section: Any, prefix: str) -> dict[str, Any]:
@@ -426,6 +464,13 @@ INT_MINIMUMS: dict[str, tuple[int, str]] = {
     "cluster.signal_delay_s": (0, "an integer >= 0 seconds"),
     "cluster.max_requeues": (0, "an integer >= 0"),
 }
+# maximum of integer fields where a typo (an extra digit or three) would exhaust a node rather than fail
+INT_MAXIMUMS: dict[str, tuple[int, str]] = {
+    "data.num_workers": (256, "at most 256 DataLoader workers per rank (each is a process)"),
+}
+# a model no recipe comes near (TimeSformer-L has 121M parameters): above it, model.* or data.* holds a typo,
+# and building it would exhaust the ranks' memory after the run was created
+MAX_MODEL_PARAMETERS = 10**11
 # (low, low inclusive, high, high inclusive) of every float field; None: unbounded on that side
 FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "model.drop_path_rate": (0.0, True, 1.0, False),
@@ -467,7 +512,7 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         values.update(_fields(getattr(cfg, name), name))
 
     def refuse(key: str, expected: str) -> ConfigError:
-        return ConfigError(f"{where}: {key}={values.get(key)!r}: expected {expected}")
+        return ConfigError(f"{where}: {key}={shown(values.get(key))}: expected {expected}")
 
     for key, (low, expected) in INT_MINIMUMS.items():
         if values[key] < low:
@@ -524,6 +569,15 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
             check_run_name(cfg.name)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+    for key, (high, expected) in INT_MAXIMUMS.items():
+        if values[key] > high:
+            raise refuse(key, expected)
+    from pipeline.data.video import DEFAULT_LIMITS
+
+    # above the decode limit every clip would be refused, and counted as bad data rather than a bad recipe
+    if cfg.data.num_frames > DEFAULT_LIMITS.max_clip_frames:
+        raise refuse("data.num_frames", f"at most {DEFAULT_LIMITS.max_clip_frames} frames per clip (the decode "
+                     "limit max_clip_frames, pipeline.data.video.DecodeLimits)")
     if not cfg.data.index:
         raise ConfigError(f"{where}: data.index is empty: give the dataset root that ingest wrote "
                           f"(data.index=s3://bucket/datasets/k400 or a directory)")
@@ -532,13 +586,21 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
 def check_model(cfg: RunConfig) -> Any:
     """The model config the recipe builds (``TimeSformerConfig``), or a ConfigError saying which model
     field combination cannot be built (a width that the heads do not divide, a patch the crop does not fit)."""
+    from pipeline.models.flops import parameter_count
     from pipeline.models.timesformer import model_config
 
     try:
-        return model_config(cfg)
+        mc = model_config(cfg)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"recipe {cfg.recipe!r}: the model cannot be built: {e} (model.* and data.num_frames, "
                           "data.crop)") from None
+    params = parameter_count(mc)
+    if params > MAX_MODEL_PARAMETERS:
+        raise ConfigError(f"recipe {cfg.recipe!r}: the model would have {params:.3g} parameters (embed_dim "
+                          f"{mc.embed_dim}, depth {mc.depth}, {mc.num_patches} patches, {mc.num_frames} frames, "
+                          f"{mc.num_classes} classes), over {MAX_MODEL_PARAMETERS:.0e}: check model.*, data.crop, "
+                          "data.num_frames and model.num_classes")
+    return mc
 
 
 @dataclass(frozen=True)
@@ -560,8 +622,11 @@ def batch_plan(cfg: RunConfig, world_size: int) -> BatchPlan:
     per_step = cfg.train.micro_batch * world_size
     gb = cfg.train.global_batch
     if gb % per_step:
-        fits = [w for w in range(1, gb + 1) if gb % (cfg.train.micro_batch * w) == 0]
-        micro = [m for m in range(1, gb + 1) if gb % (m * world_size) == 0]
+        # the hint looks at sizes up to 4096 and names at most 16 of each: a global batch of 10**12 must
+        # get its one-line refusal at once, not after a trillion divisions
+        search = range(1, min(gb, 4096) + 1)
+        fits = [w for w in search if gb % (cfg.train.micro_batch * w) == 0][:16]
+        micro = [m for m in search if gb % (m * world_size) == 0][:16]
         hint = (f"world sizes that work with micro batch {cfg.train.micro_batch}: {fits}" if fits else
                 f"no world size works with micro batch {cfg.train.micro_batch}")
         alt = f"; or train.micro_batch in {micro}" if micro else ""

@@ -18,7 +18,7 @@ from typing import Any
 REDACTED = "***"
 # names of variables and keys whose values are secrets
 _SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY|SESSION_KEY"
-                          r"|AUTH)", re.IGNORECASE)
+                          r"|AUTH|(?:^|_)PASS(?:$|_))", re.IGNORECASE)
 # scheme://user:password@host -> scheme://user:***@host ; scheme://token@host -> scheme://***@host
 _URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*)(?::(?P<pw>[^@/\s]*))?@")
 # ?password=...&token=... in query strings
@@ -27,8 +27,18 @@ _QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|token|secret|ac
 # NAME=value, NAME: value, "NAME": "value" with a secret-looking NAME (an override, a shell line, a JSON or
 # YAML mapping written as text): cluster.env={AWS_SECRET_ACCESS_KEY: abc}, export HF_TOKEN=abc
 _ASSIGNED_SECRET = re.compile(r"(?P<head>\b[A-Za-z0-9_]*(?:SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY"
-                              r"|ACCESS_KEY|SESSION_KEY)[A-Za-z0-9_]*['\"]?\s*[=:]\s*)"
+                              r"|ACCESS_KEY|SESSION_KEY|(?<![A-Za-z0-9])PASS(?![A-Za-z0-9])|_PASS(?![A-Za-z0-9]))"
+                              r"[A-Za-z0-9_]*['\"]?\s*[=:]\s*)"
                               r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s'\",;}\]&]+)", re.IGNORECASE)
+
+
+# an HTTP credential in a header or a command line: "Authorization: Basic dXNlcjpwYXNz", "Bearer abc.def";
+# the scheme stays, the credential goes. Outside an Authorization header a credential must hold a digit or
+# a symbol, which keeps prose such as "Basic authentication" as it is.
+_AUTH_HEADER = re.compile(r"(?P<head>\bAuthorization['\"]?\s*[:=]\s*['\"]?(?:(?:Bearer|Basic|Token|Digest)\s+)?)"
+                          r"(?P<value>[A-Za-z0-9._~+/=-]+)", re.IGNORECASE)
+_AUTH_SCHEME = re.compile(r"(?P<head>\b(?:Bearer|Basic|Token)\s+)"
+                          r"(?P<value>(?=[A-Za-z]*[0-9._~+/=-])[A-Za-z0-9._~+/=-]{8,})", re.IGNORECASE)
 
 
 def is_secret_name(name: str) -> bool:
@@ -47,6 +57,8 @@ def redact_text(text: str) -> str:
         return m.group(0)
 
     text = _URI_USERINFO.sub(userinfo, text)
+    text = _AUTH_HEADER.sub(lambda m: m.group("head") + REDACTED, text)
+    text = _AUTH_SCHEME.sub(lambda m: m.group("head") + REDACTED, text)
     text = _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
 
     def assigned(m: re.Match) -> str:
@@ -73,14 +85,21 @@ def redact(value: Any, key: str = "") -> Any:
 
 def write_private(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` readable and writable by its owner only (0600), atomically."""
+    import tempfile
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)  # O_CREAT's mode does not apply to a file that existed
-    os.replace(tmp, path)
+    # a new file of a random name, created exclusively (mkstemp: O_EXCL, mode 0600): a fixed temporary name
+    # could be a file or a link that someone else put there first (the default state directories are under
+    # /tmp), which would receive the secret or redirect the write
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

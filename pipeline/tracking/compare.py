@@ -74,11 +74,13 @@ def fetch(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,
     only those whose status is FINISHED."""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.secrets import redact_text
+
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no experiment {experiment!r} at {tracking_uri}; experiments there: {names}")
+        raise ValueError(f"no experiment {experiment!r} at {redact_text(tracking_uri)}; experiments there: {names}")
     runs = client.search_runs([exp.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"])
     runs = [r for r in runs if r.data.tags.get("kind") != "comparison"]
     if run_ids:
@@ -199,6 +201,22 @@ def write_report(summaries: list[RunSummary], out_dir: Path, experiment: str) ->
     return paths
 
 
+# MLflow refuses a tag value over 8000 characters (mlflow.utils.validation.MAX_TAG_VAL_LENGTH): a comparison of
+# fifty runs has a longer table. Cut to fit, saying so; the full table is the run's table.md artifact.
+_TAG_LIMIT = 8000
+
+
+def _tag(text: str, suffix: str = "") -> str:
+    if len(text) + len(suffix) <= _TAG_LIMIT:
+        return text + suffix
+    more = " ... (cut: the full list is in the artifacts)"
+    return text[:_TAG_LIMIT - len(more) - len(suffix)] + more + suffix
+
+
+def _note(table: str) -> str:
+    return _tag("```\n" + table, "\n```")
+
+
 def log_comparison(tracking_uri: str, experiment: str, summaries: list[RunSummary], paths: dict[str, Path]) -> str:
     """The comparison as its own MLflow run (tag kind=comparison) with the table and the plot as artifacts."""
     from mlflow.tracking import MlflowClient
@@ -206,8 +224,8 @@ def log_comparison(tracking_uri: str, experiment: str, summaries: list[RunSummar
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     run = client.create_run(exp.experiment_id, run_name=f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
-                            tags={"kind": "comparison", "compared_runs": ",".join(s.run_id for s in summaries),
-                                  "mlflow.note.content": "```\n" + table_text(summaries) + "\n```"})
+                            tags={"kind": "comparison", "compared_runs": _tag(",".join(s.run_id for s in summaries)),
+                                  "mlflow.note.content": _note(table_text(summaries))})
     for path in paths.values():
         client.log_artifact(run.info.run_id, str(path), "comparison")
     client.set_terminated(run.info.run_id)

@@ -388,10 +388,13 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
         if req.resume and (run_dir / "launch.json").exists():
             try:
                 jobs = json.loads((run_dir / "launch.json").read_text()).get("jobs", [])
-                nodes = int(jobs[-1]["nodes"]) if jobs else 1
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ConfigError(f"--resume: {run_dir / 'launch.json'} cannot be read ({type(e).__name__}: {e}); "
-                                  f"give --nodes") from None
+                raw = jobs[-1]["nodes"] if jobs else 1
+                nodes = int(raw) if not isinstance(raw, (bool, float)) else 0
+                if not 1 <= nodes <= 100_000:  # what launch writes; anything else was edited or damaged
+                    raise ValueError(f"its last job has nodes={str(raw)[:40]}, not a number of nodes")
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+                raise ConfigError(f"--resume: {run_dir / 'launch.json'} cannot be read ({type(e).__name__}: "
+                                  f"{str(e)[:300]}); give --nodes") from None
     if nodes < 1:
         raise ConfigError(f"--nodes {nodes}: expected a positive number of nodes")
     from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri
