@@ -34,7 +34,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.secrets import has_credentials, redact_text  # noqa: E402
+from pipeline.secrets import has_credentials, private_dir, redact_text  # noqa: E402
 
 
 class MLflowServer:
@@ -73,7 +73,7 @@ class MLflowServer:
         return env
 
     def start(self, timeout: float = 90) -> MLflowServer:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # 0700: the run database, the artifacts and the pid file are this user's
         with open(self.root / "server.log", "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)

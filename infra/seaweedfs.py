@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.secrets import write_private  # noqa: E402
+from pipeline.secrets import private_dir, write_private  # noqa: E402
 
 DEFAULT_DIR = Path(os.environ.get("SEAWEEDFS_DIR", "/tmp/pipeline-seaweedfs"))
 
@@ -89,7 +89,7 @@ class SeaweedFS:
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
 
     def start(self, timeout: float = 60.0) -> SeaweedFS:
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # 0700: the objects, the pid file and the credentials are this user's
         (self.root / "data").mkdir(exist_ok=True)
         ports = {name: free_port() for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                                                  "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",

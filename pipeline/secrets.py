@@ -150,3 +150,18 @@ def reveal_uri(uri: str, env_var: str = "MLFLOW_TRACKING_URI") -> str:
     raise SecretUnavailableError(
         f"{uri}: its credentials are kept out of files; export {env_var} with the full URI (as when the run was "
         f"launched)" + (f" (${env_var} is set to another URI: {redact_text(candidate)})" if candidate else ""))
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """A state directory of a development service (its data, pid file, credentials): created 0700, or an
+    existing one of this user tightened to 0700. One owned by another user is refused: whoever owns it
+    could read the stored objects or plant a pid file that ``down`` would act on."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_uid != os.geteuid():
+        raise PermissionError(f"{path}: owned by uid {st.st_uid}, not by you (uid {os.geteuid()}); choose a directory "
+                              f"of your own (--dir)")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, apply_layer, parse_overrides
+from pipeline.config import ConfigError, apply_layer, parse_overrides, yaml_load
 from pipeline.data.datasets import Manifest, read_diving48, read_howto100m, read_kinetics, read_ssv2
 from pipeline.data.shards import DatasetIndex, ShardError, commit_index, index_key, index_versions, load_index
 from pipeline.data.storage import Storage, StorageError, open_storage
@@ -110,7 +110,7 @@ def _read_config_file(path: str) -> Any:
     if not p.is_file():
         raise ConfigError(f"{path}: no such ingest config file")
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        return yaml_load(p.read_text()) or {}  # as recipes: safe, and a key written twice is an error
     except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
 

@@ -372,6 +372,9 @@ def test_the_file_or_the_command_line_is_named_where_the_value_came_from(tmp_pat
     path.write_text("dataset: d\ntranscode: {fps: 30\n")
     with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML \(.* at line \d+, column \d+\)$"):
         IngestConfig.load(str(path), [])
+    path.write_text("dataset: d\nsamples_per_shard: 8\nsamples_per_shard: 64\n")  # the second used to win
+    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML \(.*'samples_per_shard' appears twice"):
+        IngestConfig.load(str(path), [])
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match=rf"^{path}: an ingest config is a mapping of keys, got list"):
         IngestConfig.load(str(path), [])

@@ -178,6 +178,7 @@ def test_seaweedfs_never_adopts_the_shells_aws_credentials_nor_prints_them(tmp_p
         up = capsys.readouterr()
         kept = json.loads((root / "env.json").read_text())
         assert stat.S_IMODE((root / "env.json").stat().st_mode) == 0o600
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700  # the objects and the pid file are not for others
         assert "Q12" not in json.dumps(kept) and "Q12" not in (root / "weed.log").read_text()
         assert len(kept["AWS_SECRET_ACCESS_KEY"]) >= 32  # generated, not a fixed well-known default
         assert kept["AWS_SECRET_ACCESS_KEY"] not in up.out + up.err  # `up` prints no credential
@@ -211,3 +212,17 @@ def test_mlflow_server_passes_its_backend_by_environment_not_argv(tmp_path, caps
     main(["env", "--dir", str(tmp_path), "--backend", "postgresql://mlflow:pw-Q13@db:5432/mlflow"])
     err = capsys.readouterr().err
     assert "holds a password" in err and "Q13" not in err
+
+
+def test_a_service_state_directory_is_private_and_never_someone_elses(tmp_path, monkeypatch):
+    from pipeline.secrets import private_dir
+
+    fresh = private_dir(tmp_path / "a" / "state")
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o777)
+    os.chmod(loose, 0o777)
+    assert stat.S_IMODE(private_dir(loose).stat().st_mode) == 0o700  # one of ours, tightened
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path).st_uid + 1)  # as if another user owned it
+    with pytest.raises(PermissionError, match="not by you"):
+        private_dir(loose)
