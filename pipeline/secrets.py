@@ -16,20 +16,30 @@ from pathlib import Path
 from typing import Any
 
 REDACTED = "***"
-# names of variables and keys whose values are secrets
-_SECRET_NAME = re.compile(r"(SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY|ACCESS_KEY|SESSION_KEY"
-                          r"|AUTH|(?:^|_)PASS(?:$|_))", re.IGNORECASE)
-# scheme://user:password@host -> scheme://user:***@host ; scheme://token@host -> scheme://***@host
+# Names of variables and keys whose values are secrets, judged by their words (split at '_', '-', '.' and
+# camelCase): HF_TOKEN, MLFLOW_TRACKING_PASSWORD, awsSecretAccessKey are; TOKENIZERS_PARALLELISM is not.
+_SECRET_WORDS = {"SECRET", "SECRETS", "PASSWORD", "PASSWORDS", "PASSWD", "PASS", "PASSPHRASE", "TOKEN", "TOKENS",
+                 "CREDENTIAL", "CREDENTIALS", "APIKEY"}
+_SECRET_PAIRS = {("PRIVATE", "KEY"), ("API", "KEY"), ("ACCESS", "KEY"), ("SESSION", "KEY"), ("SECRET", "KEY")}
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+# values that are no secret whatever the name: switches and numbers (HF_HUB_DISABLE_IMPLICIT_TOKEN=1), and
+# references to a variable that holds one (export HF_TOKEN=$HF_TOKEN)
+_NOT_A_SECRET_VALUE = re.compile(r"(?i:true|false|yes|no|on|off|none|null|[0-9]{1,3}|\$[A-Za-z_][A-Za-z0-9_]*"
+                                 r"|\$\{[A-Za-z_][A-Za-z0-9_]*\})")
+# scheme://user:password@host -> scheme://user:***@host ; scheme://<token>@host -> scheme://***@host, where a
+# user name alone counts as a token when it is long (ghp_..., 40 characters; user names such as mlflow or
+# postgres are short)
 _URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*)(?::(?P<pw>[^@/\s]*))?@")
+_TOKEN_AS_USER = 16
 # ?password=...&token=... in query strings
 _QUERY_SECRET = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd|token|secret|access_key|secret_key|sig|signature)=)"
                            r"(?P<value>[^&;\s]*)", re.IGNORECASE)
-# NAME=value, NAME: value, "NAME": "value" with a secret-looking NAME (an override, a shell line, a JSON or
-# YAML mapping written as text): cluster.env={AWS_SECRET_ACCESS_KEY: abc}, export HF_TOKEN=abc
-_ASSIGNED_SECRET = re.compile(r"(?P<head>\b[A-Za-z0-9_]*(?:SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE_KEY|API_KEY"
-                              r"|ACCESS_KEY|SESSION_KEY|(?<![A-Za-z0-9])PASS(?![A-Za-z0-9])|_PASS(?![A-Za-z0-9]))"
-                              r"[A-Za-z0-9_]*['\"]?\s*[=:]\s*)"
-                              r"(?P<value>\"[^\"]*\"|'[^']*'|[^\s'\",;}\]&]+)", re.IGNORECASE)
+# NAME=value, NAME: value, "NAME": "value" (an override, a shell line, a JSON or YAML mapping written as
+# text): the value goes when NAME is a secret's (is_secret_name): cluster.env={AWS_SECRET_ACCESS_KEY: abc},
+# export HF_TOKEN=abc
+_ASSIGNED = re.compile(r"(?P<head>\b(?P<name>[A-Za-z0-9_.-]*(?:SECRET|PASSWORD|PASSWD|PASS|TOKEN|CREDENTIAL|KEY)"
+                       r"[A-Za-z0-9_.-]*)['\"]?\s*[=:]\s*)(?P<value>\"[^\"]*\"|'[^']*'|[^\s'\",;{}\[\]&]+)",
+                       re.IGNORECASE)  # candidates only: assigned() asks is_secret_name for the verdict
 
 
 # an HTTP credential in a header or a command line: "Authorization: Basic dXNlcjpwYXNz", "Bearer abc.def";
@@ -42,17 +52,25 @@ _AUTH_SCHEME = re.compile(r"(?P<head>\b(?:Bearer|Basic|Token)\s+)"
 
 
 def is_secret_name(name: str) -> bool:
-    """True for names such as ``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_PASSWORD``, ``HF_TOKEN``."""
-    return bool(_SECRET_NAME.search(name))
+    """True for names such as ``AWS_SECRET_ACCESS_KEY``, ``MLFLOW_TRACKING_PASSWORD``, ``HF_TOKEN``, ``db.password``
+    (by their words: ``TOKENIZERS_PARALLELISM`` and ``BYPASS`` are not)."""
+    words = [w.upper() for w in _WORD.findall(name)]
+    pairs = zip(words, words[1:], strict=False)
+    return any(w in _SECRET_WORDS for w in words) or any(pair in _SECRET_PAIRS for pair in pairs)
+
+
+def _is_secret_value(value: str) -> bool:
+    return bool(value) and not _NOT_A_SECRET_VALUE.fullmatch(value.strip("'\""))
 
 
 def redact_text(text: str) -> str:
-    """``text`` with the passwords and tokens of any URIs in it replaced by ``***``."""
+    """``text`` with the passwords and tokens in it (URIs' credentials, query tokens, Authorization headers,
+    ``NAME=value`` with a secret's name) replaced by ``***``."""
 
     def userinfo(m: re.Match) -> str:
         if m.group("pw") is not None:
             return f"{m.group('scheme')}{m.group('user')}:{REDACTED}@"
-        if m.group("user"):  # a bare token as user name (https://ghp_xxx@github.com)
+        if len(m.group("user")) >= _TOKEN_AS_USER:  # a bare token as user name (https://ghp_xxx@github.com)
             return f"{m.group('scheme')}{REDACTED}@"
         return m.group(0)
 
@@ -63,16 +81,18 @@ def redact_text(text: str) -> str:
 
     def assigned(m: re.Match) -> str:
         value = m.group("value")
+        if not is_secret_name(m.group("name")) or not _is_secret_value(value) or value.strip("'\"") == REDACTED:
+            return m.group(0)
         quote = value[0] if value[0] in "'\"" else ""
         return f"{m.group('head')}{quote}{REDACTED}{quote}"
 
-    return _ASSIGNED_SECRET.sub(assigned, text)
+    return _ASSIGNED.sub(assigned, text)
 
 
 def redact(value: Any, key: str = "") -> Any:
     """A copy of ``value`` (nested dicts, lists, strings) safe to write or log: values under secret-looking
     keys become ``***``, and credentials inside URIs in any string are removed."""
-    if key and is_secret_name(key) and value not in (None, ""):
+    if key and is_secret_name(key) and value not in (None, "") and _is_secret_value(str(value)):
         return REDACTED
     if isinstance(value, Mapping):
         return {k: redact(v, str(k)) for k, v in value.items()}
@@ -113,7 +133,7 @@ class SecretUnavailableError(ValueError):
 def is_secret_env(name: str, value: str) -> bool:
     """Whether an environment entry (``cluster.env``) is a secret: a secret-looking name, a value holding
     credentials (a URI with a password, a token query), or a value already redacted."""
-    return value == REDACTED or (is_secret_name(name) and value != "") or redact_text(value) != value
+    return value == REDACTED or (is_secret_name(name) and _is_secret_value(value)) or redact_text(value) != value
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:

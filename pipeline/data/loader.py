@@ -27,6 +27,7 @@ a run resumed at step s draws new data instead of replaying the first epoch, and
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -47,7 +48,7 @@ from webdataset import tariterators
 from pipeline.data.shards import DatasetIndex, ShardError, ShardInfo
 from pipeline.data.storage import Storage, open_resuming
 from pipeline.data.transforms import TestTransform, TrainTransform
-from pipeline.data.video import FixedRateSampler, SegmentSampler, VideoDecodeError, decode_frames
+from pipeline.data.video import DecodeLimits, FixedRateSampler, SegmentSampler, VideoDecodeError, decode_frames
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,24 @@ _LOG_EVERY_S = 60.0  # ... at most this often
 class DataQualityError(RuntimeError):
     """Too many broken samples: names the counts, the shards most affected and the knob
     (``data.max_skip_fraction``). One message argument, so a DataLoader worker can re-raise it."""
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def index_limits(index: DatasetIndex) -> DecodeLimits:
+    """The decode limits the dataset was ingested under (``DatasetIndex.decode_limits``; the defaults for
+    indexes written before they were recorded): training and evaluation decode what the ingest kept."""
+    known = [f.name for f in dataclasses.fields(DecodeLimits)]
+    for name, value in index.decode_limits.items():
+        if name == "allow_images":
+            ok = isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        if name not in known or not ok:
+            raise ShardError(f"dataset {index.dataset} index v{index.version}: decode_limits.{name}={value!r} is "
+                             f"not a decode limit (fields: {', '.join(known)}); the index is damaged (re-ingest)")
+    return DecodeLimits(**index.decode_limits)
 
 
 # -- fault counting -------------------------------------------------------------------------------
@@ -462,7 +481,7 @@ def skip_consumed(skip_batches: int, batch_size: int):
 
 
 def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int, skip_batches: int = 0,
-            counter: FaultCounter | None = None):
+            counter: FaultCounter | None = None, limits: DecodeLimits = DEFAULT_LIMITS):
     """Stage: decode the sampled frames of each sample and transform them; a sample that does not decode
     is skipped and counted (in evaluation too: the pass goes on, and reports the count). Each sample's
     random choices come from its own generator (seed, rank, worker, step, sample number), so skipping
@@ -485,7 +504,7 @@ def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int,
             else:
                 spec = temporal.sample(meta["duration"], rng, position="random" if train else "center")
             try:
-                frames = decode_frames(sample["mp4"], spec.times, name=name).frame_list
+                frames = decode_frames(sample["mp4"], spec.times, name=name, limits=limits).frame_list
             except VideoDecodeError as e:
                 counter.skip(sample["__url__"], sample["__key__"], "undecodable", str(e))
                 continue
@@ -495,7 +514,7 @@ def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int,
 
 
 def to_views(cfg: ClipConfig, protocol: str, temporal_clips: int, spatial_crops: int,
-             counter: FaultCounter | None = None):
+             counter: FaultCounter | None = None, limits: DecodeLimits = DEFAULT_LIMITS):
     """Stage (test protocol): every view of a video as one ``(V, C, T, H, W)`` tensor: ``temporal_clips``
     uniformly spaced clips x ``spatial_crops`` crops (``multi_view``), or every non-overlapping clip
     covering the video x crops (``long_video``). SSv2-style segment sampling has one clip (the middle
@@ -514,7 +533,8 @@ def to_views(cfg: ClipConfig, protocol: str, temporal_clips: int, spatial_crops:
                 specs = (temporal.covering_clips(meta["duration"]) if protocol == "long_video"
                          else temporal.uniform_clips(meta["duration"], temporal_clips))
             try:
-                views = [spatial(decode_frames(sample["mp4"], spec.times, name=name).frame_list) for spec in specs]
+                views = [spatial(decode_frames(sample["mp4"], spec.times, name=name, limits=limits).frame_list)
+                         for spec in specs]
             except VideoDecodeError as e:
                 counter.skip(sample["__url__"], sample["__key__"], "undecodable", str(e))
                 continue
@@ -536,7 +556,7 @@ def view_loader(index: DatasetIndex, storage: Storage, split: str, *, clip: Clip
     pipeline = wds.DataPipeline(my_shards([s.url for s in shards], rank, world_size),
                                 open_shards(storage, index, counter), shard_samples(counter),
                                 parse_meta(counter, clip.num_classes or len(index.classes), train=False),
-                                to_views(clip, protocol, temporal_clips, spatial_crops, counter),
+                                to_views(clip, protocol, temporal_clips, spatial_crops, counter, index_limits(index)),
                                 attach_faults(counter, hold_last=True))
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available())
@@ -574,6 +594,7 @@ def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: b
         raise ValueError(f"rank {rank} outside world size {world_size}")
     urls = [s.url for s in shards]
     num_classes = clip.num_classes or len(index.classes)
+    limits = index_limits(index)
     counter = FaultCounter(stall_samples if train else 0)
     read = [open_shards(storage, index, counter, verify), shard_samples(counter),
             parse_meta(counter, num_classes, train)]
@@ -581,12 +602,12 @@ def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: b
         stages = [resampled_shards(urls, seed, rank, start_step, skip_batches), *read,
                   seeded_shuffle(shuffle_buffer, seed, rank, start_step, skip_batches),
                   skip_consumed(skip_batches, batch_size),
-                  to_clip(clip, True, seed, rank, start_step, skip_batches, counter),
+                  to_clip(clip, True, seed, rank, start_step, skip_batches, counter, limits),
                   wds.batched(batch_size, collation_fn=collate), attach_faults(counter, hold_last=False)]
         pipeline = wds.DataPipeline(*stages)
         return pipeline if batches_per_worker is None else pipeline.with_epoch(batches_per_worker)
     stages = [my_shards(urls, rank, world_size), *read,
-              to_clip(clip, False, seed, rank, start_step, counter=counter),
+              to_clip(clip, False, seed, rank, start_step, counter=counter, limits=limits),
               wds.batched(batch_size, collation_fn=collate, partial=True), attach_faults(counter, hold_last=True)]
     return wds.DataPipeline(*stages)
 

@@ -115,6 +115,10 @@ class DatasetIndex:
     format: str = "pipeline.dataset_index/1"
     source_checksums: dict[str, str] = field(default_factory=dict)  # video id -> source sha256 (incremental)
     quarantine: dict[str, dict[str, str]] = field(default_factory=dict)  # video id -> {sha256, reason}
+    # the decode limits the ingest ran under (video.DecodeLimits fields); readers decode with the same, so a
+    # video an ingest was allowed to keep (limits.max_seconds raised for long sources) is not refused in
+    # training. Empty in indexes written before: the defaults.
+    decode_limits: dict[str, Any] = field(default_factory=dict)
 
     def split(self, name: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == name]
@@ -148,7 +152,8 @@ class DatasetIndex:
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _INDEX_FIELDS = {"dataset": str, "version": int, "classes": list, "preprocessing": dict, "shards": list,
-                 "created": (int, float), "format": str, "source_checksums": dict, "quarantine": dict}
+                 "created": (int, float), "format": str, "source_checksums": dict, "quarantine": dict,
+                 "decode_limits": dict}
 
 
 def _is_int(v: Any) -> bool:

@@ -489,7 +489,7 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
         checksums = {s.entry.video_id: s.sha256 for s in sources if s.entry.video_id in in_shards}
         version = (last.version + 1) if last is not None else 1
         index = DatasetIndex(cfg.dataset, version, manifest.classes, preprocessing, shards,
-                             source_checksums=checksums, quarantine=quarantine)
+                             source_checksums=checksums, quarantine=quarantine, decode_limits=asdict(limits))
         commit_index(storage, index)  # last: readers see the new version only now
         storage.put_bytes(f"reports/v{version:06d}-quarantine.json", json.dumps(quarantine, indent=1).encode())
         result.version, result.quarantine = version, quarantine

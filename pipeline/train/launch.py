@@ -145,8 +145,9 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
     if cfg.model.init and "://" not in cfg.model.init:
         cfg.model.init = str(Path(cfg.model.init).resolve())
     name = req.name or cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if not req.name and not cfg.name:  # made from the recipe's file name, which may hold anything
-        check_run_name(name, "the run name made from the recipe's name (give --name)")
+    # a new run directory: the full rule, whether the name came from --name, the recipe's name: or its file
+    check_run_name(name, "--name" if req.name else "name" if cfg.name else
+                   "the run name made from the recipe's name (give --name)")
     cfg.name = name
     # the name rule (no '/', no leading '.') keeps the run directory a direct child of runs_dir
     run_dir = (Path(cfg.runs_dir) if Path(cfg.runs_dir).is_absolute() else Path.cwd() / cfg.runs_dir) / name

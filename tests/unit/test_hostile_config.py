@@ -90,7 +90,7 @@ def test_every_integer_field_refuses_a_value_below_its_minimum_and_takes_the_min
     ("cluster.partition='gpu\\n#SBATCH --wrap=x'", "cluster.partition"), ("cluster.qos='a b'", "cluster.qos"),
     ("cluster.env={'A B': x}", "cluster.env"), ("cluster.env={1A: x}", "cluster.env"),
     ("cluster.env={A: null}", "cluster.env"), ("cluster.env={A: [1]}", "cluster.env"),
-    ("cluster.signal_delay_s=1200", "cluster.signal_delay_s"), ("name=../../x", "name"), ("name=.hidden", "name"),
+    ("cluster.signal_delay_s=1200", "cluster.signal_delay_s"), ("name=../../x", "name"), ("name=a/b", "name"),
     ("model.depth=-1", "model.depth"), ("model.num_classes=0", "model.num_classes"),
 ])
 def test_out_of_range_values_are_refused_with_the_field_named(override, field):

@@ -21,6 +21,7 @@ from pipeline.data.loader import (
     ClipConfig,
     DataQualityError,
     FaultTally,
+    index_limits,
     make_loader,
     view_loader,
 )
@@ -28,13 +29,16 @@ from pipeline.data.shards import (
     DatasetIndex,
     ShardError,
     ShardInfo,
+    ShardSample,
     commit_index,
     index_key,
     load_index,
     sha256_of,
+    shard_bytes,
 )
 from pipeline.data.storage import LocalStorage, StorageError, open_resuming, open_storage
 from pipeline.data.synthetic import MOTION_CLASSES, make_video
+from pipeline.data.video import DecodeLimits
 
 CLIP = ClipConfig(num_frames=2, sampling_rate=8, crop=32, scale=(32, 40), flip=False)
 
@@ -551,3 +555,27 @@ def test_a_read_that_keeps_failing_gives_up_with_the_object_and_the_byte(tmp_pat
     with pytest.raises(PermissionError), open_resuming(storage, "obj") as f:
         f.read()
     assert len(storage.opened) == 1
+
+
+def test_the_decode_limits_an_ingest_ran_under_travel_with_the_index(tmp_path):
+    """Readers decode with the index's limits: a dataset ingested with a limit raised (long sources) is not
+    refused in training, and one with a limit lowered shows the limit is really the index's."""
+    storage = LocalStorage(tmp_path / "ds")
+    data, _, keys = shard_bytes([ShardSample(f"k{i}", make_video("motion", MOTION_CLASSES[i % 2], seed=i),
+                                             meta(i % 2)) for i in range(2)])
+    storage.put_bytes("s/0.tar", data)
+    shard = ShardInfo("s/0.tar", "train", 2, len(data), sha256_of(data), keys)
+    roomy = DatasetIndex("hostile", 1, list(MOTION_CLASSES), {}, [shard])
+    assert index_limits(roomy) == DecodeLimits()  # written before the limits were recorded: the defaults
+    tight = DatasetIndex("hostile", 2, list(MOTION_CLASSES), {}, [shard], decode_limits={"max_pixels": 32 * 32})
+    assert index_limits(tight).max_pixels == 32 * 32
+    batches, error = drain(make_loader(tight, storage, "train", train=False, batch_size=2, num_workers=0, clip=CLIP))
+    tally = FaultTally()
+    for b in batches:
+        tally.add(b["faults"])
+    assert error is None and tally.by_reason == {"undecodable": 2}  # 64x64 frames over the index's 32x32
+    batches, _ = drain(make_loader(roomy, storage, "train", train=False, batch_size=2, num_workers=0, clip=CLIP))
+    assert sum(len(b["key"]) for b in batches if "key" in b) == 2
+    for hostile in ({"max_pixels": "lots"}, {"max_pixels": float("inf")}, {"allow_images": 1}, {"rm_rf": 1}):
+        with pytest.raises(ShardError, match="decode_limits"):
+            index_limits(DatasetIndex("hostile", 3, list(MOTION_CLASSES), {}, [shard], decode_limits=hostile))

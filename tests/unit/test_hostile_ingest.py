@@ -7,6 +7,7 @@ same build_shard); the real-Ray runs are in tests/integration/test_ingest.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import json
@@ -215,6 +216,7 @@ def test_a_transient_failure_is_ingested_by_the_next_run(tmp_path, monkeypatch, 
     assert second.version == 2 and second.videos_out == 5 and not second.quarantine
     index, storage = load_index(cfg.output)
     assert vid("v3") in {k for s in index.shards for k in s.keys} and not index.quarantine
+    assert index.decode_limits == dataclasses.asdict(cfg.decode_limits())  # the readers decode with the same
     for shard in index.shards:
         verify_shard(storage, shard)
 

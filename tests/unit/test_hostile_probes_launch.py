@@ -200,7 +200,8 @@ def test_compare_never_prints_the_credentials_of_its_tracking_uri(tmp_path, caps
     assert time.monotonic() - started < 60  # one refused connection, not minutes of retries
 
 
-def test_compare_reading_a_missing_database_creates_nothing(tmp_path, capsys):
+def test_compare_reading_a_missing_database_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the embedded default (mlflow may have set it)
     runs = tmp_path / "no-runs-here"
     rc = job("compare").main(["--experiment", "smoke", "--runs-dir", str(runs), "--no-log"])
     assert rc == 2
@@ -281,3 +282,26 @@ def test_a_setup_line_with_a_bearer_token_is_refused_at_launch(tmp_path, dataset
     assert "ghp_0123456789abcdef" not in str(e.value)
     assert not (tmp_path / "runs").exists()
 
+
+
+def test_a_run_made_before_the_name_rule_still_loads_but_new_runs_follow_it(tmp_path, dataset):
+    """Run directories named before the rule (``k400 lr=1e-4``) must still resume, evaluate and export; only
+    names that leave the runs directory are refused there. New runs get the full rule, from any source."""
+    from pipeline.config import from_dict
+
+    cfg = load_recipe("smoke", [f"data.index={dataset}"])
+    old = cfg.to_dict() | {"name": "k400 lr=1e-4"}
+    assert from_dict(old, where="runs/k400 lr=1e-4/config.yaml").name == "k400 lr=1e-4"
+    for escaping in ("../x", "a/b", ".."):
+        with pytest.raises(ConfigError, match="name="):
+            from_dict(cfg.to_dict() | {"name": escaping}, where="config.yaml")
+    runs = tmp_path / "runs"
+    for request in (LaunchRequest(recipe="smoke", local=True, runs_dir=str(runs),
+                                  overrides=[f"data.index={dataset}", "name=k400 lr=1e-4"]),
+                    LaunchRequest(recipe="smoke", local=True, runs_dir=str(runs), name="a b",
+                                  overrides=[f"data.index={dataset}"]),
+                    LaunchRequest(recipe="smoke", local=True, runs_dir=str(runs),
+                                  overrides=[f"data.index={dataset}", "name=.hidden"])):
+        with pytest.raises(ConfigError, match="expected letters, digits"):
+            launch(request, out=lambda *a: None)
+    assert not runs.exists() or not any(runs.iterdir())

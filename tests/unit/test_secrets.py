@@ -32,7 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_redaction_masks_credentials_in_uris_assignments_and_mappings_and_keeps_the_rest():
     cases = {
         "postgresql://mlflow:pw-1@db:5432/mlflow": "postgresql://mlflow:***@db:5432/mlflow",
-        "https://ghp_tok1@github.com/x": "https://***@github.com/x",
+        "https://ghp_0tok1tok1tok1tok1tok1@github.com/x": "https://***@github.com/x",  # a token as user name
+        "export PASS=hunter2; db.password: 'a b'": "export PASS=***; db.password: '***'",
         "https://h/x?sig=abc&x=1": "https://h/x?sig=***&x=1",
         "cluster.env={AWS_SECRET_ACCESS_KEY: k-1, A: b}": "cluster.env={AWS_SECRET_ACCESS_KEY: ***, A: b}",
         "export HF_TOKEN='a b; c' && run": "export HF_TOKEN='***' && run",
@@ -40,7 +41,11 @@ def test_redaction_masks_credentials_in_uris_assignments_and_mappings_and_keeps_
     }
     for text, expected in cases.items():
         assert redact_text(text) == expected
-    for plain in ("s3://bucket/datasets/k400", "http://127.0.0.1:5000", "OMP_NUM_THREADS=1", "sqlite:////tmp/m.db"):
+    # not secrets: a switch or a number under a token's name, a reference to a variable, a plain user name,
+    # a name that only contains a secret's word
+    for plain in ("s3://bucket/datasets/k400", "http://127.0.0.1:5000", "OMP_NUM_THREADS=1", "sqlite:////tmp/m.db",
+                  "TOKENIZERS_PARALLELISM=false", "HF_HUB_DISABLE_IMPLICIT_TOKEN=1", "export HF_TOKEN=$HF_TOKEN",
+                  "postgresql://mlflow@db:5432/mlflow", "tokenizer: bert", "BYPASS=x"):
         assert redact_text(plain) == plain
     nested = redact({"cluster.env": {"MLFLOW_TRACKING_PASSWORD": "p", "NCCL_IB_DISABLE": "0"},
                      "tracking.uri": "http://u:p@h", "lr": 0.1})
@@ -92,7 +97,7 @@ def test_launch_writes_no_secret_and_hands_them_to_the_job_by_environment(tmp_pa
     caplog.set_level(logging.INFO)
     launch(LaunchRequest(recipe="smoke", runs_dir=str(tmp_path / "runs"), name="sec",
                          overrides=[f"data.index={dataset}", f"cluster.env={env}", f"tracking.uri={TRACKING}",
-                                    "description=see https://tok-Q4@wiki/x"]), out=lines.append)
+                                    "description=see https://ghp-tok-Q4-0000000000000@wiki/x"]), out=lines.append)
     written = all_text(tmp_path / "runs")  # config.yaml, launch.json, deepspeed.json, the sbatch script
     shown = "\n".join(lines) + caplog.text
     for secret in ("s3cr3t-Q1", "pw-Q2", "pass-Q3", "tok-Q4"):
@@ -131,7 +136,7 @@ def test_mlflow_params_tags_and_the_run_record_hold_no_secret(tmp_path, monkeypa
     from pipeline.tracking.sink import MLflowSink, create_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    record = create_run(tmp_path, uri, "secrets", "r", {"mlflow.note.content": "token at https://tok-Q6@wiki",
+    record = create_run(tmp_path, uri, "secrets", "r", {"mlflow.note.content": "token at https://ghp-tok-Q6-0000000000000@wiki",
                                                         "HF_TOKEN": "hf-Q7"})
     cfg = load_recipe("smoke", ["data.index=/d", "cluster.env={MLFLOW_TRACKING_PASSWORD: pw-Q8, A: b}",
                                 "tracking.uri=https://u:pw-Q9@mlflow.example.org"])
