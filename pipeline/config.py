@@ -309,7 +309,7 @@ def _yaml_problem(e: BaseException) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
-def _read_yaml(path: Path, what: str) -> Any:
+def read_yaml(path: Path, what: str) -> Any:
     """The YAML document in ``path``, or a one-line ConfigError naming the file and the problem."""
     try:
         text = path.read_text()
@@ -341,7 +341,7 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict[str
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"{path}: 'inherits' forms a cycle: {' -> '.join(str(p.name) for p in (*seen, path))}")
-    data = _read_yaml(path, "recipe") or {}
+    data = read_yaml(path, "recipe") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     parents = data.pop("inherits", [])
@@ -394,7 +394,7 @@ def load_resolved(path: str | Path) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (a run directory made by jobs/launch.py holds config.yaml)")
-    data = _read_yaml(path, "run config")
+    data = read_yaml(path, "run config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a run config is a mapping of sections, got {type(data).__name__}")
     return from_dict(data, where=str(path))

@@ -115,7 +115,7 @@ class FaultCounter:
     def reset(self) -> None:
         self._read = 0
         self._skipped: dict[str, collections.Counter] = {}
-        self._in_a_row = 0  # skipped since the last batch (``take``)
+        self._in_a_row = 0  # skipped since the last good sample
         self._logged = 0
         self._unlogged: collections.Counter = collections.Counter()
         self._latest = ""
@@ -123,6 +123,10 @@ class FaultCounter:
 
     def read(self) -> None:
         self._read += 1
+
+    def good(self) -> None:
+        """A sample made it through (a clip, or one a resumed run skips as consumed): the run of skips ends."""
+        self._in_a_row = 0
 
     def skip(self, uri: str, key: str, reason: str, detail: str) -> None:
         self._skipped.setdefault(uri, collections.Counter())[reason] += 1
@@ -139,7 +143,7 @@ class FaultCounter:
                 self.flush_log()
         if self.stall_samples and self._in_a_row >= self.stall_samples:
             raise DataQualityError(
-                f"{self._in_a_row} samples in a row were skipped without one good sample for a batch (this "
+                f"{self._in_a_row} samples in a row were skipped without one good sample between them (this "
                 f"DataLoader worker's skips by shard: {_describe_shards(self._skipped, 5)}); the data is broken: "
                 f"re-ingest or fix those shards (data.max_skip_fraction cannot help a stream with nothing to train on)")
 
@@ -156,7 +160,7 @@ class FaultCounter:
     def take(self) -> dict[str, Any]:
         """The counts since the previous ``take`` (the ``"faults"`` field of a batch), and a fresh start."""
         out = {"read": self._read, "skipped": {uri: dict(c) for uri, c in self._skipped.items()}}
-        self._read, self._skipped, self._in_a_row = 0, {}, 0
+        self._read, self._skipped = 0, {}
         return out
 
 
@@ -468,15 +472,18 @@ def seeded_shuffle(bufsize: int, seed: int, rank: int, start_step: int, skip_bat
     return stage
 
 
-def skip_consumed(skip_batches: int, batch_size: int):
+def skip_consumed(skip_batches: int, batch_size: int, counter: FaultCounter | None = None):
     """Stage: number the samples of this worker's stream, and drop those that made the batches a
-    resumed run already consumed, without decoding them (reading is cheap, decoding is not)."""
+    resumed run already consumed, without decoding them (reading is cheap, decoding is not). A dropped
+    sample was a good one in the run that consumed it: it ends a run of skips (the stall guard)."""
     def stage(src):
         role, workers = _role(skip_batches)
         drop = max(0, -(-(skip_batches - role) // workers)) * batch_size  # ceil((n - role) / workers) batches
         for i, sample in enumerate(src):
             if i >= drop:
                 yield {**sample, "__n__": i}
+            elif counter is not None:
+                counter.good()
     return stage
 
 
@@ -509,6 +516,7 @@ def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int,
                 counter.skip(sample["__url__"], sample["__key__"], "undecodable", str(e))
                 continue
             video = spatial_train(frames, rng) if train else spatial_test(frames)[0]
+            counter.good()
             yield {"video": video, "label": meta["label"], "key": sample["__key__"], "short": spec.short}
     return stage
 
@@ -601,7 +609,7 @@ def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: b
     if train:
         stages = [resampled_shards(urls, seed, rank, start_step, skip_batches), *read,
                   seeded_shuffle(shuffle_buffer, seed, rank, start_step, skip_batches),
-                  skip_consumed(skip_batches, batch_size),
+                  skip_consumed(skip_batches, batch_size, counter),
                   to_clip(clip, True, seed, rank, start_step, skip_batches, counter, limits),
                   wds.batched(batch_size, collation_fn=collate), attach_faults(counter, hold_last=False)]
         pipeline = wds.DataPipeline(*stages)

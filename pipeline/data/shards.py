@@ -244,7 +244,11 @@ def commit_index(storage: Storage, index: DatasetIndex) -> str:
         if not storage.exists(shard.url):
             raise ShardError(f"{storage.uri(shard.url)}: listed by index v{index.version} but not stored")
     key = index_key(index.version)
-    storage.put_bytes(key, index.to_json().encode(), if_absent=True)
+    text = index.to_json()
+    # what readers will refuse is never committed (a dataset stuck at an index no one can load): the same
+    # schema check as at load, with the object it would have become named
+    DatasetIndex.from_json(text, where=f"{storage.uri(key)} (not committed)")
+    storage.put_bytes(key, text.encode(), if_absent=True)
     return storage.uri(key)
 
 

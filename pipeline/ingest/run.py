@@ -24,9 +24,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import ConfigError, apply_layer, parse_overrides, yaml_load
+from pipeline.config import ConfigError, apply_layer, parse_overrides, read_yaml
 from pipeline.data.datasets import Manifest, read_diving48, read_howto100m, read_kinetics, read_ssv2
 from pipeline.data.shards import DatasetIndex, ShardError, commit_index, index_key, index_versions, load_index
 from pipeline.data.storage import Storage, StorageError, open_storage
@@ -87,7 +85,7 @@ class IngestConfig:
         if path:
             layers.append((path, _read_config_file(path)))
         if overrides:
-            layers.append(("command line", _parse_overrides(overrides)))
+            layers.append(("command line", parse_overrides(overrides)))
         return cls._resolve(layers)
 
     @classmethod
@@ -106,37 +104,9 @@ class IngestConfig:
 
 
 def _read_config_file(path: str) -> Any:
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise ConfigError(f"{path}: no such ingest config file")
-    try:
-        return yaml_load(p.read_text()) or {}  # as recipes: safe, and a key written twice is an error
-    except (yaml.YAMLError, RecursionError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({_one_line(e)})") from None
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    try:
-        return parse_overrides(items)
-    except (yaml.YAMLError, RecursionError) as e:  # parse_overrides may leave YAML errors to its caller
-        bad = next((i for i in items if not _parses(i)), items[0])
-        raise ConfigError(f"command line: {bad!r}: the value is not valid YAML ({_one_line(e)})") from None
-
-
-def _parses(item: str) -> bool:
-    try:
-        yaml.safe_load(item.partition("=")[2])
-        return True
-    except (yaml.YAMLError, RecursionError):
-        return False
-
-
-def _one_line(e: BaseException) -> str:
-    if isinstance(e, RecursionError):
-        return "nested too deeply"
-    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
-    mark = getattr(e, "problem_mark", None)
-    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+    return read_yaml(Path(path), "ingest config") or {}  # as recipes: safe, and a key written twice is an error
 
 
 def _origins(layer: dict[str, Any], where: str, prefix: str = "") -> dict[str, str]:

@@ -262,9 +262,12 @@ def end_run(run_dir: str | Path, status: str, tags: dict[str, str] | None = None
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(reveal_uri(record["tracking_uri"]))  # as MLflowSink: credentials from the environment
+        current = client.get_run(record["run_id"]).info.status
+        if current == "FINISHED":  # rank 0 finished it (test, export, result): a rank failing after that, in
+            return True            # the last barrier, does not undo a complete run
         if tags:
-            client.log_batch(record["run_id"], tags=[RunTag(k, str(v)[:5000]) for k, v in tags.items()])
-        if keep_failed and client.get_run(record["run_id"]).info.status == "FAILED":
+            client.log_batch(record["run_id"], tags=[RunTag(k, str(v)[:5000]) for k, v in redact(tags).items()])
+        if keep_failed and current == "FAILED":
             return True
         client.set_terminated(record["run_id"], status)
     except Exception as e:  # noqa: BLE001 -- ending a run must never mask the error that ended it

@@ -163,11 +163,13 @@ def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
+        if bad:  # this rank has its answer: it reads on without the model, in step with the other ranks, which
+            continue  # learn of it at the sum below (a rank that stopped here would leave them waiting there)
         faults.add(batch.get("faults"))
         shards = _bad_label_shards(batch.get("faults"))
         if shards:
             problem, bad = _bad_label_problem("validation", shards), 1.0
-            break
+            continue
         if "video" not in batch:  # a worker's final count of skipped samples, not a batch
             continue
         labels = torch.as_tensor(batch["label"])
@@ -181,7 +183,7 @@ def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device
                        f"0..{logits.shape[-1] - 1} (nor {UNLABELLED}, unlabelled); the shard holding it does not "
                        f"belong to this dataset (or the model to it)")
             bad = 1.0
-            break  # the other ranks learn of it at the sum below, then every rank stops
+            continue  # the other ranks learn of it at the sum below, then every rank raises
         scored = labels != UNLABELLED
         unlabelled += float((~scored).sum())
         if not bool(scored.any()):
@@ -238,17 +240,19 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
     for item in loader:
         if limit and len(rows) >= limit:
             break
+        if problem is not None:  # read on without the model, in step with the other ranks (see below)
+            continue
         faults.add(item.get("faults"))
         shards = _bad_label_shards(item.get("faults"))
         if shards:
             problem = _bad_label_problem(f"{index.dataset} v{index.version} {split}", shards)
-            break
+            continue
         if item.get("views") is None:  # a worker's final count of skipped samples, not a video
             continue
         views, label = item["views"], item["label"]
         if num_classes is not None and (wrong := _label_problem(label, num_classes)) is not None:
             problem = _video_problem(index, split, item["key"], wrong)
-            break  # no score can be right or wrong against it: stop now, not after the pass
+            continue  # no score can be right or wrong against it: the model runs no more
         chunks = [normalize_on_device(views[j:j + batch_size], device, dtype=dtype)
                   for j in range(0, len(views), batch_size)]
         probs = torch.cat([F.softmax(module(chunk).float(), -1) for chunk in chunks])
@@ -257,7 +261,7 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
             num_classes = mean.numel()
             if (wrong := _label_problem(label, num_classes)) is not None:
                 problem = _video_problem(index, split, item["key"], wrong)
-                break
+                continue
         rows.append({"key": item["key"], "label": int(label), "pred": int(mean.argmax()),
                      "top5": mean.topk(min(5, mean.numel())).indices.tolist(), "views": len(views),
                      "clips": item["clips"], "score": float(mean.max())})
@@ -269,7 +273,9 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
     part = {"rows": rows, "faults": {"read": faults.read, "skipped": {u: dict(c) for u, c in faults.by_shard.items()}},
             "problem": problem, "rank": rank}
     gathered = [part]
-    if world > 1:  # every rank gathers, so a problem on one rank stops them all here (none waits forever)
+    # Every rank gathers once its pass is read (a rank with a problem reads on without the model, so it
+    # arrives with the others rather than waiting out the collective timeout), and all raise together.
+    if world > 1:
         gathered = [None] * world
         torch.distributed.all_gather_object(gathered, part)
     problems = [p["problem"] for p in gathered if p["problem"]]

@@ -262,6 +262,7 @@ def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
         account.save()
         sinks.set_tags({"outcome": outcome, "gpu_hours": f"{account.hours:.6f}", "gpu_hours_unit": account.unit})
         sinks.close("FINISHED")
+        end.decided = True  # finished: what may still fail below (result.json, the last barrier) does not undo it
         result.update(export=str(export), gpu_hours=account.hours, run_dir=str(run_dir))
         (run_dir / "result.json").write_text(json.dumps(result, indent=1))
     if torch.distributed.is_initialized():

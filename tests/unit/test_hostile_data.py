@@ -325,6 +325,24 @@ def test_a_training_worker_that_reads_only_broken_samples_stops_with_a_clear_err
     assert storage.uri("shards/train/000000.tar") in str(error) and "bad_label" in str(error)
 
 
+def test_the_stall_guard_counts_skips_in_a_row_not_skips_between_batches(tmp_path):
+    """Two broken samples around each good one: never three in a row, but 8 skips per batch of 4 (the guard
+    used to count since the last batch), and a resumed run drops consumed good samples without a batch."""
+    storage = open_storage(tmp_path / "ds")
+    members, keys = [], []
+    for i in range(6):
+        members += [(f"bad{i}a.json", b"{"), (f"bad{i}a.mp4", b"x")]  # bad JSON
+        members += good(f"k{i}", i % 2, seed=i)
+        keys.append(f"k{i}")
+        members += [(f"bad{i}b.json", json.dumps(meta(99)).encode()), (f"bad{i}b.mp4", b"x")]  # a bad label
+    index = commit(storage, {"shards/train/000000.tar": (tar_of(members), keys)})
+    for skip_batches in (0, 2):
+        loader = make_loader(index, storage, "train", train=True, batch_size=4, num_workers=0, endless=True,
+                             clip=CLIP, stall_samples=3, shuffle_buffer=1, skip_batches=skip_batches)
+        batches, error = drain(loader, limit=4)
+        assert error is None and len(batches) == 4, error
+
+
 # -- the ceiling ---------------------------------------------------------------------------------------
 
 
@@ -579,3 +597,14 @@ def test_the_decode_limits_an_ingest_ran_under_travel_with_the_index(tmp_path):
     for hostile in ({"max_pixels": "lots"}, {"max_pixels": float("inf")}, {"allow_images": 1}, {"rm_rf": 1}):
         with pytest.raises(ShardError, match="decode_limits"):
             index_limits(DatasetIndex("hostile", 3, list(MOTION_CLASSES), {}, [shard], decode_limits=hostile))
+
+
+def test_an_index_readers_would_refuse_is_never_committed(tmp_path):
+    """A class list with a name twice (a task list with a duplicate) used to be committed, then refused by
+    every reader, the next ingest included: the dataset was stuck. Now the commit refuses it."""
+    storage = LocalStorage(tmp_path / "ds")
+    storage.put_bytes("s/0.tar", b"x" * 10)
+    shard = ShardInfo("s/0.tar", "train", 0, 10, sha256_of(b"x" * 10), [])
+    with pytest.raises(ShardError, match=r"v000001\.json \(not committed\).*classes\[2\]"):
+        commit_index(storage, DatasetIndex("d", 1, ["a", "b", "a"], {}, [shard]))
+    assert not storage.exists(index_key(1))

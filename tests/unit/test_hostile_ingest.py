@@ -372,10 +372,11 @@ def test_the_file_or_the_command_line_is_named_where_the_value_came_from(tmp_pat
     ok = IngestConfig.load(str(path), ["transcode.fps=25"])  # a bad file value fixed on the command line
     assert ok.transcode.fps == 25.0 and ok.decode_limits() == DecodeLimits(max_seconds=600)
     path.write_text("dataset: d\ntranscode: {fps: 30\n")
-    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML \(.* at line \d+, column \d+\)$"):
+    not_yaml = rf"^{path}: this ingest config is not valid YAML \("
+    with pytest.raises(ConfigError, match=not_yaml + r".* at line \d+, column \d+\)$"):
         IngestConfig.load(str(path), [])
     path.write_text("dataset: d\nsamples_per_shard: 8\nsamples_per_shard: 64\n")  # the second used to win
-    with pytest.raises(ConfigError, match=rf"^{path}: not valid YAML \(.*'samples_per_shard' appears twice"):
+    with pytest.raises(ConfigError, match=not_yaml + r".*'samples_per_shard' appears twice"):
         IngestConfig.load(str(path), [])
     path.write_text("- a list\n")
     with pytest.raises(ConfigError, match=rf"^{path}: an ingest config is a mapping of keys, got list"):

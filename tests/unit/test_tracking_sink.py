@@ -170,6 +170,13 @@ def test_ending_a_run_from_another_rank_and_resuming_it(tmp_path):
     sinks.close("KILLED")
     assert mlflow_run(record).info.status == "KILLED"
     assert not end_run(tmp_path / "elsewhere", "FAILED")  # no mlflow.json: nothing to mark, no error
+    sinks = Sinks([MLflowSink(record)])
+    sinks.set_running()
+    sinks.close("FINISHED")  # rank 0 finished the run; another rank then fails in the last barrier
+    assert end_run(run_dir, "FAILED", {"last_failure": "RuntimeError: barrier timed out"})
+    run = mlflow_run(record)
+    assert run.info.status == "FINISHED" and "barrier" not in run.data.tags.get("last_failure", "")
+    assert end_run(run_dir.parent / "run", "KILLED") and mlflow_run(record).info.status == "FINISHED"
 
 
 def test_compare_shows_each_runs_status_and_marks_the_unfinished(tmp_path, monkeypatch):
