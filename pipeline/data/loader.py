@@ -639,7 +639,8 @@ def make_loader(index: DatasetIndex, storage: Storage, split: str, *, train: boo
 
 
 def iterate_samples(storage: Storage, url: str) -> Iterator[dict]:
-    """The raw samples of one shard (for tools and tests)."""
+    """The raw samples of one shard, read unverified and unchecked (for tools and the benchmark; training and
+    evaluation read through the verifying pipeline)."""
     with storage.open(url) as f:
         data = f.read()
     yield from tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url,
