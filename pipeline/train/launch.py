@@ -121,6 +121,10 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
         run_dir = Path(req.resume).resolve()
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {req.resume}: no config.yaml there; give a run directory made by launch.py")
+        if (run_dir / "result.json").is_file():  # written by rank 0 once the run, its test and export are done
+            raise ConfigError(f"--resume {req.resume}: this run finished (result.json); resuming would train nothing "
+                              f"and redo its test and export. Evaluate it (python jobs/evaluate.py {req.resume}) or "
+                              f"launch a new run")
         cfg = load_resolved(run_dir / "config.yaml")
         if req.overrides or flags:  # only where to run may change on resume; the recipe stays
             layer = parse_overrides(req.overrides)

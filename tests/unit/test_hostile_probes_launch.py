@@ -113,6 +113,10 @@ def test_resume_names_launch_json_when_its_node_count_is_damaged(tmp_path, datas
             launch(LaunchRequest(resume=str(run), local=True, dry_run=True), out=lambda *_: None)
     (run / "launch.json").write_text(json.dumps({"jobs": [{"nodes": 1}]}))
     launch(LaunchRequest(resume=str(run), local=True, dry_run=True), out=lambda *_: None)
+    (run / "result.json").write_text(json.dumps({"outcome": "done"}))  # the run finished
+    with pytest.raises(ConfigError, match=r"this run finished \(result\.json\).*jobs/evaluate\.py"):
+        launch(LaunchRequest(resume=str(run), local=True), out=lambda *_: None)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "launch.json", "result.json"]
 
 
 # -- jobs/evaluate.py ----------------------------------------------------------------------------------------
