@@ -42,6 +42,12 @@ _ASSIGNED = re.compile(r"(?P<head>\b(?P<name>[A-Za-z0-9_.-]*(?:SECRET|PASSWORD|P
                        re.IGNORECASE)  # candidates only: assigned() asks is_secret_name for the verdict
 
 
+# tokens that say what they are whatever name they are kept under (GH=ghp_..., a token pasted in a description):
+# GitHub, GitLab, Hugging Face, Slack, OpenAI-style keys
+_KNOWN_TOKEN = re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|glpat-[A-Za-z0-9_-]{20,}"
+                          r"|hf_[A-Za-z0-9]{30,}|xox[abposr]-[A-Za-z0-9-]{10,}|sk-(?:proj-)?[A-Za-z0-9]{32,})")
+
+
 # an HTTP credential in a header or a command line: "Authorization: Basic dXNlcjpwYXNz", "Bearer abc.def";
 # the scheme stays, the credential goes. Outside an Authorization header a credential must hold a digit or
 # a symbol, which keeps prose such as "Basic authentication" as it is.
@@ -78,6 +84,7 @@ def redact_text(text: str) -> str:
     text = _AUTH_HEADER.sub(lambda m: m.group("head") + REDACTED, text)
     text = _AUTH_SCHEME.sub(lambda m: m.group("head") + REDACTED, text)
     text = _QUERY_SECRET.sub(lambda m: m.group("key") + REDACTED, text)
+    text = _KNOWN_TOKEN.sub(REDACTED, text)
 
     def assigned(m: re.Match) -> str:
         value = m.group("value")

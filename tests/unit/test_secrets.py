@@ -34,6 +34,10 @@ def test_redaction_masks_credentials_in_uris_assignments_and_mappings_and_keeps_
         "postgresql://mlflow:pw-1@db:5432/mlflow": "postgresql://mlflow:***@db:5432/mlflow",
         "https://ghp_0tok1tok1tok1tok1tok1@github.com/x": "https://***@github.com/x",  # a token as user name
         "export PASS=hunter2; db.password: 'a b'": "export PASS=***; db.password: '***'",
+        # tokens that say what they are, under any name or none
+        "GH=ghp_" + "a1" * 18: "GH=***", "see hf_" + "Q" * 34 + " here": "see *** here",
+        "glpat-" + "x" * 20 + " sk-" + "y9" * 24: "*** ***",
+        "runs/sk-learn-experiment-number-one": "runs/sk-learn-experiment-number-one",  # a name, not a key
         "https://h/x?sig=abc&x=1": "https://h/x?sig=***&x=1",
         "cluster.env={AWS_SECRET_ACCESS_KEY: k-1, A: b}": "cluster.env={AWS_SECRET_ACCESS_KEY: ***, A: b}",
         "export HF_TOKEN='a b; c' && run": "export HF_TOKEN='***' && run",
