@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 from pathlib import Path
 
@@ -27,16 +26,12 @@ def seaweedfs(tmp_path_factory):
 
     server = SeaweedFS(Path(tmp_path_factory.mktemp("seaweedfs")), access_key="test-key",
                        secret_key="test-secret-value").start()
-    saved = {k: os.environ.get(k) for k in server.env()}
-    os.environ.update(server.env())
+    from pipeline.train.launch import job_environment
+
     try:
-        yield server
+        with job_environment(server.env()):
+            yield server
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.stop()
 
 

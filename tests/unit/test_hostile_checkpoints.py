@@ -280,24 +280,19 @@ def test_a_payload_inside_a_cfgnode_is_still_refused(tmp_path, monkeypatch, mark
 @pytest.fixture(scope="module")
 def deepspeed_rank():
     from pipeline.train.engine import init_distributed
+    from pipeline.train.launch import job_environment
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     linear = torch.nn.functional.linear  # a ZeRO-3 engine replaces it process-wide (DeepSpeed: "will persist")
-    try:
-        yield init_distributed(load_recipe("smoke", ["data.index=unused"]), 0, 1, 0)
-    finally:
-        torch.nn.functional.linear = linear  # so later tests in this process compute as before
-        torch.distributed.destroy_process_group()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with job_environment(env):
+        try:
+            yield init_distributed(load_recipe("smoke", ["data.index=unused"]), 0, 1, 0)
+        finally:
+            torch.nn.functional.linear = linear  # so later tests in this process compute as before
+            torch.distributed.destroy_process_group()
 
 
 def deepspeed_engine(stage: int, precision: str):
