@@ -96,7 +96,9 @@ class TrainConfig:
     max_steps: int = 0  # 0 = epochs x steps per epoch
     precision: str = "fp32"  # fp32 (the paper), bf16, fp16
     zero_stage: int = 2
-    activation_checkpointing: str = "full"  # none, full, every_<k>, selective
+    activation_checkpointing: str = "full"  # none, full, every_<k>, selective, auto (cheapest that fits, measured)
+    memory_fraction: float = 0.9  # of the device's memory that ``auto`` checkpointing plans to fill
+    compile: str = "none"  # none, or blocks (torch.compile of each transformer block)
     engine: str = "deepspeed"  # deepspeed, or torch (plain PyTorch DDP: a baseline)
     seed: int = 0
     log_every: int = 20  # steps between metric lines
@@ -488,6 +490,7 @@ FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "optim.warmup_epochs": (0.0, True, None, False),
     "optim.grad_clip": (0.0, True, None, False),
     "train.epochs": (0.0, False, None, False),
+    "train.memory_fraction": (0.0, False, 1.0, True),
     "budget.gpu_hours": (0.0, True, None, False),
 }
 # string fields written into #SBATCH lines: a newline there would start a line of its own in the script
@@ -533,11 +536,13 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     _choice(cfg.train.precision, ("fp32", "bf16", "fp16"), "train.precision", where)
     _choice(cfg.train.zero_stage, (0, 1, 2, 3), "train.zero_stage", where)
     _choice(cfg.train.engine, ("deepspeed", "torch"), "train.engine", where)
+    _choice(cfg.train.compile, ("none", "blocks"), "train.compile", where)
     _choice(cfg.test.protocol, ("multi_view", "long_video"), "test.protocol", where)
     _choice(cfg.test.spatial_crops, (1, 3), "test.spatial_crops", where)
     _choice(cfg.cluster.accelerator, ("gpu", "cpu"), "cluster.accelerator", where)
     try:
-        parse_checkpoint_policy(cfg.train.activation_checkpointing)
+        if cfg.train.activation_checkpointing != "auto":
+            parse_checkpoint_policy(cfg.train.activation_checkpointing)
     except ValueError as e:
         raise ConfigError(f"{where}: train.activation_checkpointing: {e}") from None
     if cfg.train.seed >= 2**63:
@@ -553,6 +558,9 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         raise refuse("optim.betas", "two numbers in [0, 1) (Adam's beta1, beta2)")
     if any(e < 0 for e in cfg.optim.lr_steps) or sorted(cfg.optim.lr_steps) != list(cfg.optim.lr_steps):
         raise ConfigError(f"{where}: optim.lr_steps={cfg.optim.lr_steps}: expected increasing epochs >= 0")
+    if cfg.train.compile == "blocks" and cfg.train.zero_stage == 3:
+        raise ConfigError(f"{where}: train.compile=blocks is not supported with ZeRO-3 (it gathers each block's "
+                          f"parameters with module hooks around the block); use train.zero_stage 0-2 or compile=none")
     if cfg.train.zero_stage > 0 and cfg.train.engine == "torch":
         raise ConfigError(f"{where}: train.engine=torch has no ZeRO; set train.zero_stage=0 or engine=deepspeed")
     # space_only with pos_embed=space_time is valid: that scheme has no time embedding (as the original)

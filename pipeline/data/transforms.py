@@ -8,6 +8,7 @@ or uint8 for normalisation on the GPU (``normalize_on_device``).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -73,9 +74,18 @@ def normalize_on_device(video_BCTHW: torch.Tensor, device: torch.device | str | 
     if x.dtype != torch.uint8:
         return x.to(dtype)
     # in float32 whatever ``dtype``: bf16 arithmetic on 0..255 would round the normalised values twice
-    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    m, s = _device_stats(x.device, tuple(mean), tuple(std))
     return ((x.to(torch.float32) / 255.0 - m) / s).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_stats(device: torch.device, mean: tuple[float, ...],
+                  std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std as (1, C, 1, 1, 1) tensors on ``device``, made once: building them from Python lists
+    on every batch is a blocking host-to-device copy, which stalls the host until the GPU queue drains."""
+    m = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    s = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+    return m, s
 
 
 @dataclass(frozen=True)

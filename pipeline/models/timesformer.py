@@ -173,15 +173,22 @@ def check_local_global_shape(num_frames: int, grid: tuple[int, int], where: str)
 # Layers
 
 
-def drop_path_mask(x: torch.Tensor, p: float, training: bool) -> torch.Tensor | None:
-    """Stochastic depth mask for the rows of dim 0: 0 with probability p, else 1/(1-p); None when off."""
-    if p == 0.0 or not training:
+Rate = float | torch.Tensor  # a drop-path rate: a float, or a 0-d tensor on the activations' device
+
+
+def drop_path_mask(x: torch.Tensor, p: float | torch.Tensor, training: bool) -> torch.Tensor | None:
+    """Stochastic depth mask for the rows of dim 0: 0 with probability p, else 1/(1-p); None when off.
+    ``p`` may be a 0-d tensor on ``x``'s device (how the model passes it to its blocks, so that a compiled block
+    takes the rate as an input, not as a constant to specialise on)."""
+    if not training or (not isinstance(p, torch.Tensor) and p == 0.0):
         return None
     keep = 1.0 - p
-    return x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    probs = keep.expand(shape) if isinstance(keep, torch.Tensor) else x.new_full(shape, keep, dtype=torch.float32)
+    return torch.bernoulli(probs).div_(keep).to(x.dtype)
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def drop_path(x: torch.Tensor, p: float | torch.Tensor, training: bool) -> torch.Tensor:
     """Stochastic depth: zero whole rows of dim 0 with probability p, rescale the rest (as the original)."""
     mask = drop_path_mask(x, p, training)
     return x if mask is None else x * mask
@@ -263,23 +270,27 @@ class Block(nn.Module):
         # Set from outside by apply_activation_checkpointing; None runs the block plainly.
         self.checkpoint_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None
 
-    def forward(self, tokens: tuple[torch.Tensor, ...], T: int, grid: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    def forward(self, tokens: tuple[torch.Tensor, ...], T: int, grid: tuple[int, int],
+                drop_path_p: float | torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """``drop_path_p`` (default: this block's rate) comes in as an argument, a 0-d tensor from the model,
+        so that a compiled block is not specialised on its rate: every block then shares one compiled graph."""
+        p = self.drop_path.p if drop_path_p is None else drop_path_p
         if self.checkpoint_fn is not None and torch.is_grad_enabled():
             # tensors as positional arguments, so reentrant implementations (DeepSpeed's) work too
-            return self.checkpoint_fn(self._forward, T, grid, *tokens)
-        return self._forward(T, grid, *tokens)
+            return self.checkpoint_fn(self._forward, T, grid, p, *tokens)
+        return self._forward(T, grid, p, *tokens)
 
-    def _forward(self, T: int, grid: tuple[int, int], *tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _forward(self, T: int, grid: tuple[int, int], p: float, *tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(tokens) == 1:  # one sequence: a plain ViT block
             (x,) = tokens
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            return (x + self.drop_path(self.mlp(self.norm2(x))),)
+            x = x + drop_path(self.attn(self.norm1(x)), p, self.training)
+            return (x + drop_path(self.mlp(self.norm2(x)), p, self.training),)
         cls, xp = tokens
         for step in EXTRA_STEPS[self.attention_type]:
-            xp = getattr(self, f"_{step}_step")(xp, T, grid)
-        cls, xp = getattr(self, f"_{self.attention_type}_last_step")(cls, xp, T, grid)
+            xp = getattr(self, f"_{step}_step")(xp, T, grid, p)
+        cls, xp = getattr(self, f"_{self.attention_type}_last_step")(cls, xp, T, grid, p)
         # MLP with one drop-path draw per video for its CLS and patches, as on the joined sequence
-        keep = drop_path_mask(xp, self.drop_path.p, self.training)
+        keep = drop_path_mask(xp, p, self.training)
         r_cls, r_xp = self.mlp(self.norm2(cls)), self.mlp(self.norm2(xp))
         if keep is not None:
             r_cls, r_xp = r_cls * keep, r_xp * keep
@@ -290,32 +301,32 @@ class Block(nn.Module):
     # copy in; the update comes back through a strided view added to the patches (one kernel, and
     # the result keeps the patches' layout because they are the first operand).
 
-    def _extra_step(self, step: str, xp_GLD: torch.Tensor) -> torch.Tensor:
+    def _extra_step(self, step: str, xp_GLD: torch.Tensor, p: Rate = 0.0) -> torch.Tensor:
         """Residual update of a grouped extra step; drop-path per group row, then the zero-init fc."""
-        r = self.drop_path(getattr(self, f"{step}_attn")(getattr(self, f"{step}_norm1")(xp_GLD)))
+        r = drop_path(getattr(self, f"{step}_attn")(getattr(self, f"{step}_norm1")(xp_GLD)), p, self.training)
         return getattr(self, f"{step}_fc")(r)
 
-    def _temporal_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+    def _temporal_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int], p: Rate = 0.0) -> torch.Tensor:
         B, L, D = xp.shape
         N = L // T
-        r = self._extra_step("temporal", xp.view(B, T, N, D).transpose(1, 2).reshape(B * N, T, D))
+        r = self._extra_step("temporal", xp.view(B, T, N, D).transpose(1, 2).reshape(B * N, T, D), p)
         return (xp.view(B, T, N, D) + r.view(B, N, T, D).transpose(1, 2)).view(B, L, D)
 
-    def _width_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+    def _width_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int], p: Rate = 0.0) -> torch.Tensor:
         B, L, D = xp.shape
         gh, gw = grid
-        return xp + self._extra_step("width", xp.view(B * T * gh, gw, D)).view(B, L, D)
+        return xp + self._extra_step("width", xp.view(B * T * gh, gw, D), p).view(B, L, D)
 
-    def _local_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int]) -> torch.Tensor:
+    def _local_step(self, xp: torch.Tensor, T: int, grid: tuple[int, int], p: Rate = 0.0) -> torch.Tensor:
         B, L, D = xp.shape
         gh, gw = grid
         # (b t wy h' wx w') -> (b wy wx) (t h' w'): 2x2 windows of (gh/2, gw/2) through all frames
         x7 = xp.view(B, T, 2, gh // 2, 2, gw // 2, D)
-        r = self._extra_step("local", x7.permute(0, 2, 4, 1, 3, 5, 6).reshape(B * 4, L // 4, D))
+        r = self._extra_step("local", x7.permute(0, 2, 4, 1, 3, 5, 6).reshape(B * 4, L // 4, D), p)
         r = r.view(B, 2, 2, T, gh // 2, gw // 2, D).permute(0, 3, 1, 4, 2, 5, 6)
         return (x7 + r).view(B, L, D)
 
-    def _with_cls(self, cls: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _with_cls(self, cls: torch.Tensor, x: torch.Tensor, p: Rate = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The ViT step over groups: ``x`` is ``(B, *groups, S, D)`` (any strides); the CLS is replicated
         into every group as its first token and its updates are averaged. Returns the new CLS and the
         patches' update as a ``(B, *groups, S, D)`` view."""
@@ -324,30 +335,30 @@ class Block(nn.Module):
         G = math.prod(groups)
         cls_rep = cls.view(B, *(1,) * len(groups), 1, D).expand(B, *groups, 1, D)
         seq = torch.cat([cls_rep, x], dim=-2).view(B * G, 1 + S, D)  # one copy builds the sequences
-        r = self.drop_path(self.attn(self.norm1(seq)))
+        r = drop_path(self.attn(self.norm1(seq)), p, self.training)
         cls = cls + r[:, 0].view(B, G, D).mean(dim=1, keepdim=True)
         return cls, r[:, 1:].view(B, *groups, S, D)
 
-    def _divided_space_time_last_step(self, cls, xp, T, grid):
+    def _divided_space_time_last_step(self, cls, xp, T, grid, p=0.0):
         B, L, D = xp.shape
         x4 = xp.view(B, T, L // T, D)
-        cls, r = self._with_cls(cls, x4)
+        cls, r = self._with_cls(cls, x4, p)
         return cls, (x4 + r).view(B, L, D)
 
-    def _axial_last_step(self, cls, xp, T, grid):
+    def _axial_last_step(self, cls, xp, T, grid, p=0.0):
         B, L, D = xp.shape
         gh, gw = grid
         x5 = xp.view(B, T, gh, gw, D)
-        cls, r = self._with_cls(cls, x5.transpose(2, 3))  # groups (t, w), sequence h
+        cls, r = self._with_cls(cls, x5.transpose(2, 3), p)  # groups (t, w), sequence h
         return cls, (x5 + r.transpose(2, 3)).view(B, L, D)
 
-    def _sparse_local_global_last_step(self, cls, xp, T, grid):
+    def _sparse_local_global_last_step(self, cls, xp, T, grid, p=0.0):
         B, L, D = xp.shape
         gh, gw = grid
         # (b t' pt h' ph w' pw) -> b (pt ph pw) (t' h' w'): 8 stride-2 lattices over the whole clip
         x8 = xp.view(B, T // 2, 2, gh // 2, 2, gw // 2, 2, D)
         lattices = x8.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(B, 8, L // 8, D)
-        cls, r = self._with_cls(cls, lattices)
+        cls, r = self._with_cls(cls, lattices, p)
         r = r.view(B, 2, 2, 2, T // 2, gh // 2, gw // 2, D).permute(0, 4, 1, 5, 2, 6, 3, 7)
         return cls, (x8 + r).view(B, L, D)
 
@@ -438,16 +449,31 @@ class TimeSformer(nn.Module):
         cls = cls.expand(B, 1, D)
         if self.cfg.attention_type == "joint_space_time":
             return (self.pos_drop(torch.cat([cls, x], dim=1)),), T, grid
-        return (self.pos_drop(cls), self.pos_drop(x)), T, grid
+        # contiguous: every block then sees the same strides (a compiled block is not recompiled for the first)
+        return (self.pos_drop(cls.contiguous()), self.pos_drop(x)), T, grid
 
     # -- forward ----------------------------------------------------------------------------------
 
     def _run_blocks(self, video_BCTHW: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], int, tuple[int, int]]:
         tokens, T, grid = self.embed(video_BCTHW)
         block_T = 1 if self.cfg.attention_type == "space_only" else T
-        for blk in self.blocks:
-            tokens = blk(tokens, block_T, grid)
+        rates = self._drop_path_rates(tokens[0].device) if self.training else [None] * len(self.blocks)
+        for blk, rate in zip(self.blocks, rates, strict=True):
+            tokens = blk(tokens, block_T, grid, rate)
         return tokens, T, grid
+
+    def _drop_path_rates(self, device: torch.device) -> list[torch.Tensor | None]:
+        """Each block's drop-path rate as a 0-d float32 tensor on ``device``, made once per device and rates
+        (a tensor per step from Python floats would be a blocking copy). The first block's 0 is a tensor too (a
+        mask of ones), so that all blocks share one compiled graph; all None when the model has no drop-path."""
+        rates = tuple(blk.drop_path.p for blk in self.blocks)
+        key = (str(device), rates)
+        cached = self.__dict__.setdefault("_rates_cache", {})
+        if key not in cached:
+            cached.clear()
+            on = any(r > 0 for r in rates)
+            cached[key] = [torch.tensor(r, dtype=torch.float32, device=device) if on else None for r in rates]
+        return cached[key]
 
     def forward_tokens(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int]]:
         """Token sequence ``[CLS] + (t h w)`` after the last block, before the final norm; for

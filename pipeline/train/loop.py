@@ -49,8 +49,11 @@ class LoopState:
     stop: Any
     save: Callable[[int], None]
     validate: Callable[[], dict[str, float]]
-    flops_per_clip: float = 0.0  # model FLOPs of one training clip (forward + backward, no recompute)
+    flops_per_clip: float = 0.0  # model FLOPs of one training clip (forward + backward, no recompute): mfu
+    hardware_flops_per_clip: float = 0.0  # what the device computes, recomputed forwards included: hfu
     peak_tflops: float | None = None  # per device, when known: MFU
+    # (state, step) -> (batch iterator, last step it serves); default: the shard loader's interval stream
+    batches: Callable[[Any, int], tuple[Any, int]] | None = None
 
 
 class DivergedError(RuntimeError):
@@ -64,6 +67,92 @@ def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> l
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else
                                      torch.distributed.ReduceOp.SUM)
     return t.tolist()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What every rank agreed on about one step (the maximum over ranks of each flag)."""
+
+    step: int
+    preempted: bool
+    terminated: bool
+    budget: bool
+    bad_data: bool
+    diverged: bool
+
+    @property
+    def stopping(self) -> bool:
+        return self.preempted or self.terminated or self.budget
+
+
+class StepChecks:
+    """The questions every rank must answer alike after each step -- stop now (preemption, cancel, GPU-hour
+    budget), has a rank skipped too much data, has training diverged -- without making the host wait for
+    the device on every step.
+
+    A step's host flags and the device's own non-finite check (loss or gradient norm; sticky, so a diverged
+    step is never forgotten) are reduced across ranks on the device, asynchronously, then copied to pinned
+    host memory behind an event. ``verdict(now=False)`` reads the previous step's answer, which the device
+    finished while this step's work was queued behind it: a wait on an event, not a drain of the queue.
+    ``verdict(now=True)`` waits for this step's own answer: the loop asks that on steps that log, validate or
+    save, so a diverged step never reaches a checkpoint. All ranks read the same reduced values, so they
+    act on the same step."""
+
+    FLAGS = ("preempted", "terminated", "budget", "bad_data", "diverged")
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        pin = device.type == "cuda"
+        n = len(self.FLAGS)
+        self._host_in = [torch.zeros(n, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
+        self._host_out = [torch.zeros(n, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
+        self._diverged = torch.zeros((), dtype=torch.bool, device=device)
+        self._pending: list[tuple[int, int, Any]] = []  # (step, ring slot, event or None)
+        self._slot = 0
+
+    def submit(self, step: int, preempted: bool, terminated: bool, budget: bool, bad_data: bool,
+               loss: torch.Tensor, norm: torch.Tensor | float | None) -> None:
+        """Queue this step's flags; nothing here waits for the device."""
+        if len(self._pending) == 2:  # the caller skipped a verdict: settle the oldest before reusing its slot
+            self._wait(self._pending.pop(0))
+        bad = ~torch.isfinite(loss.detach().float())
+        if norm is not None:
+            norm = norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
+            norm = norm.to(self.device, non_blocking=True)
+            bad = bad | ~torch.isfinite(norm) | (norm < 0)
+        self._diverged |= bad.to(self.device)
+        slot, self._slot = self._slot, 1 - self._slot
+        host_in, host_out = self._host_in[slot], self._host_out[slot]
+        host_in[:4] = torch.tensor([float(preempted), float(terminated), float(budget), float(bad_data)])
+        flags = host_in.to(self.device, non_blocking=True)
+        flags[4] = self._diverged.float()
+        if self.distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        event = None
+        if self.device.type == "cuda":
+            host_out.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host_out.copy_(flags)
+        self._pending.append((step, slot, event))
+
+    def _wait(self, pending: tuple[int, int, Any]) -> Verdict:
+        step, slot, event = pending
+        if event is not None:
+            event.synchronize()
+        values = [bool(v) for v in self._host_out[slot].tolist()]
+        return Verdict(step, *values)
+
+    def verdict(self, now: bool) -> Verdict | None:
+        """The newest submitted step's verdict (``now``), else the one before it (None on the first step)."""
+        if now:
+            pending, self._pending = self._pending[-1], []
+            return self._wait(pending)
+        if len(self._pending) < 2:
+            return None
+        return self._wait(self._pending.pop(0))
 
 
 def _memory_gib(device: torch.device) -> float:
@@ -83,14 +172,19 @@ def _interval_stream(s: LoopState, step: int):
 
 
 def train_loop(s: LoopState) -> str:
-    """Train up to ``s.total`` steps; returns done, budget, preempted or terminated."""
+    """Train up to ``s.total`` steps; returns done, budget, preempted or terminated.
+
+    Steps that neither log, validate nor save never wait for the device: losses are summed on the device,
+    and the stop, data and divergence checks of a step are read one step later (``StepChecks``)."""
     t = s.cfg.train
     val_every = s.per_epoch if t.val_every == 0 else t.val_every
     step = s.engine.global_step
     window = {"t0": time.perf_counter(), "wait": 0.0, "steps": 0, "loss": 0.0}
     faults = FaultTally()  # broken samples this rank's loaders skipped, over the whole attempt
+    checks = StepChecks(s.device)
+    stream = s.batches or _interval_stream
     while step < s.total:
-        batches, interval_end = _interval_stream(s, step)
+        batches, interval_end = stream(s, step)
         while step < interval_end:
             losses = []
             for micro in range(s.plan.grad_accum):
@@ -102,43 +196,47 @@ def train_loop(s: LoopState) -> str:
                 torch.manual_seed(int(np.random.SeedSequence([t.seed, s.rank, step, micro]).generate_state(1)[0]))
                 losses.append(s.engine.train_micro_batch(batch["video"], batch["label"]))
             step = s.engine.global_step
-            loss = float(torch.stack(losses).mean())
-            window["loss"] += loss
+            loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+            window["loss"] = window["loss"] + loss.detach()  # stays on the device until a log step reads it
             window["steps"] += 1
             # fp16's loss scaler skips overflowing steps itself (an infinite norm there is routine)
-            norm = s.engine.grad_norm() if t.precision != "fp16" else None
-            diverged = not math.isfinite(loss) or (norm is not None and not (math.isfinite(norm) and norm >= 0))
-            bad_data = faults.exceeds(s.cfg.data.max_skip_fraction)
-            flags = [s.stop.reason == "preempted", s.stop.reason == "terminated",
-                     s.rank == 0 and s.account.exhausted, diverged, bad_data]
-            preempted, terminated, budget, diverged, any_bad_data = (
-                bool(v) for v in _all_reduce([float(f) for f in flags], s.device, "max"))
-            if diverged:
+            norm = s.engine.grad_norm_tensor() if t.precision != "fp16" else None
+            checks.submit(step, preempted=s.stop.reason == "preempted", terminated=s.stop.reason == "terminated",
+                          budget=s.rank == 0 and s.account.exhausted,
+                          bad_data=faults.exceeds(s.cfg.data.max_skip_fraction), loss=loss, norm=norm)
+            logs = step % t.log_every == 0 or step == s.total
+            validates = val_every > 0 and (step % val_every == 0 or step == s.total)
+            saves = step % t.ckpt_every == 0 or step == s.total
+            v = checks.verdict(now=logs or validates or saves)
+            if v is None:
+                continue
+            if v.diverged:
                 raise DivergedError(
-                    f"step {step}: training diverged (this rank's loss {loss:.4g}, gradient norm {norm}; a rank "
-                    f"saw a non-finite value). Nothing of this step was saved: the newest complete checkpoint under "
+                    f"step {step}: training diverged (a rank saw a non-finite loss or gradient norm at or before "
+                    f"step {v.step}; this rank's loss now {float(loss):.4g}, gradient norm "
+                    f"{s.engine.grad_norm()}). Nothing of it was saved: the newest complete checkpoint under "
                     f"{s.run_dir}/checkpoints holds finite weights. If broken clips caused it, fix the data and "
                     f"`python jobs/launch.py --resume {s.run_dir}` continues from that checkpoint; a learning rate "
                     f"too high needs a new run with a lower optim.lr (now {s.cfg.optim.lr:g}) or a longer warm-up.")
-            if any_bad_data:  # every rank stops here together (one alone would leave the others in a collective)
-                who = f"step {step}, rank {s.rank}: " if bad_data else \
+            if v.bad_data:  # every rank stops here together (one alone would leave the others in a collective)
+                mine = faults.exceeds(s.cfg.data.max_skip_fraction)
+                who = f"step {step}, rank {s.rank}: " if mine else \
                     f"step {step}: another rank skipped too many samples; rank {s.rank}: "
                 raise DataQualityError(
                     f"{faults.error(s.cfg.data.max_skip_fraction, who)}. Nothing of this step was saved; once the "
                     f"data is fixed, `python jobs/launch.py --resume {s.run_dir}` continues from the newest "
                     f"checkpoint")
-            if step % t.log_every == 0 or step == s.total:
+            if logs:
                 log_step(s, step, window, faults)
-            if val_every > 0 and (step % val_every == 0 or step == s.total):
+            if validates:
                 metrics = s.validate()
                 if s.rank == 0:
                     s.sinks.log_metrics({**metrics, "gpu_hours": s.account.hours}, step)
                     log.info("step %d validation: %s", step, _fmt(metrics))
-            stopping = preempted or terminated or budget
-            if step % t.ckpt_every == 0 or step == s.total or stopping:
+            if saves or v.stopping:
                 s.save(step)
-            if stopping:
-                return "preempted" if preempted else "terminated" if terminated else "budget"
+            if v.stopping:
+                return "preempted" if v.preempted else "terminated" if v.terminated else "budget"
         del batches  # the interval's workers exit; the next interval reseeds
     return "done"
 
@@ -146,7 +244,7 @@ def train_loop(s: LoopState) -> str:
 def log_step(s: LoopState, step: int, window: dict[str, float], faults: FaultTally | None = None) -> None:
     elapsed = time.perf_counter() - window["t0"]
     faults = faults or FaultTally()
-    loss_sum, wait, skipped, read = _all_reduce([window["loss"], window["wait"], float(faults.skipped),
+    loss_sum, wait, skipped, read = _all_reduce([float(window["loss"]), window["wait"], float(faults.skipped),
                                                  float(faults.read)], s.device)
     n = max(1, window["steps"])
     clips_per_s = n * s.plan.global_batch / max(elapsed, 1e-9)
@@ -164,10 +262,12 @@ def log_step(s: LoopState, step: int, window: dict[str, float], faults: FaultTal
         "data/samples_read": read,
         **system_metrics(),
     }
-    if s.flops_per_clip:
+    if s.flops_per_clip:  # model FLOPs (forward + backward): mfu; with recomputed forwards: hfu
         metrics["tflops_per_s"] = clips_per_s * s.flops_per_clip / 1e12
         if s.peak_tflops:
             metrics["mfu"] = metrics["tflops_per_s"] / (s.peak_tflops * s.world_size)
+            if s.hardware_flops_per_clip:
+                metrics["hfu"] = clips_per_s * s.hardware_flops_per_clip / 1e12 / (s.peak_tflops * s.world_size)
     norm = s.engine.grad_norm()
     if norm is not None and math.isfinite(norm):
         metrics["grad_norm"] = norm

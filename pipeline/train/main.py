@@ -33,13 +33,14 @@ from pipeline.data.loader import ClipConfig, make_loader
 from pipeline.data.shards import load_index
 from pipeline.distributed import DistEnv
 from pipeline.models.convert import load_checkpoint, save_safetensors
-from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, model_config
+from pipeline.models.timesformer import TimeSformer, model_config
 from pipeline.secrets import reveal_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
 from pipeline.train.engine import consolidated_state_dict, init_distributed, make_engine
 from pipeline.train.evaluate import RUN_DATASET_FILE, test_protocol, validate
 from pipeline.train.loop import LoopState, train_loop
+from pipeline.train.parallelize import prepare_model
 
 log = logging.getLogger("pipeline.train")
 EXIT_REQUEUED = 3
@@ -181,7 +182,8 @@ def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
                  index.num_samples(cfg.data.train_split), denv.launcher)
 
     model = build_model(cfg)
-    apply_activation_checkpointing(model, cfg.train.activation_checkpointing)
+    policy = prepare_model(model, cfg, device, build=lambda: TimeSformer(model_config(cfg)),
+                           micro_batch=plan.micro_batch)
     engine = make_engine(model, cfg, plan, per_epoch, device, model_factory=lambda: TimeSformer(model_config(cfg)))
     resumed = resume(engine, run_dir, denv.world_size)
 
@@ -200,6 +202,7 @@ def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
         sinks.set_running()  # an earlier attempt may have left it FAILED or KILLED
         device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
         sinks.set_tags({"resumed_from_step": str(resumed), "world_size": str(denv.world_size), "device": device_name,
+                        "activation_checkpointing": policy,
                         "attempts": str(len(account.attempts)), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
         if resumed == 0:
             sinks.log_params(cfg.flat())
@@ -214,6 +217,8 @@ def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
                       save=lambda s: save_checkpoint(engine, run_dir, s, cfg, account, denv),
                       validate=lambda: run_validation(engine, cfg, index, storage, device, denv),
                       flops_per_clip=2.0 * training_flops_per_clip(model_config(cfg)),
+                      hardware_flops_per_clip=2.0 * training_flops_per_clip(
+                          model_config(cfg), recompute_forward=policy != "none"),
                       peak_tflops=device_peak_tflops(device))
     try:
         with stop.deferring():

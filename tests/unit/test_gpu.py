@@ -168,3 +168,69 @@ def test_deepspeed_checkpoint_on_gpu_resumes_the_same_losses(one_rank_group, tmp
     torch.testing.assert_close(resumed.module.head.weight.float().cpu(), weights["head.weight"], atol=1e-2, rtol=0)
     again = [float(resumed.train_micro_batch(video, labels)) for _ in range(3)]
     assert again == pytest.approx(after, rel=1e-3)
+
+
+def test_auto_checkpointing_measures_on_the_device_and_takes_the_cheapest_that_fits():
+    from pipeline.train.parallelize import AUTO_ORDER, choose_policy, measure_policy, resolve_checkpointing
+
+    device = torch.device("cuda")
+    cfg = variant_config("timesformer_tiny", **SMALL)
+    peaks = {p: measure_policy(lambda: TimeSformer(cfg), p, 4, (3, 8, 64, 64), 11, device, torch.bfloat16)
+             for p in ("none", "full")}
+    assert peaks["none"] > peaks["full"] > 0  # recomputing every block keeps less
+    # a capacity between the two: none does not fit, full does -> the first that fits after none
+    capacity = (peaks["none"] + peaks["full"]) // 2
+    choice, seen = choose_policy(
+        lambda p: measure_policy(lambda: TimeSformer(cfg), p, 4, (3, 8, 64, 64), 11, device, torch.bfloat16),
+        capacity, reserve=0)
+    assert choice != "none" and seen[choice] <= capacity and list(seen) == list(AUTO_ORDER[:len(seen)])
+    # the real device: a tiny model fits without any recomputation
+    assert resolve_checkpointing("auto", lambda: TimeSformer(cfg), 4, (3, 8, 64, 64), 11, device, torch.bfloat16,
+                                 0.9) == "none"
+
+
+@pytest.mark.parametrize("policy", ["none", "full", "selective"])
+def test_compiled_blocks_match_eager_on_cuda_and_share_one_graph(policy):
+    from torch._dynamo.utils import counters
+
+    from pipeline.train.parallelize import compile_blocks
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = variant_config("timesformer_tiny", **{**SMALL, "depth": 4, "drop_path_rate": 0.2})
+    eager = randomize_(TimeSformer(cfg), 0.05).cuda()
+    compiled = TimeSformer(cfg).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    apply_activation_checkpointing(compiled, policy)
+    compile_blocks(compiled)
+    x = torch.randn(2, 3, 8, 64, 64, device="cuda")
+    eager.eval(), compiled.eval()  # no drop-path draws: the same function
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), atol=2e-4, rtol=1e-3)
+    compiled.train()
+    loss = compiled(x).float().logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in compiled.parameters() if p.grad is not None]
+    assert torch.isfinite(loss) and grads and all(torch.isfinite(g).all() for g in grads)
+    # blocks of different drop-path rates: one graph for training, one for evaluation
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_step_checks_read_a_step_later_without_draining_and_catch_divergence_on_cuda():
+    from pipeline.train.loop import StepChecks
+
+    device = torch.device("cuda")
+    checks = StepChecks(device)
+    finite, norm = torch.tensor(1.0, device=device), torch.tensor(2.0, device=device)
+    checks.submit(1, False, False, False, False, loss=finite, norm=norm)
+    assert checks.verdict(now=False) is None  # nothing earlier to read
+    checks.submit(2, True, False, False, False, loss=finite, norm=norm)
+    first = checks.verdict(now=False)
+    assert first.step == 1 and not first.stopping and not first.diverged
+    checks.submit(3, False, False, False, False, loss=torch.tensor(float("nan"), device=device), norm=norm)
+    second = checks.verdict(now=False)
+    assert second.step == 2 and second.preempted and not second.diverged
+    third = checks.verdict(now=True)
+    assert third.step == 3 and third.diverged
+    checks.submit(4, False, False, False, False, loss=finite, norm=norm)
+    assert checks.verdict(now=True).diverged  # sticky: a diverged run stays diverged

@@ -394,6 +394,9 @@ def test_the_training_loop_logs_skips_and_stops_every_rank_at_the_ceiling(tmp_pa
         def grad_norm(self):
             return 1.0
 
+        def grad_norm_tensor(self):
+            return torch.tensor(1.0)
+
     logged = []
     monkeypatch.setattr(loop, "_interval_stream", stream)
     saved = []

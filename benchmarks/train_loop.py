@@ -1,0 +1,451 @@
+#!/usr/bin/env python
+"""Training throughput through the product's real training loop, next to Hugging Face in the same run.
+
+Each case runs ``pipeline.train.loop.train_loop`` itself -- the engine (DeepSpeed or plain PyTorch), the
+activation-checkpointing policy (``auto``: measured to fit), regional compilation, the per-step stop and
+divergence checks, metric logging, the uint8 clips normalised on the device -- on in-memory synthetic batches
+(pinned uint8, as the loader hands them over), so it measures the step, not the data loader
+(``jobs/bench_loader.py`` does that). Beside it, Hugging Face ``TimesformerForVideoClassification`` in a plain
+bf16-autocast AdamW loop at the same batch (gradient checkpointing only if it does not fit otherwise).
+
+Printed per case: clips/s; model-FLOPs utilisation (MFU: forward + backward, 3x the paper's forward FLOPs,
+no recompute) and hardware-FLOPs utilisation (HFU: what the device computed, recomputed forwards included),
+each against the device's spec dense bf16 peak and against a bf16 matmul measured in the same run; peak
+memory; and the host time per step outside GPU work (wall time minus the kernels' busy time, from
+torch.profiler over 3 steps: the GPU idle, waiting for the host).
+
+    python benchmarks/train_loop.py                                  # GPU: every case; JSON + log to --out
+    python benchmarks/train_loop.py --cases l_ds_compile,l_hf        # a subset (--list shows them)
+    python benchmarks/train_loop.py --device cpu --cases tiny_loop,tiny_engine   # CPU: the loop's own cost
+
+On a CPU the ``tiny`` cases time the loop's host overhead: the same engine steps through the loop and bare
+(``tiny_engine``), so the difference is what the loop adds per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    recipe: str
+    micro_batch: int
+    impl: str  # loop (our training loop), engine (our engine without the loop), hf (Hugging Face), infer, hf_infer
+    engine: str = "deepspeed"
+    ac: str = "auto"
+    compile: str = "none"
+    zero_stage: int = 2
+    steps: int = 10
+    warmup: int = 3
+    overrides: tuple[str, ...] = field(default=())
+
+
+GPU_CASES = [
+    # TimeSformer-L 96x224 (the paper's long model)
+    Case("l_ds_compile", "k400_long", 4, "loop", compile="blocks"),
+    Case("l_ds", "k400_long", 4, "loop"),
+    Case("l_torch", "k400_long", 4, "loop", engine="torch", zero_stage=0),
+    Case("l_hf", "k400_long", 4, "hf"),
+    # TimeSformer 8x224
+    Case("base_ds_compile", "k400_base", 32, "loop", compile="blocks"),
+    Case("base_ds", "k400_base", 32, "loop"),
+    Case("base_torch", "k400_base", 32, "loop", engine="torch", zero_stage=0),
+    Case("base_hf", "k400_base", 32, "hf"),
+    # short steps: DeepSpeed's fixed cost per step, by ZeRO stage, against plain PyTorch
+    Case("base2_torch", "k400_base", 2, "loop", engine="torch", zero_stage=0, ac="none", steps=20),
+    Case("base2_zero0", "k400_base", 2, "loop", zero_stage=0, ac="none", steps=20),
+    Case("base2_zero1", "k400_base", 2, "loop", zero_stage=1, ac="none", steps=20),
+    Case("base2_zero2", "k400_base", 2, "loop", zero_stage=2, ac="none", steps=20),
+    # inference at batch 32
+    Case("base_infer_compile", "k400_base", 32, "infer", compile="blocks", steps=20),
+    Case("base_infer", "k400_base", 32, "infer", steps=20),
+    Case("base_infer_hf", "k400_base", 32, "hf_infer", steps=20),
+    # TimeSformer-HR 16x448
+    Case("hr_ds_compile", "k400_hr", 4, "loop", compile="blocks"),
+    Case("hr_ds", "k400_hr", 4, "loop"),
+    Case("hr_torch", "k400_hr", 4, "loop", engine="torch", zero_stage=0),
+    Case("hr_hf", "k400_hr", 4, "hf"),
+]
+TINY = ("model.variant=timesformer_tiny", "data.num_frames=8", "data.crop=32", "data.scale=[32,32]",
+        "model.num_classes=10")
+CPU_CASES = [
+    Case("tiny_loop", "smoke", 4, "loop", engine="torch", zero_stage=0, ac="none", steps=200, warmup=20,
+         overrides=TINY),
+    Case("tiny_engine", "smoke", 4, "engine", engine="torch", zero_stage=0, ac="none", steps=200, warmup=20,
+         overrides=TINY),
+    Case("tiny_loop_ds", "smoke", 4, "loop", ac="none", steps=100, warmup=10, overrides=TINY),
+    Case("tiny_engine_ds", "smoke", 4, "engine", ac="none", steps=100, warmup=10, overrides=TINY),
+    Case("tiny_loop_ds_compile", "smoke", 4, "loop", ac="selective", compile="blocks", steps=100, warmup=10,
+         overrides=TINY),
+]
+# targets of the issue (one H200, bf16): clips/s, and speed-up over Hugging Face
+TARGETS = {"l_ds_compile": 24.0, "base_ds_compile": 330.0, "base_infer_compile": 1000.0}
+HF_RATIO_TARGETS = {"l": 2.5, "hr": 2.5}
+
+
+def recipe_config(case: Case, device: torch.device):
+    from pipeline.config import load_recipe
+
+    overrides = [f"train.micro_batch={case.micro_batch}", f"train.global_batch={case.micro_batch}",
+                 f"train.zero_stage={case.zero_stage}", f"train.engine={case.engine}",
+                 f"train.activation_checkpointing={case.ac}", f"train.compile={case.compile}",
+                 f"train.precision={'bf16' if device.type == 'cuda' else 'fp32'}",
+                 f"cluster.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "data.index=unused",
+                 "train.log_every=1000000", "train.ckpt_every=1000000", "train.val_every=-1", *case.overrides]
+    return load_recipe(case.recipe, overrides)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fresh(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+def host_clip(mcfg, batch: int, device: torch.device) -> torch.Tensor:
+    x = torch.randint(0, 256, (batch, mcfg.in_chans, mcfg.num_frames, mcfg.img_size, mcfg.img_size),
+                      dtype=torch.uint8)
+    return x.pin_memory() if device.type == "cuda" else x
+
+
+def kernel_busy_ms(fn, steps: int, device: torch.device) -> tuple[float, float]:
+    """(wall ms, GPU kernels' busy ms) per step of ``fn(steps)`` under torch.profiler; (nan, nan) on a CPU."""
+    if device.type != "cuda":
+        return float("nan"), float("nan")
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(steps)
+        sync(device)
+    wall = (time.perf_counter() - t0) / steps * 1000
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    return wall, sum(e.self_device_time_total for e in kernels) / steps / 1000
+
+
+def run_loop(case: Case, device: torch.device) -> dict:
+    """Our training loop (or, for ``engine``, the same engine's steps without it) on synthetic batches."""
+    from pipeline.config import batch_plan
+    from pipeline.models.flops import training_flops_per_clip
+    from pipeline.models.timesformer import TimeSformer, model_config
+    from pipeline.train.engine import make_engine
+    from pipeline.train.loop import LoopState, train_loop
+    from pipeline.train.parallelize import prepare_model
+
+    cfg = recipe_config(case, device)
+    plan = batch_plan(cfg, 1)
+    mcfg = model_config(cfg)
+    fresh(device)
+    torch.manual_seed(0)
+    model = TimeSformer(mcfg)
+    t_setup = time.perf_counter()
+    policy = prepare_model(model, cfg, device, build=lambda: TimeSformer(mcfg), micro_batch=case.micro_batch)
+    engine = make_engine(model, cfg, plan, per_epoch=10**6, device=device, model_factory=lambda: TimeSformer(mcfg))
+    x = host_clip(mcfg, case.micro_batch, device)
+    y = torch.randint(0, mcfg.num_classes, (case.micro_batch,))
+    batch = {"video": x, "label": y}
+
+    def stream(s, step):
+        def endless():
+            while True:
+                yield batch
+        return endless(), s.total
+
+    metrics: list[dict] = []
+    state = LoopState(
+        cfg=cfg, engine=engine, plan=plan, index=None, storage=None, clip=None, rank=0, world_size=1, device=device,
+        per_epoch=10**6, total=0, run_dir=Path("/nonexistent"),
+        sinks=SimpleNamespace(log_metrics=lambda m, step: metrics.append(m)),
+        account=SimpleNamespace(exhausted=False, hours=0.0, save=lambda: None), stop=SimpleNamespace(reason=None),
+        save=lambda step: None, validate=dict, flops_per_clip=0.0, batches=stream)
+    losses: list[float] = []
+
+    def steps(n: int) -> None:
+        if case.impl == "loop":
+            state.total = engine.global_step + n
+            state.cfg.train.log_every = n  # one metric line per timed window: what a run logs, amortised
+            train_loop(state)
+        else:
+            for _ in range(n):
+                engine.train_micro_batch(x, y)
+
+    steps(case.warmup)
+    warm_s = time.perf_counter() - t_setup
+    sync(device)
+    t0 = time.perf_counter()
+    steps(case.steps)
+    sync(device)
+    step_s = (time.perf_counter() - t0) / case.steps
+    wall_ms, busy_ms = kernel_busy_ms(steps, 3, device)
+    losses.append(float(engine.train_micro_batch(x, y)))
+    flops = 2.0 * training_flops_per_clip(mcfg)
+    hw_flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=policy != "none")
+    out = {"policy": policy, "step_ms": 1000 * step_s, "clips_per_s": case.micro_batch / step_s,
+           "model_tflops": flops * case.micro_batch / step_s / 1e12,
+           "hardware_tflops": hw_flops * case.micro_batch / step_s / 1e12, "peak_gib": peak_gib(device),
+           "profiled_step_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_gap_ms": wall_ms - busy_ms,
+           "setup_and_warmup_s": warm_s, "last_loss": losses[-1]}
+    return out  # the engine and model are freed with this frame (fresh() collects them before the next case)
+
+
+def hf_model(mcfg, device: torch.device):
+    from transformers import TimesformerConfig, TimesformerForVideoClassification
+
+    from pipeline.models.convert import hf_config_dict
+
+    return TimesformerForVideoClassification(TimesformerConfig(**hf_config_dict(mcfg))).to(device)
+
+
+def run_hf(case: Case, device: torch.device) -> dict:
+    """Hugging Face TimeSformer, fp32 weights, bf16 autocast, fused AdamW: a plain PyTorch training loop."""
+    import torch.nn.functional as F
+
+    from pipeline.data.transforms import normalize_on_device
+    from pipeline.models.flops import training_flops_per_clip
+    from pipeline.models.timesformer import model_config
+
+    cfg = recipe_config(case, device)
+    mcfg = model_config(cfg)
+    x = host_clip(mcfg, case.micro_batch, device)
+    y = torch.randint(0, mcfg.num_classes, (case.micro_batch,), device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    def plain_loop(model, opt):
+        def steps(n: int) -> None:
+            for _ in range(n):
+                video = normalize_on_device(x, device).transpose(1, 2)  # HF takes (B, T, C, H, W)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    logits = model(pixel_values=video).logits
+                F.cross_entropy(logits.float(), y).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return steps
+
+    for checkpointing in (False, True):
+        fresh(device)
+        torch.manual_seed(0)
+        model = hf_model(mcfg, device)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        steps = plain_loop(model, torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda"))
+        try:
+            steps(case.warmup)
+            sync(device)
+            t0 = time.perf_counter()
+            steps(case.steps)
+            sync(device)
+        except torch.cuda.OutOfMemoryError:
+            model = steps = None  # freed before the try with checkpointing
+            continue
+        step_s = (time.perf_counter() - t0) / case.steps
+        wall_ms, busy_ms = kernel_busy_ms(steps, 3, device)
+        flops = 2.0 * training_flops_per_clip(mcfg)
+        hw_flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=checkpointing)
+        return {"policy": "full" if checkpointing else "none", "step_ms": 1000 * step_s,
+                "clips_per_s": case.micro_batch / step_s, "model_tflops": flops * case.micro_batch / step_s / 1e12,
+                "hardware_tflops": hw_flops * case.micro_batch / step_s / 1e12, "peak_gib": peak_gib(device),
+                "profiled_step_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_gap_ms": wall_ms - busy_ms}
+    raise torch.cuda.OutOfMemoryError("Hugging Face TimeSformer does not fit even with gradient checkpointing")
+
+
+def run_infer(case: Case, device: torch.device) -> dict:
+    """Forward passes in bf16 weights under inference_mode: ours (optionally block-compiled) or Hugging Face."""
+    from pipeline.data.transforms import normalize_on_device
+    from pipeline.models.flops import flops_per_view
+    from pipeline.models.timesformer import TimeSformer, model_config
+    from pipeline.train.parallelize import compile_blocks
+
+    cfg = recipe_config(case, device)
+    mcfg = model_config(cfg)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    fresh(device)
+    torch.manual_seed(0)
+    hf = case.impl == "hf_infer"
+    model = (hf_model(mcfg, device) if hf else TimeSformer(mcfg).to(device)).to(dtype).eval()
+    if case.compile == "blocks" and not hf:
+        compile_blocks(model)
+    x = host_clip(mcfg, case.micro_batch, device)
+
+    def steps(n: int) -> None:
+        with torch.inference_mode():
+            for _ in range(n):
+                video = normalize_on_device(x, device, dtype=dtype)
+                model(pixel_values=video.transpose(1, 2)) if hf else model(video)
+
+    t_setup = time.perf_counter()
+    steps(case.warmup)
+    warm_s = time.perf_counter() - t_setup
+    sync(device)
+    t0 = time.perf_counter()
+    steps(case.steps)
+    sync(device)
+    step_s = (time.perf_counter() - t0) / case.steps
+    wall_ms, busy_ms = kernel_busy_ms(steps, 3, device)
+    flops = 2.0 * flops_per_view(mcfg)
+    return {"policy": "-", "step_ms": 1000 * step_s, "clips_per_s": case.micro_batch / step_s,
+            "model_tflops": flops * case.micro_batch / step_s / 1e12,
+            "hardware_tflops": flops * case.micro_batch / step_s / 1e12, "peak_gib": peak_gib(device),
+            "profiled_step_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_gap_ms": wall_ms - busy_ms,
+            "setup_and_warmup_s": warm_s}
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """A bf16 n x n x n matrix product on random data, median of ``reps`` after warm-up (the achievable peak)."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del a, b
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def report(rows: list[dict], spec: float, measured: float) -> str:
+    lines = [f"{'case':20s} {'AC':9s} {'clips/s':>9s} {'step ms':>9s} {'MFU spec':>9s} {'MFU mm':>7s} "
+             f"{'HFU spec':>9s} {'HFU mm':>7s} {'peak GiB':>9s} {'host gap ms':>12s}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['case']:20s} FAILED: {r['error'].splitlines()[-1][:100]}")
+            continue
+        lines.append(f"{r['case']:20s} {r['policy']:9s} {r['clips_per_s']:9.2f} {r['step_ms']:9.2f} "
+                     f"{100 * r['model_tflops'] / spec:8.1f}% {100 * r['model_tflops'] / measured:6.1f}% "
+                     f"{100 * r['hardware_tflops'] / spec:8.1f}% {100 * r['hardware_tflops'] / measured:6.1f}% "
+                     f"{r['peak_gib']:9.2f} {r['host_gap_ms']:12.2f}")
+    by = {r["case"]: r for r in rows if "error" not in r}
+    lines.append("")
+    for size in ("l", "hr", "base"):
+        hf = by.get(f"{size}_hf")
+        for ours in (f"{size}_ds_compile", f"{size}_ds"):
+            if hf and ours in by:
+                ratio = by[ours]["clips_per_s"] / hf["clips_per_s"]
+                target = HF_RATIO_TARGETS.get(size)
+                verdict = f" (target >= {target}x: {'met' if ratio >= target else 'MISSED'})" if target else ""
+                lines.append(f"{ours:20s} vs Hugging Face: {ratio:.2f}x{verdict}")
+    for ds, base in [(f"{s}_ds", f"{s}_torch") for s in ("l", "hr", "base")] + [
+            (f"base2_zero{z}", "base2_torch") for z in (0, 1, 2)]:
+        if ds in by and base in by:
+            overhead = by[base]["clips_per_s"] / by[ds]["clips_per_s"] - 1
+            lines.append(f"DeepSpeed overhead {ds:14s} vs {base:12s}: {100 * overhead:+.1f}% (target <= 5%)")
+    for name, target in TARGETS.items():
+        if name in by:
+            got = by[name]["clips_per_s"]
+            lines.append(f"{name:20s} {got:8.1f} clips/s, target >= {target:g}: {'met' if got >= target else 'MISSED'}")
+    if "tiny_loop" in by and "tiny_engine" in by:
+        for loop_case, bare in (("tiny_loop", "tiny_engine"), ("tiny_loop_ds", "tiny_engine_ds")):
+            if loop_case in by and bare in by:
+                extra = by[loop_case]["step_ms"] - by[bare]["step_ms"]
+                lines.append(f"the loop's own cost per step ({loop_case} - {bare}): {1000 * extra:.0f} us")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--cases", help="comma-separated case names (default: every case of the device)")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--out", help="write the numbers as JSON here (after every case, so a cut run keeps what ran)")
+    args = p.parse_args(argv)
+    cases = GPU_CASES if args.device == "cuda" else CPU_CASES
+    if args.list:
+        for c in GPU_CASES + CPU_CASES:
+            print(f"{c.name:20s} {c.recipe:10s} micro batch {c.micro_batch:3d} {c.impl:8s} engine {c.engine:9s} "
+                  f"AC {c.ac:9s} compile {c.compile:6s} ZeRO-{c.zero_stage}")
+        return 0
+    if args.cases:
+        known = {c.name: c for c in GPU_CASES + CPU_CASES}
+        unknown = [n for n in args.cases.split(",") if n not in known]
+        if unknown:
+            p.error(f"unknown case(s) {', '.join(unknown)}; --list shows them")
+        cases = [known[n] for n in args.cases.split(",")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("train_loop: no CUDA device; `--device cpu` runs the CPU cases", file=sys.stderr)
+        return 2
+
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pipeline.train").setLevel(logging.INFO)  # the auto policy's measurements
+    from infra.seaweedfs import free_port
+    from pipeline.config import load_recipe
+    from pipeline.models.flops import PEAK_TFLOPS
+    from pipeline.train.engine import init_distributed
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    os.environ.setdefault("DS_ACCELERATOR", args.device)
+    device = init_distributed(load_recipe("smoke", [f"cluster.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+                                                    "data.index=unused"]), 0, 1, 0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    spec = next((v for k, v in PEAK_TFLOPS.items() if k in name), float("nan"))
+    measured = matmul_tflops(device)
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import deepspeed
+
+        versions["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        pass
+    head = (f"device {name}; spec dense bf16 peak {spec:g} TFLOP/s; bf16 8192^3 matmul measured here "
+            f"{measured:.0f} TFLOP/s; {versions}")
+    print(head, flush=True)
+    rows: list[dict] = []
+    runners = {"loop": run_loop, "engine": run_loop, "hf": run_hf, "infer": run_infer, "hf_infer": run_infer}
+    for case in cases:
+        t0 = time.perf_counter()
+        try:
+            row = {"case": case.name, **runners[case.impl](case, device)}
+        except Exception:  # noqa: BLE001 -- one case failing (an OOM, a compile error) must not lose the others
+            row = {"case": case.name, "error": traceback.format_exc()}
+            print(row["error"], file=sys.stderr, flush=True)
+        row["case_s"] = time.perf_counter() - t0
+        row["setup"] = asdict(case)
+        rows.append(row)
+        print(report([row], spec, measured).splitlines()[1], f"({row['case_s']:.0f} s)", flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"device": name, "spec_tflops": spec, "matmul_tflops": measured,
+                                                  "versions": versions, "rows": rows}, indent=1))
+    print()
+    print(head)
+    print(report(rows, spec, measured))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
