@@ -218,6 +218,12 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+# Sequences up to this length are attended with plain matrix products instead of a fused attention kernel
+# (0: never). An experiment (benchmarks/train_loop.py): fused kernels tile 64-128 queries, so 8 frames waste most
+# of each tile.
+MATH_ATTENTION_MAX_LEN = 0
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over dim 1 of ``(G, L, D)``; fused qkv as timm (q, k, v then heads)."""
 
@@ -235,7 +241,12 @@ class Attention(nn.Module):
         G, L, D = x_GLD.shape
         qkv = self.qkv(x_GLD).view(G, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (G, heads, L, head_dim)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        if L <= MATH_ATTENTION_MAX_LEN:  # short sequences (the 8 or 16 frames of temporal attention)
+            a = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            a = F.dropout(a.float().softmax(-1), self.attn_drop, self.training).to(q.dtype)
+            o = a @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         o = o.transpose(1, 2).reshape(G, L, D)
         return self.proj_drop(self.proj(o))
 
