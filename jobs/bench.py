@@ -162,6 +162,7 @@ class Runner:
         # forward + backward (2x); full checkpointing recomputes the forward; selective keeps the matmuls
         recompute = self.case.checkpointing and self.policy == "full"
         passes = (4 if recompute else 3) if self.case.train else 1
+        # hardware FLOPs (what the device computed, the recomputed forward included): HFU, not MFU
         tflops = 2 * flops_per_view(self.cfg) * passes * clips_s / 1e12
         return dict(case=self.case.name, impl=self.impl, batch=self.case.batch, train=self.case.train,
                     checkpointing=self.case.checkpointing, clips_per_s=clips_s, tflops=tflops,
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = device_peak_tflops(device)
     print(f"device: {name}   dtype: {dtype}   torch {torch.__version__}", flush=True)
     results = []
-    header = f"{'case':18s} {'impl':15s} {'batch':>5s} {'clips/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s}"
+    header = f"{'case':18s} {'impl':15s} {'batch':>5s} {'clips/s':>9s} {'TFLOP/s':>8s} {'HFU':>6s} {'peak GiB':>9s}"
     print(header)
     print("-" * len(header))
     for case in cases:
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for r in case_results:
             results.append(r)
-            mfu = f"{100 * r['tflops'] / peak:5.1f}%" if peak else "   n/a"
+            mfu = f"{100 * r['tflops'] / peak:5.1f}%" if peak else "   n/a"  # hardware FLOPs / spec peak
             print(f"{case.name:18s} {r['impl']:15s} {r['batch']:5d} {r['clips_per_s']:9.2f} {r['tflops']:8.2f} "
                   f"{mfu:>6s} {r['peak_mem_gib']:9.2f}", flush=True)
     print()

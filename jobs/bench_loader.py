@@ -1,20 +1,35 @@
 #!/usr/bin/env python
-"""Data-loader throughput per worker core, next to a plain PyAV decode of the same frames.
+"""Data-loader throughput per worker core, next to a plain PyAV decode of the same frames; and the loader
+cores one GPU needs for each Kinetics recipe, under the ingest's default settings and cheaper ones.
 
-Writes a small dataset of shards like the ingest job makes (H.264, short side 256, 30 fps, keyframe
-every 16 frames), then, on one core, times (a) the loader's pipeline for one worker (tar reading,
+Default run: writes a small dataset of shards like the ingest job makes (H.264, short side 256, 30 fps,
+keyframe every 16 frames), then, on one core, times (a) the loader's pipeline for one worker (tar reading,
 sampling, decoding, random scale/crop/flip, normalisation, batching) and (b) a plain PyAV loop that
 decodes the same frames from the same bytes, for 8x224 (8 frames every 32) and 96x224 (96 every 4)
 clips. Prints clips/s, the loader's overhead above raw decoding, and how many cores one GPU training
-TimeSformer-L at a given rate needs.
+TimeSformer 8x224 and TimeSformer-L at the given rates needs.
 
     python jobs/bench_loader.py                 # both clip shapes
-    python jobs/bench_loader.py --videos 16 --gpu-rate 15
+    python jobs/bench_loader.py --videos 16 --l-rate 15
     python jobs/bench_loader.py --verify-cost   # shard verification (size + sha256 as it streams) on vs off
+    python jobs/bench_loader.py --cores         # cores per GPU for each recipe and ingest setting
 
 ``--verify-cost`` times the training pipeline with and without shard verification in the same run,
 alternating the order each round (the same seed, so both decode the same clips), and prints each run,
 the median overhead and the spread, and sha256 alone per clip (the floor of what verification costs).
+
+``--cores`` makes one table: for each recipe (configs/recipes/k400_base, k400_hr, k400_long: their clip
+shape, crop and scale jitter, uint8 output as on GPUs) and each ingest setting (``--ingest``: frame rate
+and keyframe interval), the training pipeline's clips per CPU-second on one core, and the cores one GPU
+needs at the training rates measured on an H200 (``--base-rate``, ``--hr-rate``, ``--l-rate``). Every
+dataset is made the way the ingest job makes it (``pipeline.ingest.worker.transcode`` with
+configs/ingest/k400.yaml's codec, crf and preset) from the same synthetic 10 s sources (Kinetics clips are
+10 s), at configs/ingest/k400.yaml's short side, or at the recipe's largest scale when that is larger (HR
+crops 448 from a short side of 448-512: its dataset is written at 512, so the loader never upsamples).
+The sampler places a clip's frames in seconds (``sampling_rate / data.ref_fps`` apart; ref_fps stays 30
+whatever the dataset's frame rate), so a dataset written at a lower frame rate covers the same seconds per
+clip and decodes fewer frames: at ``matched`` (``ref_fps / sampling_rate``) every sampled time has a frame
+of its own, the frames of a 30 fps clip whose start is rounded down to that frame rate's grid.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ check gets a phase too) so drift shows; each phase reports the median step time,
 clips/s and its own peak memory (the engine before it is freed). Inputs are random tensors already on
 the host as the loader hands them to GPU recipes (uint8, pinned): each engine moves and normalises them, so
 this measures the engine, not the data loader (jobs/bench_loader.py does that). TFLOP/s count the
-recomputed forward of activation checkpointing; MFU is against the card's dense bf16 peak. The target
-(issue 5): DeepSpeed's overhead <= 10%. Writes --out JSON when given.
+recomputed forward of activation checkpointing (hardware FLOPs), so the utilisation printed is HFU; MFU counts
+the model's forward and backward only (no recompute); both against the card's dense bf16 peak. The target
+(issue 5): DeepSpeed's overhead <= 10%. Writes --out JSON when given. The training loop's own benchmark,
+next to Hugging Face, is benchmarks/train_loop.py.
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randint(0, 256, (args.micro_batch, 3, mcfg.num_frames, mcfg.img_size, mcfg.img_size), dtype=torch.uint8)
     if device.type == "cuda":
         x = x.pin_memory()
-    flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=args.ac != "none")  # multiply-adds x 2
+    flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=args.ac != "none")  # hardware FLOPs: HFU
+    model_flops = 2.0 * training_flops_per_clip(mcfg)  # forward + backward only: MFU
     y = torch.randint(0, mcfg.num_classes, (args.micro_batch,), device=device)
 
     def sync() -> None:
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         del engine, model
         return {"engine": kind, "step_ms": 1000 * step, "clips_per_s": args.micro_batch / step, "peak_gib": peak,
                 "tflops": flops * args.micro_batch / step / 1e12,
+                "model_tflops": model_flops * args.micro_batch / step / 1e12,
                 "first_loss": losses[0], "last_loss": losses[-1]}
 
     def profile(engine) -> str:
@@ -157,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cfg.model.variant} {mcfg.num_frames}x{mcfg.img_size}, micro batch {args.micro_batch}, {args.precision}, "
           f"activation checkpointing {args.ac}, ZeRO-{args.zero_stage}; device {name}; "
           f"torch {versions['torch']}, deepspeed {versions['deepspeed']}")
-    print(f"{'engine':15s} {'step ms':>9s} {'clips/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s} "
+    print(f"{'engine':15s} {'step ms':>9s} {'clips/s':>9s} {'TFLOP/s':>8s} {'HFU':>6s} {'MFU':>6s} {'peak GiB':>9s} "
           f"{'loss first->last':>18s}")
     for r in rows:
         print(f"{r['engine']:15s} {r['step_ms']:9.1f} {r['clips_per_s']:9.2f} {r['tflops']:8.1f} "
-              f"{100 * r['tflops'] / peak_tflops:5.1f}% {r['peak_gib']:9.2f} "
+              f"{100 * r['tflops'] / peak_tflops:5.1f}% {100 * r['model_tflops'] / peak_tflops:5.1f}% "
+              f"{r['peak_gib']:9.2f} "
               f"{r['first_loss']:8.4f} -> {r['last_loss']:.4f}")
     drift = abs(rows[0]["clips_per_s"] / rows[-1]["clips_per_s"] - 1)
     print(f"DeepSpeed overhead vs plain PyTorch: {100 * overhead:+.1f}% (target <= 10%); "

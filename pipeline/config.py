@@ -558,9 +558,6 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         raise refuse("optim.betas", "two numbers in [0, 1) (Adam's beta1, beta2)")
     if any(e < 0 for e in cfg.optim.lr_steps) or sorted(cfg.optim.lr_steps) != list(cfg.optim.lr_steps):
         raise ConfigError(f"{where}: optim.lr_steps={cfg.optim.lr_steps}: expected increasing epochs >= 0")
-    if cfg.train.compile == "blocks" and cfg.train.zero_stage == 3:
-        raise ConfigError(f"{where}: train.compile=blocks is not supported with ZeRO-3 (it gathers each block's "
-                          f"parameters with module hooks around the block); use train.zero_stage 0-2 or compile=none")
     if cfg.train.zero_stage > 0 and cfg.train.engine == "torch":
         raise ConfigError(f"{where}: train.engine=torch has no ZeRO; set train.zero_stage=0 or engine=deepspeed")
     # space_only with pos_embed=space_time is valid: that scheme has no time embedding (as the original)

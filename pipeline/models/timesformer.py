@@ -218,10 +218,11 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-# Sequences up to this length are attended with plain matrix products instead of a fused attention kernel
-# (0: never). An experiment (benchmarks/train_loop.py): fused kernels tile 64-128 queries, so 8 frames waste most
-# of each tile.
-MATH_ATTENTION_MAX_LEN = 0
+# Sequences up to this length (the 8 or 16 frames of temporal attention) are attended with plain matrix
+# products, softmax in fp32, instead of a fused attention kernel, whose 64-128-query tiles would be mostly
+# padding. With compiled blocks on an H200 (benchmarks/results/train-loop-h200/run2.log) this made training
+# 8x224 12% faster, 16x448 9%, inference 15%; the 96 frames of TimeSformer-L stay on the fused kernel. 0: never.
+MATH_ATTENTION_MAX_LEN = 16
 
 
 class Attention(nn.Module):

@@ -91,7 +91,7 @@ def test_errors_name_the_file_and_the_field(tmp_path):
 
 
 def test_the_global_batch_is_kept_whatever_the_world_size():
-    cfg = load_recipe("k400_base")  # global 64, micro 2
+    cfg = load_recipe("k400_long")  # DeepSpeed ZeRO-2, global 64, micro 2
     for world, accum in ((1, 32), (2, 16), (8, 4), (32, 1)):
         plan = batch_plan(cfg, world)
         ds = deepspeed_config(cfg, plan)
