@@ -344,7 +344,15 @@ def make_ingested(root: str, sources: list[bytes], transcode_cfg: TranscodeConfi
         shards.append(ShardInfo(url, "train", count, len(data), sha256_of(data), keys))
     index = DatasetIndex("bench", 1, ["0", "1", "2", "3"], {}, shards)
     commit_index(storage, index)
-    return index, {"bytes_per_video": size / len(sources), "frames_per_video": frames / len(sources)}
+    return index, {"bytes_per_video": size / len(sources), "frames_per_video": frames / len(sources),
+                   "seconds_per_video": frames / len(sources) / transcode_cfg.fps, "fps": transcode_cfg.fps}
+
+
+def clip_starts(clip: ClipConfig, seconds: float, fps: float) -> int:
+    """Distinct clips a random training start can give from one video at ``fps``: the frames the first
+    sampled time can land on (a clip longer than the video always starts at 0 and loops)."""
+    free = max(0.0, seconds - clip.num_frames * clip.sampling_rate / clip.ref_fps)
+    return int(free * fps) + 1
 
 
 @contextlib.contextmanager
@@ -419,8 +427,9 @@ def run_cores(args: argparse.Namespace) -> int:
     results: dict[tuple[str, str, IngestSetting], dict] = {}
     for content in contents:
         print(f"\n{content} content:")
-        print(f"{'recipe':22s} {'ingest setting':44s} {'side':>4s} {'MB/video':>8s} {'decoded/clip':>12s} "
-              f"{'clips/s/core':>12s} {'(wall)':>7s} {'cores/GPU':>9s} {'vs default':>10s}", flush=True)
+        print(f"{'recipe':22s} {'ingest setting':44s} {'side':>4s} {'MB/video':>8s} {'starts':>6s} "
+              f"{'decoded/clip':>12s} {'clips/s/core':>12s} {'(wall)':>7s} {'cores/GPU':>9s} {'vs default':>10s}",
+              flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             datasets: dict[tuple[int, float, int], tuple[str, DatasetIndex, dict]] = {}
             sources: dict[int, list[bytes]] = {}
@@ -444,22 +453,25 @@ def run_cores(args: argparse.Namespace) -> int:
                     r = bench_recipe(index, root, recipe.clip, args.clips, args.case_seconds, seed=1)
                     cores = rates[recipe.name] / r["cpu_clips_s"]
                     first = results.get((content, recipe.name, default), {}).get("cores", cores)
+                    starts = clip_starts(recipe.clip, info["seconds_per_video"], fps)
                     row = results[(content, recipe.name, setting)] = {
                         "setting": setting.describe(recipe.clip), "short_side": short_side, "cores": cores,
-                        "vs_default": cores / first - 1, **info, **r}
+                        "vs_default": cores / first - 1, "starts": starts, **info, **r}
                     print(f"{recipe.title:22s} {row['setting']:44s} {short_side:4d} "
-                          f"{info['bytes_per_video'] / 1e6:8.2f} {r['decoded_per_clip']:12.1f} "
+                          f"{info['bytes_per_video'] / 1e6:8.2f} {starts:6d} {r['decoded_per_clip']:12.1f} "
                           f"{r['cpu_clips_s']:12.2f} {r['wall_clips_s']:7.2f} {cores:9.1f} "
                           f"{100 * row['vs_default']:+9.0f}%", flush=True)
     print(f"\n({time.perf_counter() - t_start:.0f}s in all. clips/s/core: clips per CPU-second of one loader "
           f"process (one DataLoader worker = one core); cores/GPU: the recipe's GPU rate / that, for the loader's "
           f"workers alone (the training process's own host work is not in it). decoded/clip: frames the decoder "
-          f"produced per clip. side: the dataset's short side. vs default: cores/GPU against the ingest's own "
+          f"produced per clip. side: the dataset's short side. starts: distinct clips a random training start can "
+          f"give per video (its duration as ingested, at that frame rate; a clip longer than the video, as "
+          f"TimeSformer-L's 12.8 s, always starts at 0 and loops). vs default: cores/GPU against the ingest's own "
           f"setting, same content.)")
     print("\nMarkdown (clips/s per core -> cores per GPU):\n")
-    print("| recipe (clips/s per H200; data.num_workers) | ingest: frame rate, keyframe interval | "
-          + " | ".join(f"{c} content" for c in contents) + " |")
-    print("|---|---|" + "---:|" * len(contents))
+    print("| recipe (clips/s per H200; data.num_workers) | ingest: frame rate, keyframe interval | clip starts "
+          "per video | " + " | ".join(f"{c} content" for c in contents) + " |")
+    print("|---|---|---:|" + "---:|" * len(contents))
     for recipe in recipes:
         for setting in settings:
             cells = []
@@ -468,7 +480,8 @@ def run_cores(args: argparse.Namespace) -> int:
                 change = "" if setting == default else f" ({100 * row['vs_default']:+.0f}%)"
                 cells.append(f"{row['cpu_clips_s']:.2f} -> **{row['cores']:.1f}**{change}")
             label = setting.describe(recipe.clip) + (" (ingest default)" if setting == default else "")
-            print(f"| {recipe.title} ({rates[recipe.name]:g}; {recipe.num_workers}) | {label} | "
+            starts = results[(contents[0], recipe.name, setting)]["starts"]
+            print(f"| {recipe.title} ({rates[recipe.name]:g}; {recipe.num_workers}) | {label} | {starts} | "
                   + " | ".join(cells) + " |")
     return 0
 

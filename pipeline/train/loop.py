@@ -103,11 +103,13 @@ class StepChecks:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-        pin = device.type == "cuda"
+        self.on_host = device.type != "cuda"  # a CPU computes as it goes: reading a value costs nothing
+        pin = not self.on_host
         n = len(self.FLAGS)
         self._host_in = [torch.zeros(n, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         self._host_out = [torch.zeros(n, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         self._diverged = torch.zeros((), dtype=torch.bool, device=device)
+        self._diverged_host = False
         self._pending: list[tuple[int, int, Any]] = []  # (step, ring slot, event or None)
         self._slot = 0
 
@@ -116,26 +118,33 @@ class StepChecks:
         """Queue this step's flags; nothing here waits for the device."""
         if len(self._pending) == 2:  # the caller skipped a verdict: settle the oldest before reusing its slot
             self._wait(self._pending.pop(0))
+        slot, self._slot = self._slot, 1 - self._slot
+        host_in, host_out = self._host_in[slot], self._host_out[slot]
+        if self.on_host:
+            values = [float(loss)] + ([] if norm is None else [float(norm)])
+            self._diverged_host |= not all(math.isfinite(v) for v in values) or (norm is not None and values[1] < 0)
+            flags = [float(preempted), float(terminated), float(budget), float(bad_data), float(self._diverged_host)]
+            if self.distributed:
+                host_in[:] = torch.tensor(flags)
+                torch.distributed.all_reduce(host_in, op=torch.distributed.ReduceOp.MAX)
+                flags = host_in.tolist()
+            host_out[:] = torch.tensor(flags)
+            self._pending.append((step, slot, None))
+            return
         bad = ~torch.isfinite(loss.detach().float())
         if norm is not None:
             norm = norm.detach().float() if isinstance(norm, torch.Tensor) else torch.tensor(float(norm))
             norm = norm.to(self.device, non_blocking=True)
             bad = bad | ~torch.isfinite(norm) | (norm < 0)
-        self._diverged |= bad.to(self.device)
-        slot, self._slot = self._slot, 1 - self._slot
-        host_in, host_out = self._host_in[slot], self._host_out[slot]
+        self._diverged |= bad
         host_in[:4] = torch.tensor([float(preempted), float(terminated), float(budget), float(bad_data)])
         flags = host_in.to(self.device, non_blocking=True)
         flags[4] = self._diverged.float()
         if self.distributed:
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        event = None
-        if self.device.type == "cuda":
-            host_out.copy_(flags, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host_out.copy_(flags)
+        host_out.copy_(flags, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
         self._pending.append((step, slot, event))
 
     def _wait(self, pending: tuple[int, int, Any]) -> Verdict:
@@ -153,6 +162,17 @@ class StepChecks:
         if len(self._pending) < 2:
             return None
         return self._wait(self._pending.pop(0))
+
+
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed the random generators a training step draws from: the host's and this rank's GPU's. Not
+    ``torch.manual_seed``: before CUDA is initialised (every CPU run) it queues a lazy seeding call with a
+    formatted stack trace for each accelerator type, on every call: most of a CPU step's loop time, and a
+    list that grows for the whole run."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
+                                      ].manual_seed(seed)
 
 
 def _memory_gib(device: torch.device) -> float:
@@ -193,7 +213,7 @@ def train_loop(s: LoopState) -> str:
                 window["wait"] += time.perf_counter() - t_wait
                 faults.add(batch.get("faults"))
                 # drop-path draws depend only on (seed, rank, step, micro): a resumed run draws the same
-                torch.manual_seed(int(np.random.SeedSequence([t.seed, s.rank, step, micro]).generate_state(1)[0]))
+                seed_step(int(np.random.SeedSequence([t.seed, s.rank, step, micro]).generate_state(1)[0]), s.device)
                 losses.append(s.engine.train_micro_batch(batch["video"], batch["label"]))
             step = s.engine.global_step
             loss = torch.stack(losses).mean() if len(losses) > 1 else losses[0]
