@@ -163,6 +163,20 @@ def kernel_busy_ms(fn, steps: int, device: torch.device) -> tuple[float, float]:
     return wall, sum(e.self_device_time_total for e in kernels) / steps / 1000
 
 
+def timed(steps, case: Case, device: torch.device, t_setup: float) -> tuple[float, float, float, float]:
+    """Warm up (compilation, allocator), then time ``case.steps`` steps and profile 3 more: (seconds from
+    ``t_setup`` to the end of the warm-up, seconds per step, profiled ms per step, GPU-busy ms per step)."""
+    steps(case.warmup)
+    warm_s = time.perf_counter() - t_setup
+    sync(device)
+    t0 = time.perf_counter()
+    steps(case.steps)
+    sync(device)
+    step_s = (time.perf_counter() - t0) / case.steps
+    wall_ms, busy_ms = kernel_busy_ms(steps, 3, device)
+    return warm_s, step_s, wall_ms, busy_ms
+
+
 def run_loop(case: Case, device: torch.device) -> dict:
     """Our training loop (or, for ``engine``, the same engine's steps without it) on synthetic batches."""
     from pipeline.config import batch_plan
@@ -170,7 +184,7 @@ def run_loop(case: Case, device: torch.device) -> dict:
     from pipeline.models.timesformer import TimeSformer, model_config
     from pipeline.train.engine import make_engine
     from pipeline.train.loop import LoopState, train_loop
-    from pipeline.train.parallelize import prepare_model
+    from pipeline.train.parallelize import prepare_model, recompute_fraction
 
     cfg = recipe_config(case, device)
     plan = batch_plan(cfg, 1)
@@ -209,17 +223,10 @@ def run_loop(case: Case, device: torch.device) -> dict:
             for _ in range(n):
                 engine.train_micro_batch(x, y)
 
-    steps(case.warmup)
-    warm_s = time.perf_counter() - t_setup
-    sync(device)
-    t0 = time.perf_counter()
-    steps(case.steps)
-    sync(device)
-    step_s = (time.perf_counter() - t0) / case.steps
-    wall_ms, busy_ms = kernel_busy_ms(steps, 3, device)
+    warm_s, step_s, wall_ms, busy_ms = timed(steps, case, device, t_setup)
     losses.append(float(engine.train_micro_batch(x, y)))
     flops = 2.0 * training_flops_per_clip(mcfg)
-    hw_flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=policy != "none")
+    hw_flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=recompute_fraction(policy, mcfg.depth))
     out = {"policy": policy, "step_ms": 1000 * step_s, "clips_per_s": case.micro_batch / step_s,
            "model_tflops": flops * case.micro_batch / step_s / 1e12,
            "hardware_tflops": hw_flops * case.micro_batch / step_s / 1e12, "peak_gib": peak_gib(device),
@@ -317,15 +324,7 @@ def run_infer(case: Case, device: torch.device) -> dict:
                 video = normalize_on_device(x, device, dtype=dtype)
                 model(pixel_values=video.transpose(1, 2)) if hf else model(video)
 
-    t_setup = time.perf_counter()
-    steps(case.warmup)
-    warm_s = time.perf_counter() - t_setup
-    sync(device)
-    t0 = time.perf_counter()
-    steps(case.steps)
-    sync(device)
-    step_s = (time.perf_counter() - t0) / case.steps
-    wall_ms, busy_ms = kernel_busy_ms(steps, 3, device)
+    warm_s, step_s, wall_ms, busy_ms = timed(steps, case, device, time.perf_counter())
     flops = 2.0 * flops_per_view(mcfg)
     return {"policy": "-", "step_ms": 1000 * step_s, "clips_per_s": case.micro_batch / step_s,
             "model_tflops": flops * case.micro_batch / step_s / 1e12,

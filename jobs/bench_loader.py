@@ -88,8 +88,13 @@ def make_dataset(root: str, videos: int, seconds: float, per_shard: int = 4) -> 
         samples.append(ShardSample(f"v{v:04d}", video, {"label": v % 4, "label_name": str(v % 4), "dataset": "bench",
                                                          "split": "train", "source": "-", "duration": seconds,
                                                          "fps": 30.0, "num_frames": n_frames, "source_sha256": "-"}))
+    return write_bench_index(storage, samples, per_shard)
+
+
+def write_bench_index(storage, samples: list[ShardSample], per_shard: int) -> DatasetIndex:
+    """The samples as train shards of ``per_shard`` each under ``storage``, and their committed index."""
     shards = []
-    for s in range(0, videos, per_shard):
+    for s in range(0, len(samples), per_shard):
         data, count, keys = shard_bytes(samples[s:s + per_shard])
         url = f"shards/train/{s // per_shard:06d}.tar"
         storage.put_bytes(url, data)
@@ -336,14 +341,7 @@ def make_ingested(root: str, sources: list[bytes], transcode_cfg: TranscodeConfi
         samples.append(ShardSample(f"v{v:04d}", video, {"label": v % 4, "label_name": str(v % 4), "dataset": "bench",
                                                          "split": "train", "source": f"source{v}.mp4",
                                                          "source_sha256": "-", "start": None, "end": None, **info}))
-    shards = []
-    for s in range(0, len(samples), PER_SHARD):
-        data, count, keys = shard_bytes(samples[s:s + PER_SHARD])
-        url = f"shards/train/{s // PER_SHARD:06d}.tar"
-        storage.put_bytes(url, data)
-        shards.append(ShardInfo(url, "train", count, len(data), sha256_of(data), keys))
-    index = DatasetIndex("bench", 1, ["0", "1", "2", "3"], {}, shards)
-    commit_index(storage, index)
+    index = write_bench_index(storage, samples, PER_SHARD)
     return index, {"bytes_per_video": size / len(sources), "frames_per_video": frames / len(sources),
                    "seconds_per_video": frames / len(sources) / transcode_cfg.fps, "fps": transcode_cfg.fps}
 

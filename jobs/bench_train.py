@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, help="frames per clip override")
     p.add_argument("--size", type=int, help="crop size override")
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--zero-stage", type=int, default=2)
+    p.add_argument("--zero-stage", type=int, default=2, help="the DeepSpeed engine's ZeRO stage (default 2)")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    p.add_argument("--ac", default="full", help="activation checkpointing policy (none, full, every_2, selective)")
+    p.add_argument("--ac", default="full", help="activation checkpointing policy (none, full, every_2, selective; "
+                                               "auto is measured per run: benchmarks/train_loop.py)")
     p.add_argument("--steps", type=int, default=10, help="measured steps per phase")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", help="after timing, profile 3 steps of each engine (torch.profiler) and write the "
                                      "ops' CPU and GPU times here: where an overhead comes from")
     args = p.parse_args(argv)
+    if args.ac == "auto":
+        p.error("--ac auto: name a policy here; benchmarks/train_loop.py runs the training loop with auto")
 
     from infra.seaweedfs import free_port
 
@@ -60,13 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.models.flops import PEAK_TFLOPS, training_flops_per_clip
     from pipeline.models.timesformer import TimeSformer, apply_activation_checkpointing, model_config
     from pipeline.train.engine import DeepSpeedEngine, TorchEngine, deepspeed_config, init_distributed
+    from pipeline.train.parallelize import recompute_fraction
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench_train: no CUDA device; use --device cpu (and a small --variant) to check the script",
               file=sys.stderr)
         return 2
     overrides = [f"train.micro_batch={args.micro_batch}", f"train.global_batch={args.micro_batch}",
-                 f"train.zero_stage={args.zero_stage}", f"train.precision={args.precision}",
+                 "train.engine=deepspeed", f"train.zero_stage={args.zero_stage}", f"train.precision={args.precision}",
                  f"train.activation_checkpointing={args.ac}", "optim.name=sgd",
                  f"cluster.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}", "data.index=unused"]
     if args.variant:
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randint(0, 256, (args.micro_batch, 3, mcfg.num_frames, mcfg.img_size, mcfg.img_size), dtype=torch.uint8)
     if device.type == "cuda":
         x = x.pin_memory()
-    flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=args.ac != "none")  # hardware FLOPs: HFU
+    # hardware FLOPs (HFU): the forward share the policy recomputes
+    flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=recompute_fraction(args.ac, mcfg.depth))
     model_flops = 2.0 * training_flops_per_clip(mcfg)  # forward + backward only: MFU
     y = torch.randint(0, mcfg.num_classes, (args.micro_batch,), device=device)
 

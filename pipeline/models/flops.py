@@ -116,11 +116,12 @@ def parameter_count(cfg: TimeSformerConfig, include_head: bool = True) -> int:
     return embed + cfg.depth * block + ln + head
 
 
-def training_flops_per_clip(cfg: TimeSformerConfig, recompute_forward: bool = False) -> int:
-    """Multiply-adds of one training step per clip: forward + backward (2x forward), plus one more
-    forward of the blocks when activation checkpointing recomputes them. Used for achieved TFLOP/s."""
+def training_flops_per_clip(cfg: TimeSformerConfig, recompute_forward: bool | float = False) -> int:
+    """Multiply-adds of one training step per clip: forward + backward (2x forward), plus the forward that
+    activation checkpointing recomputes (True: all of it; a number: that share, ``recompute_fraction``).
+    Used for achieved TFLOP/s: without recompute the model FLOPs (MFU), with it the hardware FLOPs (HFU)."""
     fwd = flops_per_view(cfg)
-    return 3 * fwd + (fwd if recompute_forward else 0)
+    return 3 * fwd + round(fwd * float(recompute_forward))
 
 
 # Dense bf16 peak (TFLOP/s) per device for MFU, by device-name fragment (vendor data sheets, SXM parts).

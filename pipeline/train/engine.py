@@ -217,9 +217,13 @@ class DeepSpeedEngine:
     def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         # Optimizer states are loaded (the default): with load_optimizer_states=False, ZeRO-3 would read the
         # weights through zero_to_fp32 directly, outside load_deepspeed_file.
+        base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # inside ZeRO's wrapper
+        chosen = [{k: g[k] for k in IMPLEMENTATION_OPTIONS if k in g} for g in base.param_groups]
         path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+        for group, options in zip(base.param_groups, chosen, strict=False):
+            group.update(options)  # as load_keeping_implementation: an older checkpoint's options do not come back
         return client_state or {}
 
     @contextlib.contextmanager
@@ -318,7 +322,7 @@ class TorchEngine:
         path = Path(ckpt_dir) / tag / "torch_engine.pt"
         state = safe_torch_load(path, map_location=self.device, not_ours_hint=NOT_OURS)
         self.raw.load_state_dict(_module_weights(state, path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_keeping_implementation(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.steps, self.micro = state["steps"], state["micro"]
@@ -326,12 +330,38 @@ class TorchEngine:
 
     @contextlib.contextmanager
     def eval_module(self) -> Iterator[tuple[nn.Module, torch.dtype]]:
+        """The model in eval mode, fed float32 clips; a bf16/fp16 run evaluates under autocast at its
+        training precision (as DeepSpeed's bf16 weights and ``jobs/evaluate.py`` do), not in plain fp32."""
         was_training = self.raw.training
         self.raw.eval()
         try:
-            yield self.raw, torch.float32
+            yield (self.raw if self.dtype == torch.float32 else _Autocast(self.raw, self.dtype)), torch.float32
         finally:
             self.raw.train(was_training)
+
+
+class _Autocast(nn.Module):
+    """``module`` run under autocast to ``dtype`` (its weights stay as they are)."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.module, self.dtype = module, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.module(x)
+
+
+# An optimizer's implementation choices, not its state: loading a state dict (which carries its param
+# groups' options) must not turn a fused optimizer back into the one an older checkpoint was saved with.
+IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable")
+
+
+def load_keeping_implementation(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    chosen = [{k: g[k] for k in IMPLEMENTATION_OPTIONS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, options in zip(optimizer.param_groups, chosen, strict=False):
+        group.update(options)
 
 
 def make_engine(model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int, device: torch.device,

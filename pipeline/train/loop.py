@@ -84,6 +84,11 @@ class Verdict:
     def stopping(self) -> bool:
         return self.preempted or self.terminated or self.budget
 
+    def merged(self, earlier: Verdict) -> Verdict:
+        """This step's verdict with an earlier step's flags added (any flag raised in either)."""
+        flags = [getattr(self, f) or getattr(earlier, f) for f in StepChecks.FLAGS]
+        return Verdict(self.step, *flags)
+
 
 class StepChecks:
     """The questions every rank must answer alike after each step -- stop now (preemption, cancel, GPU-hour
@@ -155,10 +160,15 @@ class StepChecks:
         return Verdict(step, *values)
 
     def verdict(self, now: bool) -> Verdict | None:
-        """The newest submitted step's verdict (``now``), else the one before it (None on the first step)."""
+        """The newest submitted step's verdict (``now``), else the one before it (None on the first step).
+        ``now`` also counts the flags of a step whose verdict was not read (complete once the newest is): a
+        skip fraction can fall back under its ceiling a step later, and must not go unnoticed."""
         if now:
-            pending, self._pending = self._pending[-1], []
-            return self._wait(pending)
+            pending, self._pending = self._pending, []
+            latest = self._wait(pending[-1])
+            for older in pending[:-1]:
+                latest = latest.merged(self._wait(older))
+            return latest
         if len(self._pending) < 2:
             return None
         return self._wait(self._pending.pop(0))
@@ -230,6 +240,10 @@ def train_loop(s: LoopState) -> str:
             v = checks.verdict(now=logs or validates or saves)
             if v is None:
                 continue
+            if v.stopping and v.step != step:
+                # a stop read a step late: this step is the one saved, so its own checks come first (the stop
+                # flags persist, so every rank reads the stop again, now with this step's divergence)
+                v = checks.verdict(now=True)
             if v.diverged:
                 raise DivergedError(
                     f"step {step}: training diverged (a rank saw a non-finite loss or gradient norm at or before "

@@ -40,7 +40,7 @@ from pipeline.train.budget import GpuHours
 from pipeline.train.engine import consolidated_state_dict, init_distributed, make_engine
 from pipeline.train.evaluate import RUN_DATASET_FILE, test_protocol, validate
 from pipeline.train.loop import LoopState, train_loop
-from pipeline.train.parallelize import prepare_model
+from pipeline.train.parallelize import prepare_model, recompute_fraction
 
 log = logging.getLogger("pipeline.train")
 EXIT_REQUEUED = 3
@@ -218,7 +218,7 @@ def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
                       validate=lambda: run_validation(engine, cfg, index, storage, device, denv),
                       flops_per_clip=2.0 * training_flops_per_clip(model_config(cfg)),
                       hardware_flops_per_clip=2.0 * training_flops_per_clip(
-                          model_config(cfg), recompute_forward=policy != "none"),
+                          model_config(cfg), recompute_forward=recompute_fraction(policy, model.cfg.depth)),
                       peak_tflops=device_peak_tflops(device))
     try:
         with stop.deferring():

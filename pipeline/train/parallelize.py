@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.timesformer import apply_activation_checkpointing
+from pipeline.models.timesformer import SELECTIVE, apply_activation_checkpointing, parse_checkpoint_policy
 
 log = logging.getLogger("pipeline.train")
 
@@ -78,8 +78,9 @@ def choose_policy(measure: Callable[[str], int | None], capacity: int, reserve: 
 
 def resolve_checkpointing(policy: str, build: Callable[[], nn.Module], micro_batch: int,
                           clip_shape: tuple[int, ...], num_classes: int, device: torch.device, dtype: torch.dtype,
-                          memory_fraction: float) -> str:
-    """``policy`` itself, or for ``auto`` the policy measured to fit (all ranks agreeing)."""
+                          memory_fraction: float, params: int | None = None) -> str:
+    """``policy`` itself, or for ``auto`` the policy measured to fit (all ranks agreeing). ``params``: the
+    model's parameter count (default: counted on a model from ``build``)."""
     if policy != AUTO:
         return policy
     if device.type != "cuda":
@@ -87,7 +88,8 @@ def resolve_checkpointing(policy: str, build: Callable[[], nn.Module], micro_bat
         return "none"
     total = torch.cuda.get_device_properties(device).total_memory
     capacity = int(total * memory_fraction)
-    params = sum(p.numel() for p in build().parameters())
+    if params is None:
+        params = sum(p.numel() for p in build().parameters())
     reserve = params * ENGINE_STATE_BYTES_PER_PARAM
     choice, seen = choose_policy(
         lambda p: measure_policy(build, p, micro_batch, clip_shape, num_classes, device, dtype), capacity, reserve)
@@ -95,12 +97,23 @@ def resolve_checkpointing(policy: str, build: Callable[[], nn.Module], micro_bat
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(index, op=torch.distributed.ReduceOp.MAX)
     agreed = AUTO_ORDER[int(index.item())]
+    torch.cuda.reset_peak_memory_stats(device)  # the probes' peaks are not the run's (memory_gib)
     shown = ", ".join(f"{p} {'out of memory' if b is None else f'{b / 2**30:.1f} GiB'}" for p, b in seen.items())
     log.info("activation checkpointing auto: %s at micro batch %d (measured activation peaks: %s; %.1f GiB kept "
              "for model and optimizer states; fits under %.0f%% of %.1f GiB)%s", agreed, micro_batch, shown,
              reserve / 2**30, 100 * memory_fraction, total / 2**30,
              "" if agreed == choice else f"; this rank alone would take {choice}")
     return agreed
+
+
+def recompute_fraction(policy: str, depth: int) -> float:
+    """The share of the blocks' forward that a policy recomputes in the backward pass, in matmul FLOPs
+    (hardware-FLOPs utilisation counts it): every block for full, one in k for every_k, none for selective
+    (it keeps every matmul and attention output; only elementwise work, which FLOP counts leave out)."""
+    every = parse_checkpoint_policy(policy)
+    if every == SELECTIVE or every == 0:
+        return 0.0
+    return len(range(0, depth, every)) / depth
 
 
 def compile_blocks(model: nn.Module) -> None:
@@ -121,7 +134,8 @@ def prepare_model(model: nn.Module, cfg, device: torch.device, build: Callable[[
     mc = model.cfg
     policy = resolve_checkpointing(t.activation_checkpointing, build, micro_batch,
                                    (mc.in_chans, mc.num_frames, mc.img_size, mc.img_size), mc.num_classes, device,
-                                   DTYPES[t.precision], t.memory_fraction)
+                                   DTYPES[t.precision], t.memory_fraction,
+                                   params=sum(p.numel() for p in model.parameters()))
     apply_activation_checkpointing(model, policy)
     if t.compile == "blocks" and t.engine == "deepspeed" and t.zero_stage == 3:
         # ZeRO-3 gathers each block's parameters with hooks around the block's call; compiled blocks under it

@@ -189,15 +189,18 @@ def test_auto_checkpointing_measures_on_the_device_and_takes_the_cheapest_that_f
                                  0.9) == "none"
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "selective"])
-def test_compiled_blocks_match_eager_on_cuda_and_share_one_graph(policy):
+@pytest.mark.parametrize("policy,scheme", [("none", "divided_space_time"), ("full", "divided_space_time"),
+                                           ("selective", "divided_space_time"), ("full", "axial"),
+                                           ("none", "joint_space_time"), ("none", "space_only"),
+                                           ("none", "sparse_local_global")])
+def test_compiled_blocks_match_eager_on_cuda_and_share_one_graph(policy, scheme):
     from torch._dynamo.utils import counters
 
     from pipeline.train.parallelize import compile_blocks
 
     torch._dynamo.reset()
     counters.clear()
-    cfg = variant_config("timesformer_tiny", **{**SMALL, "depth": 4, "drop_path_rate": 0.2})
+    cfg = variant_config("timesformer_tiny", **{**SMALL, "depth": 4, "drop_path_rate": 0.2, "attention_type": scheme})
     eager = randomize_(TimeSformer(cfg), 0.05).cuda()
     compiled = TimeSformer(cfg).cuda()
     compiled.load_state_dict(eager.state_dict())

@@ -206,3 +206,61 @@ def test_the_torch_engine_keeps_its_gradient_norm_on_the_device():
         engine.train_micro_batch(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 1]))
     norm = engine.grad_norm_tensor()
     assert isinstance(norm, torch.Tensor) and norm.ndim == 0 and engine.grad_norm() == pytest.approx(float(norm))
+
+
+def test_a_stop_read_a_step_late_checks_the_step_it_saves(tmp_path):
+    """The signal arrives in step 13 and is read after step 14, which is the step saved: had step 14 gone
+    non-finite, its checkpoint must not be written."""
+    class Engine(FakeEngine):
+        def train_micro_batch(self, video, label):
+            if self.global_step == 12:
+                stop.reason = "preempted"
+            return super().train_micro_batch(video, label)
+
+    stop = SimpleNamespace(reason=None)
+    saved: list[int] = []
+    with pytest.raises(loop.DivergedError, match=r"at or before step 14\b"):
+        loop.train_loop(loop_state(tmp_path, Engine({14: float("nan")}), stop, saved))
+    assert saved == [10]
+
+
+def test_hardware_flops_count_the_share_of_the_forward_a_policy_recomputes():
+    from pipeline.models.flops import flops_per_view, training_flops_per_clip
+    from pipeline.train.parallelize import recompute_fraction
+
+    assert [recompute_fraction(p, 12) for p in ("none", "selective", "full", "every_2", "every_5")] == [
+        0.0, 0.0, 1.0, 0.5, 3 / 12]  # every_5 checkpoints blocks 0, 5 and 10
+    cfg = variant_config("timesformer_tiny")
+    fwd = flops_per_view(cfg)
+    assert training_flops_per_clip(cfg, recompute_forward=0.5) == 3 * fwd + round(fwd / 2)
+
+
+def test_a_step_whose_verdict_was_not_read_still_counts_when_the_next_is_read_at_once():
+    """bad_data is a ratio that can fall back under its ceiling a step later: a flag raised at step 1 and
+    never read on its own must still be in the verdict read at once at step 2."""
+    checks = StepChecks(CPU)
+    checks.submit(1, False, False, False, True, loss=torch.tensor(1.0), norm=torch.tensor(1.0))
+    checks.submit(2, False, False, False, False, loss=torch.tensor(1.0), norm=torch.tensor(1.0))
+    v = checks.verdict(now=True)
+    assert v.step == 2 and v.bad_data
+
+
+def test_a_reduced_precision_torch_engine_evaluates_under_autocast_and_resume_keeps_its_optimizer(tmp_path):
+    cfg = load_recipe("smoke", ["train.engine=torch", "train.zero_stage=0", "train.micro_batch=2",
+                                "train.global_batch=2", "train.precision=bf16"])
+    engine = TorchEngine(create_model("timesformer_tiny", num_classes=4), cfg, batch_plan(cfg, 1), per_epoch=10,
+                         device=CPU)
+    with engine.eval_module() as (module, dtype):
+        assert dtype == torch.float32  # fed float32 clips; the matmuls run in bf16
+        assert module(torch.randn(1, 3, 4, 32, 32)).dtype == torch.bfloat16
+    engine.train_micro_batch(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 1]))
+    engine.save(tmp_path, "step1", {})
+    state = torch.load(tmp_path / "step1" / "torch_engine.pt", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group["foreach"] = "from an older checkpoint"  # what a checkpoint of another implementation carries
+    torch.save(state, tmp_path / "step1" / "torch_engine.pt")
+    resumed = TorchEngine(create_model("timesformer_tiny", num_classes=4), cfg, batch_plan(cfg, 1), per_epoch=10,
+                          device=CPU)
+    chosen = [g.get("foreach") for g in resumed.optimizer.param_groups]
+    resumed.load(tmp_path, "step1")
+    assert [g.get("foreach") for g in resumed.optimizer.param_groups] == chosen
