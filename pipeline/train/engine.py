@@ -1,7 +1,7 @@
 """The training engine: the only module that imports DeepSpeed.
 
-The loop talks to a small interface (``train_micro_batch``, ``lr``, ``global_step``, ``grad_norm``,
-``grad_norm_tensor``, ``module``, ``save``, ``load``, ``eval_module``), with two implementations:
+The loop talks to a declared interface (``Engine``: ``train_micro_batch``, ``lr``, ``global_step``,
+``grad_norm``, ``grad_norm_tensor``, ``module``, ``save``, ``load``, ``eval_module``), with two implementations:
 
 * ``DeepSpeedEngine``: ZeRO stage 0-3, bf16/fp16/fp32, gradient accumulation and clipping by DeepSpeed,
   the optimizer and learning-rate schedule built here (torch SGD/AdamW: no JIT-compiled ops).
@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,44 @@ from pipeline.train.checkpoint import sync_tree
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ZERO_BUCKET_ELEMENTS = 50_000_000  # ~3 buckets for TimeSformer-L (121 M): reductions overlap the backward
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What the training loop, evaluation and checkpointing use of an engine. ``DeepSpeedEngine`` and
+    ``TorchEngine`` implement it; a new engine (FSDP, say) implements these and nothing else changes."""
+
+    @property
+    def module(self) -> nn.Module:
+        """The model being trained (its parameters are the engine's, possibly partitioned)."""
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (restored by ``load``)."""
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+
+    def train_micro_batch(self, video: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro batch (uint8 or float clips on the host), an optimizer step at an
+        accumulation boundary; returns the loss as a device tensor (reading it is the caller's wait)."""
+
+    def grad_norm(self) -> float | None:
+        """The last step's gradient norm, read on the host (waits for the device); None when not computed."""
+
+    def grad_norm_tensor(self) -> torch.Tensor | float | None:
+        """The same norm without waiting: a device tensor (negative or non-finite for invalid gradients)."""
+
+    def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+        """Write this rank's part of checkpoint ``ckpt_dir/tag``, fsynced."""
+
+    def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
+        """Restore checkpoint ``ckpt_dir/tag`` (read weights-only); returns the client state saved with it."""
+
+    def eval_module(self) -> contextlib.AbstractContextManager[tuple[nn.Module, torch.dtype]]:
+        """A context giving a module with every weight present on this rank, in eval mode, and the dtype its
+        input clips take."""
 
 
 def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -365,7 +403,7 @@ def load_keeping_implementation(optimizer: torch.optim.Optimizer, state: dict[st
 
 
 def make_engine(model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int, device: torch.device,
-                model_factory: Callable[[], nn.Module]) -> DeepSpeedEngine | TorchEngine:
+                model_factory: Callable[[], nn.Module]) -> Engine:
     if cfg.train.engine == "torch":
         return TorchEngine(model, cfg, plan, per_epoch, device)
     return DeepSpeedEngine(model, cfg, plan, per_epoch, model_factory, device=device)

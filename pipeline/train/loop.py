@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from pipeline.data.loader import ClipConfig, DataQualityError, FaultTally, make_loader
+from pipeline.train.engine import Engine
 
 log = logging.getLogger("pipeline.train")
 
@@ -33,7 +34,7 @@ log = logging.getLogger("pipeline.train")
 @dataclass
 class LoopState:
     cfg: Any
-    engine: Any
+    engine: Engine
     plan: Any
     index: Any
     storage: Any

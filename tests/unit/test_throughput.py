@@ -206,6 +206,11 @@ def test_the_torch_engine_keeps_its_gradient_norm_on_the_device():
         engine.train_micro_batch(torch.randn(2, 3, 4, 32, 32), torch.tensor([0, 1]))
     norm = engine.grad_norm_tensor()
     assert isinstance(norm, torch.Tensor) and norm.ndim == 0 and engine.grad_norm() == pytest.approx(float(norm))
+    from pipeline.train.engine import DeepSpeedEngine, Engine
+
+    assert isinstance(engine, Engine)  # the declared interface, which both engines implement
+    missing = [n for n in dir(Engine) if not n.startswith("_") and not hasattr(DeepSpeedEngine, n)]
+    assert not missing, missing
 
 
 def test_a_stop_read_a_step_late_checks_the_step_it_saves(tmp_path):
