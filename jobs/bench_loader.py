@@ -237,7 +237,7 @@ PER_SHARD = 4
 
 def load_recipes() -> list[Recipe]:
     """The K400 recipes' clips from configs/recipes, uint8 as the GPU recipes' loaders make them
-    (pipeline.train.main.clip_config)."""
+    (pipeline.data.loader.clip_config)."""
     out = []
     for name, title, option in CORE_RECIPES:
         d = load_recipe(name).data

@@ -117,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.config import ConfigError, apply_layer, load_recipe, load_resolved, parse_overrides, validate
+    from pipeline.data.loader import clip_config
     from pipeline.data.shards import ShardError, load_index
     from pipeline.data.storage import StorageError
     from pipeline.data.video import VideoDecodeError
     from pipeline.models.convert import load_safetensors
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.evaluate import EvaluationError, describe, model_classes, test_protocol
-    from pipeline.train.main import clip_config, export_model
+    from pipeline.train.export import export_model
 
     bad_input = (ConfigError, ShardError, StorageError, VideoDecodeError, EvaluationError, FileNotFoundError,
                  FileExistsError, ValueError)

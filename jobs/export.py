@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import load_resolved
     from pipeline.models.convert import load_safetensors, save_hf
     from pipeline.train import checkpoint as ckpt
-    from pipeline.train.main import export_model
+    from pipeline.train.export import export_model
 
     run_dir = Path(args.run_dir).resolve()
     if not (run_dir / "config.yaml").exists():

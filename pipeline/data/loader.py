@@ -645,3 +645,14 @@ def iterate_samples(storage: Storage, url: str) -> Iterator[dict]:
         data = f.read()
     yield from tariterators.group_by_keys(tariterators.tar_file_expander([{"url": url,
                                                                              "stream": io.BytesIO(data)}]))
+
+
+def clip_config(cfg: Any) -> ClipConfig:
+    """The loader's clips for a run config (``pipeline.config.RunConfig``). On GPUs they stay uint8 and are
+    normalised on the device (normalize_on_device): less work for the loader's cores (jobs/bench_loader.py)
+    and a quarter of the host-to-device bytes."""
+    d = cfg.data
+    return ClipConfig(num_frames=d.num_frames, sampling_rate=d.sampling_rate, ref_fps=d.ref_fps, sampler=d.sampler,
+                      crop=d.crop, scale=(d.scale[0], d.scale[1]), flip=d.flip,
+                      output="uint8" if cfg.cluster.accelerator == "gpu" else "float",
+                      num_classes=cfg.model.num_classes)  # labels outside [0, num_classes) are skipped, counted

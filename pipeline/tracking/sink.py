@@ -275,3 +275,17 @@ def end_run(run_dir: str | Path, status: str, tags: dict[str, str] | None = None
                     redact_text(str(e)))
         return False
     return True
+
+
+def mlflow_tags(cfg: Any, nodes: int, git: dict[str, Any]) -> dict[str, str]:
+    """A run's MLflow tags: what it trains (recipe, model, clip), on what, from which commit."""
+    from pipeline.models.flops import flops_per_view, parameter_count
+    from pipeline.models.timesformer import model_config
+
+    mc = model_config(cfg)
+    return {"recipe": cfg.recipe, "variant": cfg.model.variant, "attention_type": cfg.model.attention_type,
+            "frames": str(cfg.data.num_frames), "sampling_rate": str(cfg.data.sampling_rate),
+            "resolution": str(cfg.data.crop), "nodes": str(nodes), "gpus_per_node": str(cfg.cluster.gpus_per_node),
+            "accelerator": cfg.cluster.accelerator, "git_sha": git.get("sha", ""),
+            "params": str(parameter_count(mc)), "gflops_per_view": f"{flops_per_view(mc) / 1e9:.2f}",
+            "mlflow.note.content": cfg.description}

@@ -235,19 +235,6 @@ def check_data(cfg: RunConfig) -> str:
             (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)))
 
 
-def mlflow_tags(cfg: RunConfig, nodes: int, git: dict[str, Any]) -> dict[str, str]:
-    from pipeline.models.flops import flops_per_view, parameter_count
-    from pipeline.models.timesformer import model_config
-
-    mc = model_config(cfg)
-    return {"recipe": cfg.recipe, "variant": cfg.model.variant, "attention_type": cfg.model.attention_type,
-            "frames": str(cfg.data.num_frames), "sampling_rate": str(cfg.data.sampling_rate),
-            "resolution": str(cfg.data.crop), "nodes": str(nodes), "gpus_per_node": str(cfg.cluster.gpus_per_node),
-            "accelerator": cfg.cluster.accelerator, "git_sha": git.get("sha", ""),
-            "params": str(parameter_count(mc)), "gflops_per_view": f"{flops_per_view(mc) / 1e9:.2f}",
-            "mlflow.note.content": cfg.description}
-
-
 # torch.save's legacy (non-zip) format starts with the pickled magic number 0x1950a86a20f9469cfc6c
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
@@ -402,7 +389,7 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
                                   f"{str(e)[:300]}); give --nodes") from None
     if nodes < 1:
         raise ConfigError(f"--nodes {nodes}: expected a positive number of nodes")
-    from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri
+    from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri, mlflow_tags
 
     record_file = run_dir / MLFLOW_FILE
     if req.resume and record_file.exists():

@@ -29,16 +29,17 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, RunConfig, batch_plan, load_resolved, steps_per_epoch, total_steps
-from pipeline.data.loader import ClipConfig, make_loader
+from pipeline.data.loader import clip_config, make_loader
 from pipeline.data.shards import load_index
 from pipeline.distributed import DistEnv
-from pipeline.models.convert import load_checkpoint, save_safetensors
+from pipeline.models.convert import load_checkpoint
 from pipeline.models.timesformer import TimeSformer, model_config
 from pipeline.secrets import reveal_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
-from pipeline.train.engine import consolidated_state_dict, init_distributed, make_engine
+from pipeline.train.engine import init_distributed, make_engine
 from pipeline.train.evaluate import RUN_DATASET_FILE, test_protocol, validate
+from pipeline.train.export import export_model
 from pipeline.train.loop import LoopState, train_loop
 from pipeline.train.parallelize import prepare_model, recompute_fraction
 
@@ -52,16 +53,6 @@ def build_model(cfg: RunConfig) -> TimeSformer:
     if cfg.model.init:
         load_checkpoint(model, cfg.model.init, reset_head=cfg.model.init_reset_head)
     return model
-
-
-def clip_config(cfg: RunConfig) -> ClipConfig:
-    """The loader's clips. On GPUs they stay uint8 and are normalised on the device (normalize_on_device):
-    less work for the loader's cores (jobs/bench_loader.py) and a quarter of the host-to-device bytes."""
-    d = cfg.data
-    return ClipConfig(num_frames=d.num_frames, sampling_rate=d.sampling_rate, ref_fps=d.ref_fps, sampler=d.sampler,
-                      crop=d.crop, scale=(d.scale[0], d.scale[1]), flip=d.flip,
-                      output="uint8" if cfg.cluster.accelerator == "gpu" else "float",
-                      num_classes=cfg.model.num_classes)  # labels outside [0, num_classes) are skipped, counted
 
 
 class StoppedForNow(SystemExit):
@@ -190,10 +181,10 @@ def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
     from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri, open_sinks
 
     if denv.is_main and not (run_dir / MLFLOW_FILE).exists():  # MLflow was unreachable at launch: try again
-        from pipeline.train.launch import git_state, mlflow_tags
+        from pipeline.tracking.sink import mlflow_tags
 
         create_run(run_dir, cfg.tracking.uri or default_tracking_uri(run_dir.parent), cfg.tracking.experiment or
-                   cfg.recipe, cfg.name, mlflow_tags(cfg, denv.num_nodes, git_state()))
+                   cfg.recipe, cfg.name, mlflow_tags(cfg, denv.num_nodes, launch_record(run_dir).get("git", {})))
     sinks = end.sinks = open_sinks(run_dir, denv.is_main)
     devices = denv.world_size
     account = GpuHours(run_dir, devices, "gpu" if device.type == "cuda" else "cpu-process", cfg.budget.gpu_hours,
@@ -273,6 +264,16 @@ def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return result
+
+
+def launch_record(run_dir: Path) -> dict[str, Any]:
+    """``launch.json``: who launched the run, where, from which commit (``git``); {} when unreadable (the
+    ranks only use it to tag an MLflow run created late)."""
+    try:
+        record = json.loads((run_dir / "launch.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -413,27 +414,6 @@ def confusion_image(report: dict[str, Any], classes: list[str], path: Path) -> P
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Path | None = None,
-                 classes: list[str] | None = None) -> Path:
-    """The consolidated fp32 model of a checkpoint (default: the newest complete) as model.safetensors,
-    with its class names (``classes``, else the run's ``dataset.json``) in the metadata."""
-    if tag is None:
-        latest = ckpt.latest_complete(run_dir)
-        if latest is None:
-            raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
-        tag = latest[1]
-    state = consolidated_state_dict(ckpt.checkpoint_root(run_dir), tag)
-    model = TimeSformer(model_config(cfg))
-    model.load_state_dict(state, strict=True)
-    record = run_dir / RUN_DATASET_FILE
-    if classes is None and record.exists():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            classes = json.loads(record.read_text())["classes"]
-    if classes is not None and len(classes) != model.cfg.num_classes:
-        classes = None  # names that do not fit the head are not this model's: leave them out
-    return save_safetensors(model, out or (run_dir / "export" / "model.safetensors"), classes=classes)
 
 
 def requeue_or_exit(reason: str, run_dir: Path, cfg: RunConfig, denv: DistEnv, sinks) -> None:

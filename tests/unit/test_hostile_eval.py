@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import batch_plan, dump, load_recipe
+from pipeline.data.loader import clip_config
 from pipeline.data.shards import DatasetIndex, ShardError, ShardInfo, ShardSample, commit_index, sha256_of, shard_bytes
 from pipeline.data.storage import open_storage
 from pipeline.data.synthetic import COLOUR_CLASSES, SyntheticSpec, make_video
@@ -24,7 +25,8 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train import evaluate as ev
 from pipeline.train.engine import TorchEngine
 from pipeline.train.evaluate import EvaluationError, check_classes, model_classes, validate
-from pipeline.train.main import build_model, clip_config, export_model
+from pipeline.train.export import export_model
+from pipeline.train.main import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = SyntheticSpec(size=32, num_frames=8)

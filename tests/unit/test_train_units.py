@@ -123,9 +123,9 @@ def test_optimizer_groups_and_the_plain_engine_accumulates():
 
 
 def test_gpu_recipes_take_uint8_clips_and_every_path_normalises_them_like_the_loader():
+    from pipeline.data.loader import clip_config
     from pipeline.data.transforms import finish_clip
     from pipeline.train.evaluate import validate
-    from pipeline.train.main import clip_config
 
     assert clip_config(load_recipe("k400_long")).output == "uint8"  # normalised on the GPU
     assert clip_config(load_recipe("smoke")).output == "float"
