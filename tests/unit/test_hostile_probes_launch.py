@@ -128,7 +128,7 @@ def eval_run(tmp_path, dataset, monkeypatch):
     test pass are recorded instead of run."""
     import pipeline.train.checkpoint as ckpt
     import pipeline.train.evaluate as evaluate_mod
-    import pipeline.train.main as main_mod
+    import pipeline.train.export as export_mod
 
     run = tmp_path / "run"
     run.mkdir()
@@ -144,7 +144,7 @@ def eval_run(tmp_path, dataset, monkeypatch):
         raise AssertionError("the pass must not start")
 
     monkeypatch.setattr(ckpt, "latest_complete", lambda run_dir: (4, "step000000004"))
-    monkeypatch.setattr(main_mod, "export_model", export_model)
+    monkeypatch.setattr(export_mod, "export_model", export_model)
     monkeypatch.setattr(evaluate_mod, "test_protocol", test_protocol)
     return run, calls
 
