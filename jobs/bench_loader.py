@@ -65,7 +65,13 @@ from pipeline.data.loader import (  # noqa: E402
     open_shards,
     shard_samples,
 )
-from pipeline.data.shards import DatasetIndex, ShardInfo, ShardSample, commit_index, sha256_of, shard_bytes  # noqa: E402
+from pipeline.data.shards import (  # noqa: E402
+    DatasetIndex,
+    ShardSample,
+    commit_index,
+    put_shard,
+    shard_url,
+)
 from pipeline.data.storage import open_storage  # noqa: E402
 from pipeline.data.video import FixedRateSampler, encode_video  # noqa: E402
 from pipeline.ingest.run import IngestConfig  # noqa: E402
@@ -95,10 +101,7 @@ def write_bench_index(storage, samples: list[ShardSample], per_shard: int) -> Da
     """The samples as train shards of ``per_shard`` each under ``storage``, and their committed index."""
     shards = []
     for s in range(0, len(samples), per_shard):
-        data, count, keys = shard_bytes(samples[s:s + per_shard])
-        url = f"shards/train/{s // per_shard:06d}.tar"
-        storage.put_bytes(url, data)
-        shards.append(ShardInfo(url, "train", count, len(data), sha256_of(data), keys))
+        shards.append(put_shard(storage, shard_url("train", s // per_shard), "train", samples[s:s + per_shard]))
     index = DatasetIndex("bench", 1, ["0", "1", "2", "3"], {}, shards)
     commit_index(storage, index)
     return index

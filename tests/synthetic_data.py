@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
-from pipeline.data.shards import DatasetIndex, ShardInfo, ShardSample, commit_index, sha256_of, shard_bytes
+from pipeline.data.shards import (
+    DatasetIndex,
+    ShardSample,
+    commit_index,
+    put_shard,
+    shard_url,
+)
 from pipeline.data.storage import open_storage
 from pipeline.data.synthetic import SyntheticSpec, classes, make_video
 
@@ -24,10 +30,8 @@ def write_dataset(uri: str, kind: str = "colour", per_class: dict[str, int] | No
                 samples.append(ShardSample(f"{kind}{n:05d}", make_video(kind, label, seed * 100003 + n, spec), meta))
                 n += 1
         for i in range(0, len(samples), samples_per_shard):
-            data, count_, keys = shard_bytes(samples[i:i + samples_per_shard])
-            key = f"shards/{split}/{i // samples_per_shard:06d}.tar"
-            storage.put_bytes(key, data)
-            shards.append(ShardInfo(key, split, count_, len(data), sha256_of(data), keys))
+            shards.append(put_shard(storage, shard_url(split, i // samples_per_shard), split,
+                                    samples[i:i + samples_per_shard]))
     index = DatasetIndex(f"test-{kind}", 1, names, {}, shards)
     commit_index(storage, index)
     return index

@@ -94,6 +94,18 @@ def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def shard_url(split: str, number: int) -> str:
+    """Where shard ``number`` of ``split`` lives under a dataset root."""
+    return f"shards/{split}/{number:06d}.tar"
+
+
+def put_shard(storage: Storage, url: str, split: str, samples: Iterable[ShardSample]) -> ShardInfo:
+    """Write ``samples`` as one shard at ``url`` and describe it for the index (count, size, sha256, keys)."""
+    data, count, keys = shard_bytes(samples)
+    storage.put_bytes(url, data)
+    return ShardInfo(url, split, count, len(data), sha256_of(data), keys)
+
+
 @dataclass
 class ShardInfo:
     url: str  # relative to the dataset root

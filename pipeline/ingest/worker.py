@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pipeline.data.shards import ShardError, ShardInfo, ShardSample, read_shard, sha256_of, shard_bytes
+from pipeline.data.shards import ShardError, ShardInfo, ShardSample, put_shard, read_shard, sha256_of
 from pipeline.data.storage import ObjectMissingError, Storage, StorageError, open_storage
 from pipeline.data.video import DEFAULT_LIMITS, DecodeLimits, VideoDecodeError, VideoReader
 from pipeline.ingest.plan import CONTENT, TRANSIENT, ShardPlan, Source
@@ -297,13 +297,12 @@ def build_shard(plan: ShardPlan, output_uri: str, dataset: str, cfg: TranscodeCo
             "source_sha256": src.sha256, "start": e.start, "end": e.end, **info}))
     if not samples:
         return {"shard": None, "quarantine": quarantine, "stats": {"reused": 0, "videos": 0, "bytes_in": bytes_in}}
-    data, count, keys = shard_bytes(samples)
-    storage.put_bytes(plan.url, data)
+    shard = put_shard(storage, plan.url, plan.split, samples)
     stored = storage.get_bytes(plan.url)  # verify what the store holds before anything may reference it
-    if sha256_of(stored) != sha256_of(data):
+    if sha256_of(stored) != shard.sha256:
         raise ShardError(f"{storage.uri(plan.url)}: stored bytes differ from the uploaded shard")
-    return {"shard": ShardInfo(plan.url, plan.split, count, len(data), sha256_of(data), keys),
-            "quarantine": quarantine, "stats": {"reused": 0, "videos": count, "bytes_in": bytes_in}}
+    return {"shard": shard, "quarantine": quarantine,
+            "stats": {"reused": 0, "videos": shard.samples, "bytes_in": bytes_in}}
 
 
 __all__ = ["TranscodeConfig", "build_shard", "classify", "read_source_with_retries", "shard_failure", "transcode",

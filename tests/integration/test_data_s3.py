@@ -15,8 +15,10 @@ from pipeline.data.shards import (
     ShardSample,
     commit_index,
     load_index,
+    put_shard,
     sha256_of,
     shard_bytes,
+    shard_url,
     verify_shard,
 )
 from pipeline.data.storage import StorageError, open_storage
@@ -41,10 +43,7 @@ def build_dataset(uri: str, split: str = "val") -> DatasetIndex:
                                         "split": split, "source": f"synthetic://{n}", "duration": 2.0, "fps": 16.0,
                                         "num_frames": 32, "source_sha256": "-"}))
             n += 1
-        data, count, keys = shard_bytes(samples)
-        url = f"shards/{split}/{s:06d}.tar"
-        storage.put_bytes(url, data)
-        shards.append(ShardInfo(url, split, count, len(data), sha256_of(data), keys))
+        shards.append(put_shard(storage, shard_url(split, s), split, samples))
     index = DatasetIndex("synthetic", 1, list(MOTION_CLASSES), {"fps": 16}, shards)
     commit_index(storage, index)
     return index

@@ -16,7 +16,13 @@ import torch
 
 from pipeline.data import storage as storage_mod
 from pipeline.data.loader import ClipConfig, make_loader, view_loader
-from pipeline.data.shards import DatasetIndex, ShardInfo, ShardSample, commit_index, sha256_of, shard_bytes
+from pipeline.data.shards import (
+    DatasetIndex,
+    ShardSample,
+    commit_index,
+    put_shard,
+    shard_url,
+)
 from pipeline.data.storage import StorageError, open_storage
 from pipeline.data.synthetic import MOTION_CLASSES, make_video
 
@@ -161,9 +167,7 @@ def build(uri: str, split: str, shards: int = 4, per_shard: int = 3) -> DatasetI
                                         "split": split, "source": "-", "duration": 2.0, "fps": 16.0,
                                         "num_frames": 32, "source_sha256": "-"}))
             n += 1
-        data, count, keys = shard_bytes(samples)
-        storage.put_bytes(f"shards/{split}/{s:06d}.tar", data)
-        infos.append(ShardInfo(f"shards/{split}/{s:06d}.tar", split, count, len(data), sha256_of(data), keys))
+        infos.append(put_shard(storage, shard_url(split, s), split, samples))
     index = DatasetIndex("faults", 1, list(MOTION_CLASSES), {}, infos)
     commit_index(storage, index)
     return index

@@ -17,7 +17,14 @@ import torch.nn.functional as F
 
 from pipeline.config import batch_plan, dump, load_recipe
 from pipeline.data.loader import clip_config
-from pipeline.data.shards import DatasetIndex, ShardError, ShardInfo, ShardSample, commit_index, sha256_of, shard_bytes
+from pipeline.data.shards import (
+    DatasetIndex,
+    ShardError,
+    ShardSample,
+    commit_index,
+    put_shard,
+    shard_url,
+)
 from pipeline.data.storage import open_storage
 from pipeline.data.synthetic import COLOUR_CLASSES, SyntheticSpec, make_video
 from pipeline.models.timesformer import create_model
@@ -49,10 +56,7 @@ def write_split(root: Path, labels: list[int], classes: tuple[str, ...] = COLOUR
         samples.append(ShardSample(f"v{n:04d}", video, meta))
     shards = []
     for i in range(0, len(samples), per_shard):
-        data, count, keys = shard_bytes(samples[i:i + per_shard])
-        key = f"shards/{split}/{i // per_shard:06d}.tar"
-        storage.put_bytes(key, data)
-        shards.append(ShardInfo(key, split, count, len(data), sha256_of(data), keys))
+        shards.append(put_shard(storage, shard_url(split, i // per_shard), split, samples[i:i + per_shard]))
     index = DatasetIndex("hostile", 1, list(classes), {}, shards)
     commit_index(storage, index)
     return index

@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from pipeline.data.loader import ClipConfig, make_loader
-from pipeline.data.shards import DatasetIndex, ShardInfo, ShardSample, commit_index, load_index, sha256_of, shard_bytes
+from pipeline.data.shards import (
+    DatasetIndex,
+    ShardSample,
+    commit_index,
+    load_index,
+    put_shard,
+    shard_url,
+)
 from pipeline.data.storage import open_storage
 from pipeline.data.synthetic import MOTION_CLASSES, make_video
 
@@ -26,9 +33,7 @@ def dataset(tmp_path_factory):
             meta = {"label": i, "label_name": label, "dataset": "t", "split": "train", "source": "-",
                     "duration": 2.0, "fps": 16.0, "num_frames": 32, "source_sha256": "-"}
             samples.append(ShardSample(f"s{s}v{i}", make_video("motion", label, seed=10 * s + i), meta))
-        data, count, keys = shard_bytes(samples)
-        storage.put_bytes(f"shards/train/{s:06d}.tar", data)
-        shards.append(ShardInfo(f"shards/train/{s:06d}.tar", "train", count, len(data), sha256_of(data), keys))
+        shards.append(put_shard(storage, shard_url("train", s), "train", samples))
     commit_index(storage, DatasetIndex("t", 1, list(MOTION_CLASSES), {}, shards))
     return load_index(str(root))
 
