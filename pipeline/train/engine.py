@@ -256,12 +256,10 @@ class DeepSpeedEngine:
         # Optimizer states are loaded (the default): with load_optimizer_states=False, ZeRO-3 would read the
         # weights through zero_to_fp32 directly, outside load_deepspeed_file.
         base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # inside ZeRO's wrapper
-        chosen = [{k: g[k] for k in IMPLEMENTATION_OPTIONS if k in g} for g in base.param_groups]
-        path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        with keeping_implementation(base):
+            path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
-        for group, options in zip(base.param_groups, chosen, strict=False):
-            group.update(options)  # as load_keeping_implementation: an older checkpoint's options do not come back
         return client_state or {}
 
     @contextlib.contextmanager
@@ -360,7 +358,8 @@ class TorchEngine:
         path = Path(ckpt_dir) / tag / "torch_engine.pt"
         state = safe_torch_load(path, map_location=self.device, not_ours_hint=NOT_OURS)
         self.raw.load_state_dict(_module_weights(state, path))
-        load_keeping_implementation(self.optimizer, state["optimizer"])
+        with keeping_implementation(self.optimizer):
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.steps, self.micro = state["steps"], state["micro"]
@@ -395,9 +394,12 @@ class _Autocast(nn.Module):
 IMPLEMENTATION_OPTIONS = ("fused", "foreach", "capturable")
 
 
-def load_keeping_implementation(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+@contextlib.contextmanager
+def keeping_implementation(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Around a load of ``optimizer``'s state: its param groups keep the implementation options they had."""
     chosen = [{k: g[k] for k in IMPLEMENTATION_OPTIONS if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state)
+    yield
+    # not strict: a load that regrouped the parameters keeps the options of the groups present both times
     for group, options in zip(optimizer.param_groups, chosen, strict=False):
         group.update(options)
 
