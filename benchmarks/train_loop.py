@@ -25,6 +25,7 @@ On a CPU the ``tiny`` cases time the loop's host overhead: the same engine steps
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -50,50 +51,60 @@ class Case:
     impl: str  # loop (our training loop), engine (our engine without the loop), hf (Hugging Face), infer, hf_infer
     engine: str = "deepspeed"
     ac: str = "auto"
-    compile: str = "none"
+    compile: str = "none"  # none, blocks (the product's), or experiments: blocks-autotune, model (whole model)
     zero_stage: int = 2
     steps: int = 10
     warmup: int = 3
     overrides: tuple[str, ...] = field(default=())
-    math_attention: int = 0  # timesformer.MATH_ATTENTION_MAX_LEN for this case (an experiment)
+    math_attention: int | None = None  # timesformer.MATH_ATTENTION_MAX_LEN for this case (None: the product's)
+    sdpa: str = "default"  # fused attention backend: default (torch's choice) or cudnn (an experiment)
 
 
 GPU_CASES = [
-    # TimeSformer-L 96x224 (the paper's long model)
+    # The recipes' own settings (k400_long and k400_hr: DeepSpeed ZeRO-2, compiled blocks; k400_base: plain
+    # PyTorch, compiled blocks; activation checkpointing auto), next to Hugging Face at the same batch.
     Case("l_ds_compile", "k400_long", 4, "loop", compile="blocks"),
+    Case("l_hf", "k400_long", 4, "hf"),
+    Case("hr_ds_compile", "k400_hr", 4, "loop", compile="blocks"),
+    Case("hr_hf", "k400_hr", 4, "hf"),
+    Case("base_torch_compile", "k400_base", 32, "loop", engine="torch", zero_stage=0, compile="blocks"),
+    Case("base_hf", "k400_base", 32, "hf"),
+    Case("base_infer_compile", "k400_base", 32, "infer", compile="blocks", steps=20),
+    Case("base_infer_hf", "k400_base", 32, "hf_infer", steps=20),
+    # engines and compilation, each size
     Case("l_ds", "k400_long", 4, "loop"),
     Case("l_torch", "k400_long", 4, "loop", engine="torch", zero_stage=0),
-    Case("l_hf", "k400_long", 4, "hf"),
-    # TimeSformer 8x224
+    Case("l_torch_compile", "k400_long", 4, "loop", engine="torch", zero_stage=0, compile="blocks"),
+    Case("hr_ds", "k400_hr", 4, "loop"),
+    Case("hr_torch", "k400_hr", 4, "loop", engine="torch", zero_stage=0),
     Case("base_ds_compile", "k400_base", 32, "loop", compile="blocks"),
     Case("base_ds", "k400_base", 32, "loop"),
     Case("base_torch", "k400_base", 32, "loop", engine="torch", zero_stage=0),
-    Case("base_hf", "k400_base", 32, "hf"),
+    Case("base_infer", "k400_base", 32, "infer", steps=20),
     # short steps: DeepSpeed's fixed cost per step, by ZeRO stage, against plain PyTorch
     Case("base2_torch", "k400_base", 2, "loop", engine="torch", zero_stage=0, ac="none", steps=20),
     Case("base2_zero0", "k400_base", 2, "loop", zero_stage=0, ac="none", steps=20),
     Case("base2_zero1", "k400_base", 2, "loop", zero_stage=1, ac="none", steps=20),
     Case("base2_zero2", "k400_base", 2, "loop", zero_stage=2, ac="none", steps=20),
-    # inference at batch 32
-    Case("base_infer_compile", "k400_base", 32, "infer", compile="blocks", steps=20),
-    Case("base_infer", "k400_base", 32, "infer", steps=20),
-    Case("base_infer_hf", "k400_base", 32, "hf_infer", steps=20),
-    # experiments: a larger micro batch, the recipe's micro batch 8 for base, compile at micro batch 2,
-    # short (temporal) attention as plain matrix products
-    Case("l_ds_compile_mb8", "k400_long", 8, "loop", compile="blocks"),
     Case("base8_torch", "k400_base", 8, "loop", engine="torch", zero_stage=0, ac="none", steps=20),
     Case("base8_zero2", "k400_base", 8, "loop", zero_stage=2, ac="none", steps=20),
     Case("base2_torch_compile", "k400_base", 2, "loop", engine="torch", zero_stage=0, ac="none", compile="blocks",
          steps=20),
     Case("base2_zero2_compile", "k400_base", 2, "loop", zero_stage=2, ac="none", compile="blocks", steps=20),
-    Case("base_ds_compile_math", "k400_base", 32, "loop", compile="blocks", math_attention=16),
-    Case("base_infer_compile_math", "k400_base", 32, "infer", compile="blocks", steps=20, math_attention=16),
-    Case("hr_ds_compile_math", "k400_hr", 4, "loop", compile="blocks", math_attention=16),
-    # TimeSformer-HR 16x448
-    Case("hr_ds_compile", "k400_hr", 4, "loop", compile="blocks"),
-    Case("hr_ds", "k400_hr", 4, "loop"),
-    Case("hr_torch", "k400_hr", 4, "loop", engine="torch", zero_stage=0),
-    Case("hr_hf", "k400_hr", 4, "hf"),
+    # experiments: a larger micro batch; cuDNN's fused attention; Inductor's max-autotune (Triton matmuls with
+    # fused epilogues); the whole model as one graph; temporal attention through the fused kernel
+    Case("l_ds_compile_mb8", "k400_long", 8, "loop", compile="blocks"),
+    Case("l_ds_compile_cudnn", "k400_long", 4, "loop", compile="blocks", sdpa="cudnn"),
+    Case("hr_ds_compile_cudnn", "k400_hr", 4, "loop", compile="blocks", sdpa="cudnn"),
+    Case("base_torch_compile_cudnn", "k400_base", 32, "loop", engine="torch", zero_stage=0, compile="blocks",
+         sdpa="cudnn"),
+    Case("base_infer_compile_cudnn", "k400_base", 32, "infer", compile="blocks", steps=20, sdpa="cudnn"),
+    Case("base_infer_model", "k400_base", 32, "infer", compile="model", steps=20),
+    Case("base_torch_autotune", "k400_base", 32, "loop", engine="torch", zero_stage=0, compile="blocks-autotune"),
+    Case("base_infer_autotune", "k400_base", 32, "infer", compile="blocks-autotune", steps=20),
+    Case("l_ds_autotune", "k400_long", 4, "loop", compile="blocks-autotune"),
+    Case("base_torch_compile_fused", "k400_base", 32, "loop", engine="torch", zero_stage=0, compile="blocks",
+         math_attention=0),
 ]
 TINY = ("model.variant=timesformer_tiny", "data.num_frames=8", "data.crop=32", "data.scale=[32,32]",
         "model.num_classes=10")
@@ -107,9 +118,11 @@ CPU_CASES = [
     Case("tiny_loop_ds_compile", "smoke", 4, "loop", ac="selective", compile="blocks", steps=100, warmup=10,
          overrides=TINY),
 ]
+# --cases accepts these names for groups of cases
+GROUPS = {"targets": [c.name for c in GPU_CASES[:8]]}
 # targets of the issue (one H200, bf16): clips/s, and speed-up over Hugging Face
-TARGETS = {"l_ds_compile": 24.0, "base_ds_compile": 330.0, "base_infer_compile": 1000.0}
-HF_RATIO_TARGETS = {"l": 2.5, "hr": 2.5}
+TARGETS = {"l_ds_compile": 24.0, "base_torch_compile": 330.0, "base_infer_compile": 1000.0}
+HF_RATIO_TARGETS = {"k400_long": 2.5, "k400_hr": 2.5}
 
 
 def recipe_config(case: Case, device: torch.device):
@@ -117,7 +130,8 @@ def recipe_config(case: Case, device: torch.device):
 
     overrides = [f"train.micro_batch={case.micro_batch}", f"train.global_batch={case.micro_batch}",
                  f"train.zero_stage={case.zero_stage}", f"train.engine={case.engine}",
-                 f"train.activation_checkpointing={case.ac}", f"train.compile={case.compile}",
+                 f"train.activation_checkpointing={case.ac}",
+                 f"train.compile={case.compile if case.compile in ('none', 'blocks') else 'none'}",
                  f"train.precision={'bf16' if device.type == 'cuda' else 'fp32'}",
                  f"cluster.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}", "data.index=unused",
                  "train.log_every=1000000", "train.ckpt_every=1000000", "train.val_every=-1", *case.overrides]
@@ -146,10 +160,41 @@ def host_clip(mcfg, batch: int, device: torch.device) -> torch.Tensor:
     return x.pin_memory() if device.type == "cuda" else x
 
 
-def kernel_busy_ms(fn, steps: int, device: torch.device) -> tuple[float, float]:
-    """(wall ms, GPU kernels' busy ms) per step of ``fn(steps)`` under torch.profiler; (nan, nan) on a CPU."""
+# Kernel categories for the profile breakdown, first match wins (names as CUDA, cuBLAS, cuDNN, FlashAttention
+# and Inductor give them).
+KERNEL_CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
+    ("gemm", ("gemm", "xmma", "cutlass", "nvjet", "sm90_", "wgmma", "_mm_", "splitk")),
+    ("compiled", ("triton",)),
+    ("optimizer", ("multi_tensor", "adam", "sgd", "foreach")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "transpose")),
+    ("reduce", ("reduce", "norm", "softmax", "sum", "mean", "max")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled", "gelu", "add", "mul")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((cat for cat, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def union_ms(intervals: list[tuple[int, int]]) -> float:
+    """Length of the union of ``(start_ns, end_ns)`` intervals, in ms: time the GPU had any work running."""
+    busy, end = 0, None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            busy, end = busy + (e - s), e
+        elif e > end:
+            busy, end = busy + (e - end), e
+    return busy / 1e6
+
+
+def kernel_profile(fn, steps: int, device: torch.device) -> dict:
+    """Profile ``fn(steps)``: wall ms per step, GPU busy ms per step (the union of every kernel's and copy's
+    interval, so overlapping streams are not counted twice), the host gap (wall minus busy: the GPU waiting
+    for the host), and kernel ms per step by category with the top kernels. Only the gap (nan) on a CPU."""
     if device.type != "cuda":
-        return float("nan"), float("nan")
+        return {"host_gap_ms": float("nan")}
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -159,13 +204,25 @@ def kernel_busy_ms(fn, steps: int, device: torch.device) -> tuple[float, float]:
         fn(steps)
         sync(device)
     wall = (time.perf_counter() - t0) / steps * 1000
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    return wall, sum(e.self_device_time_total for e in kernels) / steps / 1000
+    events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == DeviceType.CUDA]
+    intervals = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in events]
+    by_cat: dict[str, float] = {}
+    by_name: dict[str, float] = {}
+    for e in events:
+        ms = e.duration_ns() / 1e6 / steps
+        by_cat[kernel_category(e.name())] = by_cat.get(kernel_category(e.name()), 0.0) + ms
+        by_name[e.name()] = by_name.get(e.name(), 0.0) + ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    busy = union_ms(intervals) / steps
+    return {"profiled_step_ms": wall, "gpu_busy_ms": busy, "host_gap_ms": wall - busy,
+            "kernels_ms": {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "kernel_launches_per_step": len(events) / steps,
+            "top_kernels_ms": [(name[:120], round(ms, 3)) for name, ms in top]}
 
 
-def timed(steps, case: Case, device: torch.device, t_setup: float) -> tuple[float, float, float, float]:
+def timed(steps, case: Case, device: torch.device, t_setup: float) -> tuple[float, float, dict]:
     """Warm up (compilation, allocator), then time ``case.steps`` steps and profile 3 more: (seconds from
-    ``t_setup`` to the end of the warm-up, seconds per step, profiled ms per step, GPU-busy ms per step)."""
+    ``t_setup`` to the end of the warm-up, seconds per step, ``kernel_profile``'s numbers)."""
     steps(case.warmup)
     warm_s = time.perf_counter() - t_setup
     sync(device)
@@ -173,8 +230,49 @@ def timed(steps, case: Case, device: torch.device, t_setup: float) -> tuple[floa
     steps(case.steps)
     sync(device)
     step_s = (time.perf_counter() - t0) / case.steps
-    wall_ms, busy_ms = kernel_busy_ms(steps, 3, device)
-    return warm_s, step_s, wall_ms, busy_ms
+    return warm_s, step_s, kernel_profile(steps, 3, device)
+
+
+def compile_experiment(model, mode: str) -> None:
+    """Compilation by the case's ``compile``: the product's ``blocks``, or experiments: ``blocks-autotune`` (each
+    block with Inductor's max-autotune: Triton matmul templates with fused epilogues, tuned per shape, no CUDA
+    graphs) and ``model`` (the whole model as one graph)."""
+    from pipeline.train.parallelize import compile_blocks
+
+    if mode == "blocks":
+        compile_blocks(model)
+    elif mode == "blocks-autotune":
+        compile_blocks(model, mode="max-autotune-no-cudagraphs")
+    elif mode == "model":
+        model.compile(dynamic=False)
+    elif mode != "none":
+        raise ValueError(f"unknown compile mode {mode!r}")
+
+
+@contextlib.contextmanager
+def experiment(case: Case):
+    """The case's model-level experiments for its duration: short attention as matrix products up to
+    ``math_attention`` tokens, and the fused attention backend (``cudnn``: flash and memory-efficient off)."""
+    from pipeline.models import timesformer
+
+    saved = timesformer.MATH_ATTENTION_MAX_LEN
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled())
+    if case.math_attention is not None:
+        timesformer.MATH_ATTENTION_MAX_LEN = case.math_attention
+    if case.sdpa == "cudnn":
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    elif case.sdpa != "default":
+        raise ValueError(f"unknown sdpa backend {case.sdpa!r}")
+    try:
+        yield
+    finally:
+        timesformer.MATH_ATTENTION_MAX_LEN = saved
+        torch.backends.cuda.enable_flash_sdp(flags[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(flags[1])
+        torch.backends.cuda.enable_cudnn_sdp(flags[2])
 
 
 def run_loop(case: Case, device: torch.device) -> dict:
@@ -194,6 +292,8 @@ def run_loop(case: Case, device: torch.device) -> dict:
     model = TimeSformer(mcfg)
     t_setup = time.perf_counter()
     policy = prepare_model(model, cfg, device, build=lambda: TimeSformer(mcfg), micro_batch=case.micro_batch)
+    if case.compile not in ("none", "blocks"):  # the product's modes are applied by prepare_model
+        compile_experiment(model, case.compile)
     engine = make_engine(model, cfg, plan, per_epoch=10**6, device=device, model_factory=lambda: TimeSformer(mcfg))
     x = host_clip(mcfg, case.micro_batch, device)
     y = torch.randint(0, mcfg.num_classes, (case.micro_batch,))
@@ -223,15 +323,14 @@ def run_loop(case: Case, device: torch.device) -> dict:
             for _ in range(n):
                 engine.train_micro_batch(x, y)
 
-    warm_s, step_s, wall_ms, busy_ms = timed(steps, case, device, t_setup)
+    warm_s, step_s, prof = timed(steps, case, device, t_setup)
     losses.append(float(engine.train_micro_batch(x, y)))
     flops = 2.0 * training_flops_per_clip(mcfg)
     hw_flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=recompute_fraction(policy, mcfg.depth))
     out = {"policy": policy, "step_ms": 1000 * step_s, "clips_per_s": case.micro_batch / step_s,
            "model_tflops": flops * case.micro_batch / step_s / 1e12,
            "hardware_tflops": hw_flops * case.micro_batch / step_s / 1e12, "peak_gib": peak_gib(device),
-           "profiled_step_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_gap_ms": 1000 * step_s - busy_ms,
-           "setup_and_warmup_s": warm_s, "last_loss": losses[-1]}
+           **prof, "setup_and_warmup_s": warm_s, "last_loss": losses[-1]}
     return out  # the engine and model are freed with this frame (fresh() collects them before the next case)
 
 
@@ -290,13 +389,13 @@ def run_hf(case: Case, device: torch.device) -> dict:
             model = steps = None  # freed before the try with checkpointing
             continue
         step_s = (time.perf_counter() - t0) / case.steps
-        wall_ms, busy_ms = kernel_busy_ms(steps, 3, device)
+        prof = kernel_profile(steps, 3, device)
         flops = 2.0 * training_flops_per_clip(mcfg)
         hw_flops = 2.0 * training_flops_per_clip(mcfg, recompute_forward=checkpointing)
         return {"policy": "full" if checkpointing else "none", "step_ms": 1000 * step_s,
                 "clips_per_s": case.micro_batch / step_s, "model_tflops": flops * case.micro_batch / step_s / 1e12,
                 "hardware_tflops": hw_flops * case.micro_batch / step_s / 1e12, "peak_gib": peak_gib(device),
-                "profiled_step_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_gap_ms": wall_ms - busy_ms}
+                **prof}
     raise torch.cuda.OutOfMemoryError("Hugging Face TimeSformer does not fit even with gradient checkpointing")
 
 
@@ -305,7 +404,6 @@ def run_infer(case: Case, device: torch.device) -> dict:
     from pipeline.data.transforms import normalize_on_device
     from pipeline.models.flops import flops_per_view
     from pipeline.models.timesformer import TimeSformer, model_config
-    from pipeline.train.parallelize import compile_blocks
 
     cfg = recipe_config(case, device)
     mcfg = model_config(cfg)
@@ -314,8 +412,8 @@ def run_infer(case: Case, device: torch.device) -> dict:
     torch.manual_seed(0)
     hf = case.impl == "hf_infer"
     model = (hf_model(mcfg, device) if hf else TimeSformer(mcfg).to(device)).to(dtype).eval()
-    if case.compile == "blocks" and not hf:
-        compile_blocks(model)
+    if not hf:
+        compile_experiment(model, case.compile)
     x = host_clip(mcfg, case.micro_batch, device)
 
     def steps(n: int) -> None:
@@ -324,13 +422,12 @@ def run_infer(case: Case, device: torch.device) -> dict:
                 video = normalize_on_device(x, device, dtype=dtype)
                 model(pixel_values=video.transpose(1, 2)) if hf else model(video)
 
-    warm_s, step_s, wall_ms, busy_ms = timed(steps, case, device, time.perf_counter())
+    warm_s, step_s, prof = timed(steps, case, device, time.perf_counter())
     flops = 2.0 * flops_per_view(mcfg)
     return {"policy": "-", "step_ms": 1000 * step_s, "clips_per_s": case.micro_batch / step_s,
             "model_tflops": flops * case.micro_batch / step_s / 1e12,
             "hardware_tflops": flops * case.micro_batch / step_s / 1e12, "peak_gib": peak_gib(device),
-            "profiled_step_ms": wall_ms, "gpu_busy_ms": busy_ms, "host_gap_ms": 1000 * step_s - busy_ms,
-            "setup_and_warmup_s": warm_s}
+            **prof, "setup_and_warmup_s": warm_s}
 
 
 def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
@@ -354,36 +451,52 @@ def matmul_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
 
 
 def report(rows: list[dict], spec: float, measured: float) -> str:
-    lines = [f"{'case':20s} {'AC':9s} {'clips/s':>9s} {'step ms':>9s} {'MFU spec':>9s} {'MFU mm':>7s} "
+    lines = [f"{'case':24s} {'AC':9s} {'clips/s':>9s} {'step ms':>9s} {'MFU spec':>9s} {'MFU mm':>7s} "
              f"{'HFU spec':>9s} {'HFU mm':>7s} {'peak GiB':>9s} {'host gap ms':>12s}"]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['case']:20s} FAILED: {r['error'].splitlines()[-1][:100]}")
+            lines.append(f"{r['case']:24s} FAILED: {r['error'].splitlines()[-1][:100]}")
             continue
-        lines.append(f"{r['case']:20s} {r['policy']:9s} {r['clips_per_s']:9.2f} {r['step_ms']:9.2f} "
+        lines.append(f"{r['case']:24s} {r['policy']:9s} {r['clips_per_s']:9.2f} {r['step_ms']:9.2f} "
                      f"{100 * r['model_tflops'] / spec:8.1f}% {100 * r['model_tflops'] / measured:6.1f}% "
                      f"{100 * r['hardware_tflops'] / spec:8.1f}% {100 * r['hardware_tflops'] / measured:6.1f}% "
                      f"{r['peak_gib']:9.2f} {r['host_gap_ms']:12.2f}")
+    ok = [r for r in rows if "error" not in r and "setup" in r]
     by = {r["case"]: r for r in rows if "error" not in r}
     lines.append("")
-    for size in ("l", "hr", "base"):
-        hf = by.get(f"{size}_hf")
-        for ours in (f"{size}_ds_compile", f"{size}_ds", f"{size}_ds_compile_math", f"{size}_ds_compile_mb8"):
-            if hf and ours in by:
-                ratio = by[ours]["clips_per_s"] / hf["clips_per_s"]
-                target = HF_RATIO_TARGETS.get(size)
-                verdict = f" (target >= {target}x: {'met' if ratio >= target else 'MISSED'})" if target else ""
-                lines.append(f"{ours:20s} vs Hugging Face: {ratio:.2f}x{verdict}")
-    for ds, base in [(f"{s}_ds", f"{s}_torch") for s in ("l", "hr", "base")] + [
-            (f"base2_zero{z}", "base2_torch") for z in (0, 1, 2)] + [
-            ("base8_zero2", "base8_torch"), ("base2_zero2_compile", "base2_torch_compile")]:
-        if ds in by and base in by:
-            overhead = by[base]["clips_per_s"] / by[ds]["clips_per_s"] - 1
-            lines.append(f"DeepSpeed overhead {ds:14s} vs {base:12s}: {100 * overhead:+.1f}% (target <= 5%)")
+
+    def same(r: dict, other: dict, *keys: str) -> bool:
+        return all(r["setup"][k] == other["setup"][k] for k in keys)
+
+    for r in ok:  # every case of ours against Hugging Face at the same recipe and batch
+        hf_impl = {"loop": "hf", "infer": "hf_infer"}.get(r["setup"]["impl"])
+        hf = next((h for h in ok if h["setup"]["impl"] == hf_impl and same(r, h, "recipe", "micro_batch")), None)
+        if hf:
+            ratio = r["clips_per_s"] / hf["clips_per_s"]
+            target = HF_RATIO_TARGETS.get(r["setup"]["recipe"]) if hf_impl == "hf" else None
+            verdict = f" (target >= {target}x: {'met' if ratio >= target else 'MISSED'})" if target else ""
+            lines.append(f"{r['case']:24s} vs Hugging Face: {ratio:.2f}x{verdict}")
+    for ds in ok:  # DeepSpeed against plain PyTorch, everything else equal
+        if ds["setup"]["impl"] != "loop" or ds["setup"]["engine"] != "deepspeed":
+            continue
+        for pt in ok:
+            if pt["setup"]["engine"] == "torch" and same(ds, pt, "recipe", "micro_batch", "impl", "ac", "compile",
+                                                         "math_attention", "sdpa"):
+                overhead = pt["clips_per_s"] / ds["clips_per_s"] - 1
+                lines.append(f"DeepSpeed overhead {ds['case']:20s} vs {pt['case']:20s}: {100 * overhead:+.1f}% "
+                             "(target <= 5%)")
     for name, target in TARGETS.items():
         if name in by:
             got = by[name]["clips_per_s"]
             lines.append(f"{name:20s} {got:8.1f} clips/s, target >= {target:g}: {'met' if got >= target else 'MISSED'}")
+    profiled = [r for r in rows if r.get("kernels_ms")]
+    if profiled:
+        lines.append("")
+        lines.append("GPU time per step by kernel kind (ms; from torch.profiler over 3 steps):")
+    for r in profiled:
+        kinds = ", ".join(f"{k} {v:.1f}" for k, v in r["kernels_ms"].items())
+        lines.append(f"{r['case']:24s} busy {r['gpu_busy_ms']:.1f} of {r['profiled_step_ms']:.1f}: {kinds}; "
+                     f"{r['kernel_launches_per_step']:.0f} kernels")
     if "tiny_loop" in by and "tiny_engine" in by:
         for loop_case, bare in (("tiny_loop", "tiny_engine"), ("tiny_loop_ds", "tiny_engine_ds")):
             if loop_case in by and bare in by:
@@ -395,22 +508,25 @@ def report(rows: list[dict], spec: float, measured: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--cases", help="comma-separated case names (default: every case of the device)")
+    p.add_argument("--cases", help="comma-separated case names, or 'targets' for the recipes' settings next to "
+                   "Hugging Face (default: every case of the device)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--out", help="write the numbers as JSON here (after every case, so a cut run keeps what ran)")
     args = p.parse_args(argv)
     cases = GPU_CASES if args.device == "cuda" else CPU_CASES
     if args.list:
         for c in GPU_CASES + CPU_CASES:
-            print(f"{c.name:20s} {c.recipe:10s} micro batch {c.micro_batch:3d} {c.impl:8s} engine {c.engine:9s} "
-                  f"AC {c.ac:9s} compile {c.compile:6s} ZeRO-{c.zero_stage}")
+            print(f"{c.name:26s} {c.recipe:10s} micro batch {c.micro_batch:3d} {c.impl:8s} engine {c.engine:9s} "
+                  f"AC {c.ac:9s} compile {c.compile:15s} ZeRO-{c.zero_stage} sdpa {c.sdpa}"
+                  + ("" if c.math_attention is None else f" math attention <= {c.math_attention}"))
         return 0
     if args.cases:
         known = {c.name: c for c in GPU_CASES + CPU_CASES}
-        unknown = [n for n in args.cases.split(",") if n not in known]
+        names = [n for part in args.cases.split(",") for n in GROUPS.get(part, [part])]
+        unknown = [n for n in names if n not in known]
         if unknown:
             p.error(f"unknown case(s) {', '.join(unknown)}; --list shows them")
-        cases = [known[n] for n in args.cases.split(",")]
+        cases = [known[n] for n in names]
     if args.device == "cuda" and not torch.cuda.is_available():
         print("train_loop: no CUDA device; `--device cpu` runs the CPU cases", file=sys.stderr)
         return 2
@@ -443,13 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     print(head, flush=True)
     rows: list[dict] = []
     runners = {"loop": run_loop, "engine": run_loop, "hf": run_hf, "infer": run_infer, "hf_infer": run_infer}
-    from pipeline.models import timesformer
-
     for case in cases:
         t0 = time.perf_counter()
-        timesformer.MATH_ATTENTION_MAX_LEN = case.math_attention
+        # compiled graphs are not reused across cases: a case's backend flags or compile mode are not all guarded,
+        # and every model would count towards dynamo's recompile limit
+        torch._dynamo.reset()
         try:
-            row = {"case": case.name, **runners[case.impl](case, device)}
+            with experiment(case):
+                row = {"case": case.name, **runners[case.impl](case, device)}
         except Exception:  # noqa: BLE001 -- one case failing (an OOM, a compile error) must not lose the others
             row = {"case": case.name, "error": traceback.format_exc()}
             print(row["error"], file=sys.stderr, flush=True)

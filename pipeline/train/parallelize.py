@@ -116,12 +116,12 @@ def recompute_fraction(policy: str, depth: int) -> float:
     return len(range(0, depth, every)) / depth
 
 
-def compile_blocks(model: nn.Module) -> None:
+def compile_blocks(model: nn.Module, mode: str | None = None) -> None:
     """Regional compilation: each transformer block compiled in place (one graph, reused by every block
     of the same shape), activation checkpointing traced inside it; embeddings and head stay eager.
-    State-dict keys do not change."""
+    State-dict keys do not change. ``mode``: torch.compile's (None: its default)."""
     for blk in model.blocks:
-        blk.compile(dynamic=False)
+        blk.compile(dynamic=False, mode=mode)
 
 
 def prepare_model(model: nn.Module, cfg, device: torch.device, build: Callable[[], nn.Module],
