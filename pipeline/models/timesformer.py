@@ -218,26 +218,13 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
-# Sequences up to this length (the 8 or 16 frames of temporal attention) are not sent to a fused attention
-# kernel, whose 64-128-query tiles would be mostly padding. Eagerly they are plain matrix products with the
-# softmax in fp32 (on an H200 with compiled blocks, benchmarks/results/train-loop-h200/run2.log: training 8x224
-# 12% faster than the fused kernel, 16x448 9%, inference 15%). Under torch.compile they are written as
-# broadcast products and sums (``short_attention``), which Inductor fuses into a few kernels that read q, k and v
-# where the qkv projection left them: the batched 8x8 matrix products used small-tile GEMMs that took 14 of the
-# 118 ms of a compiled 8x224 training step at batch 32 (benchmarks/results/train-loop-h200/run3.log). The 96
-# frames of TimeSformer-L stay on the fused kernel. 0: never.
+# Sequences up to this length (the 8 or 16 frames of temporal attention) are attended with plain matrix
+# products, softmax in fp32, instead of a fused attention kernel, whose 64-128-query tiles would be mostly
+# padding. With compiled blocks on an H200 (benchmarks/results/train-loop-h200/run2.log) this made training
+# 8x224 12% faster, 16x448 9%, inference 15%; the 96 frames of TimeSformer-L stay on the fused kernel. 0: never.
+# Tried and dropped (run4.log): the same attention as broadcast products and sums for Inductor to fuse. Its
+# reductions took 25-50 ms of a compiled training step where the small-tile GEMMs take 14 (8x224 at batch 32).
 MATH_ATTENTION_MAX_LEN = 16
-
-
-def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout: float = 0.0,
-                    training: bool = False) -> torch.Tensor:
-    """Attention over dim 1 of ``(G, L, heads, head_dim)`` q, k, v (any strides) as broadcast products and
-    sums in fp32 (or wider), for short ``L``: meant to be compiled, where it becomes fused reductions (eagerly it would
-    materialise ``L`` times the input). Returns ``(G, L, heads, head_dim)`` in q's dtype."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    s = (q.to(acc).unsqueeze(2) * k.to(acc).unsqueeze(1)).sum(-1) * scale  # (G, Lq, Lk, heads)
-    a = F.dropout(s.softmax(2), dropout, training)
-    return (a.unsqueeze(-1) * v.to(acc).unsqueeze(1)).sum(2).to(q.dtype)  # (G, Lq, heads, head_dim)
 
 
 class Attention(nn.Module):
@@ -255,12 +242,9 @@ class Attention(nn.Module):
 
     def forward(self, x_GLD: torch.Tensor) -> torch.Tensor:
         G, L, D = x_GLD.shape
-        qkv = self.qkv(x_GLD).view(G, L, 3, self.num_heads, self.head_dim)
+        qkv = self.qkv(x_GLD).view(G, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (G, heads, L, head_dim)
         drop = self.attn_drop if self.training else 0.0
-        if L <= MATH_ATTENTION_MAX_LEN and torch.compiler.is_compiling():
-            o = short_attention(*qkv.unbind(2), self.head_dim**-0.5, drop, self.training)
-            return self.proj_drop(self.proj(o.reshape(G, L, D)))
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (G, heads, L, head_dim)
         if L <= MATH_ATTENTION_MAX_LEN:  # short sequences (the 8 or 16 frames of temporal attention)
             a = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
             a = F.dropout(a.float().softmax(-1), drop, self.training).to(q.dtype)
