@@ -11,14 +11,14 @@ demo: venv
 	$(PY) jobs/demo.py
 
 test: venv
-	$(PY) -m ruff check pipeline jobs tests infra
+	$(PY) -m ruff check pipeline jobs tests infra benchmarks
 	$(PY) -m pytest
 
 lint: venv
-	$(PY) -m ruff check pipeline jobs tests infra
+	$(PY) -m ruff check pipeline jobs tests infra benchmarks
 
 bench: venv
-	$(PY) jobs/bench.py
+	$(PY) benchmarks/bench.py
 
 # Re-resolve the dependency set (after editing pyproject.toml) into requirements.lock.
 lock:

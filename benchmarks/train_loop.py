@@ -5,7 +5,7 @@ Each case runs ``pipeline.train.loop.train_loop`` itself -- the engine (DeepSpee
 activation-checkpointing policy (``auto``: measured to fit), regional compilation, the per-step stop and
 divergence checks, metric logging, the uint8 clips normalised on the device -- on in-memory synthetic batches
 (pinned uint8, as the loader hands them over), so it measures the step, not the data loader
-(``jobs/bench_loader.py`` does that). Beside it, Hugging Face ``TimesformerForVideoClassification`` in a plain
+(``benchmarks/bench_loader.py`` does that). Beside it, Hugging Face ``TimesformerForVideoClassification`` in a plain
 bf16-autocast AdamW loop at the same batch (gradient checkpointing only if it does not fit otherwise).
 
 Printed per case: clips/s; model-FLOPs utilisation (MFU: forward + backward, 3x the paper's forward FLOPs,
@@ -39,8 +39,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 @dataclass(frozen=True)
@@ -535,8 +533,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline.train").setLevel(logging.INFO)  # the auto policy's measurements
-    from infra.seaweedfs import free_port
     from pipeline.config import load_recipe
+    from pipeline.distributed import free_port
     from pipeline.models.flops import PEAK_TFLOPS
     from pipeline.train.engine import init_distributed
 

@@ -33,8 +33,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.secrets import has_credentials, private_dir, redact_text  # noqa: E402
+from pipeline.secrets import has_credentials, private_dir, redact_text
 
 
 class MLflowServer:

@@ -23,14 +23,13 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.secrets import private_dir, write_private  # noqa: E402
+from pipeline.distributed import free_port
+from pipeline.secrets import private_dir, write_private
 
 DEFAULT_DIR = Path(os.environ.get("SEAWEEDFS_DIR", "/tmp/pipeline-seaweedfs"))
 
@@ -52,12 +51,6 @@ def dev_credentials(root: Path | None = None) -> tuple[str, str]:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # unreadable or foreign: make new ones
     return f"dev-{secrets.token_hex(6)}", secrets.token_hex(20)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weed_binary() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -77,6 +78,14 @@ def job_port(job_id: str) -> int:
     derived from the job id), away from the well-known range."""
     digits = re.sub(r"\D", "", str(job_id)) or "0"
     return 20000 + int(digits[-4:]) % 20000
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the OS picks it): the rendezvous of a one-process group
+    (benchmarks, tests) and the ports of the local development services (infra/)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

@@ -274,8 +274,8 @@ def open_shards(storage: Storage, index: DatasetIndex, counter: FaultCounter, ve
     (data.shuffle_buffer = 256 samples of clip bytes), so this at most doubles the loader's raw bytes, on
     nodes with hundreds of GB; in return a shard swapped or damaged after ingest is refused whole, before
     one of its samples is trained on or evaluated. CPU: sha256 and the copy add ~1.3 ms per 1.8 MB sample,
-    about 1% of a 96x224 clip's decode (jobs/bench_loader.py --verify-cost).
-    ``verify=False`` streams unchecked; it exists only for jobs/bench_loader.py's measurement of the cost."""
+    about 1% of a 96x224 clip's decode (benchmarks/bench_loader.py --verify-cost).
+    ``verify=False`` streams unchecked; it exists only for benchmarks/bench_loader.py's measurement of the cost."""
     infos = {s.url: s for s in index.shards}
 
     def stage(src):
@@ -593,7 +593,7 @@ def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: b
     ``(B, C, T, H, W)``, ``label`` ``(B,)`` (-1: unlabelled, evaluation only), ``key``, ``short`` and
     ``faults`` (module docstring; in evaluation a dict with only ``faults`` is a worker's final count).
     A training worker that skips ``stall_samples`` samples in a row raises ``DataQualityError``.
-    ``verify=False`` is for jobs/bench_loader.py only."""
+    ``verify=False`` is for benchmarks/bench_loader.py only."""
     shards = index.split(split)
     if not shards:
         raise ValueError(f"dataset {index.dataset} v{index.version} has no shards for split {split!r} "
@@ -649,7 +649,7 @@ def iterate_samples(storage: Storage, url: str) -> Iterator[dict]:
 
 def clip_config(cfg: Any) -> ClipConfig:
     """The loader's clips for a run config (``pipeline.config.RunConfig``). On GPUs they stay uint8 and are
-    normalised on the device (normalize_on_device): less work for the loader's cores (jobs/bench_loader.py)
+    normalised on the device (normalize_on_device): less work for the loader's cores (benchmarks/bench_loader.py)
     and a quarter of the host-to-device bytes."""
     d = cfg.data
     return ClipConfig(num_frames=d.num_frames, sampling_rate=d.sampling_rate, ref_fps=d.ref_fps, sampler=d.sampler,

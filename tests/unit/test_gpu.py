@@ -90,8 +90,8 @@ ENGINE_RECIPE = ["cluster.accelerator=gpu", "train.precision=bf16", "train.zero_
 @pytest.fixture(scope="module")
 def one_rank_group():
     """A one-rank process group on this GPU, joined through DeepSpeed as a training rank does."""
-    from infra.seaweedfs import free_port
     from pipeline.config import load_recipe
+    from pipeline.distributed import free_port
     from pipeline.train.engine import init_distributed
 
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",

@@ -1,10 +1,13 @@
-"""The model jobs run end to end as a user runs them (small settings)."""
+"""The model benchmarks and studies (benchmarks/) run end to end as a user runs them (small settings); the user
+commands (jobs/, and the console scripts of pyproject.toml) start from any directory."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -15,7 +18,7 @@ def run_job(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 
 
 def test_demo_prints_the_paper_numbers_and_classifies():
-    out = run_job("jobs/model_demo.py", "--quick")
+    out = run_job("benchmarks/model_demo.py", "--quick")
     assert out.returncode == 0, out.stderr
     assert "121.57M" in out.stdout and "0.59T" in out.stdout and "7.15T" in out.stdout
     assert out.stdout.count("-> class") == 5  # one forward pass per attention scheme
@@ -23,7 +26,7 @@ def test_demo_prints_the_paper_numbers_and_classifies():
 
 def test_bench_compares_with_hugging_face_and_writes_json(tmp_path):
     result = tmp_path / "bench.json"
-    out = run_job("jobs/bench.py", "--cases", "small_infer", "--seconds", "0.2", "--out", str(result))
+    out = run_job("benchmarks/bench.py", "--cases", "small_infer", "--seconds", "0.2", "--out", str(result))
     assert out.returncode == 0, out.stderr
     data = json.loads(result.read_text())
     impls = {r["impl"]: r for r in data["results"]}
@@ -32,16 +35,35 @@ def test_bench_compares_with_hugging_face_and_writes_json(tmp_path):
 
 
 def test_bench_rejects_an_unknown_case_by_name():
-    out = run_job("jobs/bench.py", "--cases", "huge_train")
+    out = run_job("benchmarks/bench.py", "--cases", "huge_train")
     assert out.returncode == 2 and "unknown case(s) ['huge_train']" in out.stderr
 
 
 def test_demo_study_trains_over_seeds_and_reports_each(tmp_path):
     result = tmp_path / "study.json"
-    out = run_job("jobs/demo_study.py", "--seeds", "0", "1", "--steps", "4", "--every", "2", "--train-per-class", "2",
-                  "--val-per-class", "1", "--jobs", "1", "--out", str(result))
+    out = run_job("benchmarks/demo_study.py", "--seeds", "0", "1", "--steps", "4", "--every", "2",
+                  "--train-per-class", "2", "--val-per-class", "1", "--jobs", "1", "--out", str(result))
     assert out.returncode == 0, out.stderr
     rows = json.loads(result.read_text())
     assert [r["seed"] for r in rows] == [0, 1]
     assert all([s for s, _ in r["curve"]] == [2, 4] and 0 <= r["final_top1"] <= 100 for r in rows)
     assert "time_embed_init_std=0.5 square=32: " in out.stdout and "seeds reach 90%" in out.stdout
+
+
+def test_the_user_commands_are_console_scripts_and_run_from_any_directory(tmp_path):
+    """Each [project.scripts] entry is a jobs/<name>.py of the checkout running the same main(); both start
+    outside the repository (the package is installed, no sys.path edits), as do the infra/ service scripts."""
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    names = sorted(path.stem for path in (ROOT / "jobs").glob("*.py"))
+    assert sorted(scripts) == [f"timesformer-{name}" for name in names]
+    for name in names:
+        assert scripts[f"timesformer-{name}"] == f"pipeline.cli.{name}:main"
+        module = importlib.import_module(f"pipeline.cli.{name}")
+        assert callable(module.main)
+        out = subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), "--help"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and module.__doc__.splitlines()[0] in out.stdout, (name, out.stderr[-2000:])
+    for script in ("infra/seaweedfs.py", "infra/mlflow_server.py"):
+        out = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0 and "usage:" in out.stdout, (script, out.stderr[-2000:])

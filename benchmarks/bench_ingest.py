@@ -6,8 +6,8 @@ The plain loop decodes each file, scales every frame to the target short side in
 with the same codec settings, one file after another on one core. The ingest runs the real job
 (manifest, checksums, plan, Ray tasks, shard tars, upload to a local dataset root, verify, commit).
 
-    python jobs/bench_ingest.py                 # 12 videos of 8 s at 480x360
-    python jobs/bench_ingest.py --videos 24 --seconds 10
+    python benchmarks/bench_ingest.py                 # 12 videos of 8 s at 480x360
+    python benchmarks/bench_ingest.py --videos 24 --seconds 10
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from pipeline.data.video import encode_video  # noqa: E402
-from pipeline.ingest.run import IngestConfig, run_ingest  # noqa: E402
-from pipeline.ingest.worker import TranscodeConfig  # noqa: E402
+from pipeline.data.video import encode_video
+from pipeline.ingest.run import IngestConfig, run_ingest
+from pipeline.ingest.worker import TranscodeConfig
 
 
 def make_sources(root: Path, videos: int, seconds: float) -> None:

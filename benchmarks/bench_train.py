@@ -2,15 +2,15 @@
 """DeepSpeed's overhead: training steps of one model through our DeepSpeed engine (ZeRO, activation
 checkpointing, bf16) next to plain PyTorch (AMP bf16, same checkpointing, same SGD) in the same process.
 
-    python jobs/bench_train.py                                   # TimeSformer-L 96x224, micro batch 4, GPU
-    python jobs/bench_train.py --recipe k400_hr --micro-batch 2
-    python jobs/bench_train.py --device cpu --variant timesformer_tiny --frames 8 --size 64   # runs anywhere
+    python benchmarks/bench_train.py                                   # TimeSformer-L 96x224, micro batch 4, GPU
+    python benchmarks/bench_train.py --recipe k400_hr --micro-batch 2
+    python benchmarks/bench_train.py --device cpu --variant timesformer_tiny --frames 8 --size 64   # runs anywhere
 
 Phases run A-B-A (plain, DeepSpeed, plain again; with --overflow-check DeepSpeed's default bf16 overflow
 check gets a phase too) so drift shows; each phase reports the median step time,
 clips/s and its own peak memory (the engine before it is freed). Inputs are random tensors already on
 the host as the loader hands them to GPU recipes (uint8, pinned): each engine moves and normalises them, so
-this measures the engine, not the data loader (jobs/bench_loader.py does that). TFLOP/s count the
+this measures the engine, not the data loader (benchmarks/bench_loader.py does that). TFLOP/s count the
 recomputed forward of activation checkpointing (hardware FLOPs), so the utilisation printed is HFU; MFU counts
 the model's forward and backward only (no recompute); both against the card's dense bf16 peak. The target
 (issue 5): DeepSpeed's overhead <= 10%. Writes --out JSON when given. The training loop's own benchmark,
@@ -26,8 +26,6 @@ import os
 import statistics
 import sys
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ac == "auto":
         p.error("--ac auto: name a policy here; benchmarks/train_loop.py runs the training loop with auto")
 
-    from infra.seaweedfs import free_port
+    from pipeline.distributed import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")

@@ -6,24 +6,21 @@ the paper's numbers, and classifies a generated clip (a square moving across a t
 with the models small enough for a CPU. Weights are random, so the predicted class means nothing yet;
 what the demo shows is that every path runs and what each model costs.
 
-    python jobs/model_demo.py         # everything (about a minute on 2 cores)
-    python jobs/model_demo.py --quick # skip the base-size forward pass
+    python benchmarks/model_demo.py         # everything (about a minute on 2 cores)
+    python benchmarks/model_demo.py --quick # skip the base-size forward pass
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
+from tqdm import tqdm
 
-import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from pipeline.models.flops import flops_per_view, parameter_count  # noqa: E402
-from pipeline.models.timesformer import ATTENTION_TYPES, VARIANTS, TimeSformer, variant_config  # noqa: E402
+from pipeline.models.flops import flops_per_view, parameter_count
+from pipeline.models.timesformer import ATTENTION_TYPES, VARIANTS, TimeSformer, variant_config
 
 PAPER = {  # paper Tables 1 and 5: parameters (M), inference TFLOPs for 1 clip x 3 crops
     "timesformer_base": (121.4, 0.59), "timesformer_hr": (121.4, 5.11), "timesformer_l": (121.4, 7.14),
@@ -79,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             probs = model(clip).softmax(-1)[0]
         tqdm.write(f"  {name:18s} {scheme:20s} input {tuple(clip.shape)} -> class {int(probs.argmax())} "
                    f"(p={float(probs.max()):.3f}) in {time.perf_counter() - t0:.2f}s", file=sys.stdout)
-    print("\nNext: `make test` runs the test suite; jobs/bench.py compares speed with Hugging Face.")
+    print("\nNext: `make test` runs the test suite; benchmarks/bench.py compares speed with Hugging Face.")
     return 0
 
 

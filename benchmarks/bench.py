@@ -5,10 +5,10 @@ Same configuration, batch, precision and input in the same process; prints clips
 (hardware convention: 2 FLOPs per multiply-add; training counts forward + backward, plus the
 recomputed forward under activation checkpointing), peak memory and our speed-up over Hugging Face.
 
-    python jobs/bench.py                       # CPU: a small configuration, fp32
-    python jobs/bench.py --device cuda         # GPU: base, HR and L in bf16 (the cases)
-    python jobs/bench.py --device cuda --cases l_train,base_infer --compile base_infer --selective l_train
-    python jobs/bench.py --dry-run             # list the cases and exit
+    python benchmarks/bench.py                       # CPU: a small configuration, fp32
+    python benchmarks/bench.py --device cuda         # GPU: base, HR and L in bf16 (the cases)
+    python benchmarks/bench.py --device cuda --cases l_train,base_infer --compile base_infer --selective l_train
+    python benchmarks/bench.py --dry-run             # list the cases and exit
 
 Weights are random: throughput does not depend on them. bf16 here means bf16 weights and activations
 (what DeepSpeed's bf16 mode runs), the same for both implementations.
@@ -24,13 +24,11 @@ import sys
 import time
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch
 
-import torch  # noqa: E402
-
-from pipeline.models.convert import hf_config_dict, to_hf  # noqa: E402
-from pipeline.models.flops import device_peak_tflops, flops_per_view  # noqa: E402
-from pipeline.models.timesformer import (  # noqa: E402
+from pipeline.models.convert import hf_config_dict, to_hf
+from pipeline.models.flops import device_peak_tflops, flops_per_view
+from pipeline.models.timesformer import (
     TimeSformer,
     apply_activation_checkpointing,
     variant_config,

@@ -4,9 +4,9 @@ configs/recipes/demo_order.yaml. Clips come from the synthetic videos' frames in
 shards, one process) through the product's sampler and transforms with the demo's geometry (8 frames
 every 0.2 s of a 2 s video, short side in [32, 37], 32x32 crops, 8x8 patches); AdamW, cosine schedule.
 
-    python jobs/demo_study.py                                      # the demo's settings, seeds 0-4
-    python jobs/demo_study.py --time-embed-init-std 0 0.1 0.5      # compare starts of the time embedding
-    python jobs/demo_study.py --attention space_only --steps 400   # the baseline the demo compares with
+    python benchmarks/demo_study.py                                      # the demo's settings, seeds 0-4
+    python benchmarks/demo_study.py --time-embed-init-std 0 0.1 0.5      # compare starts of the time embedding
+    python benchmarks/demo_study.py --attention space_only --steps 400   # the baseline the demo compares with
 
 Prints, per setting and seed, validation top-1 every --every steps and the first step at >= 90%; two
 settings share the machine's cores (--jobs) and each process uses one thread.
@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 
 def run_one(setting: dict) -> dict:

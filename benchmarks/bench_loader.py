@@ -9,10 +9,10 @@ decodes the same frames from the same bytes, for 8x224 (8 frames every 32) and 9
 clips. Prints clips/s, the loader's overhead above raw decoding, and how many cores one GPU training
 TimeSformer 8x224 and TimeSformer-L at the given rates needs.
 
-    python jobs/bench_loader.py                 # both clip shapes
-    python jobs/bench_loader.py --videos 16 --l-rate 15
-    python jobs/bench_loader.py --verify-cost   # shard verification (size + sha256 as it streams) on vs off
-    python jobs/bench_loader.py --cores         # cores per GPU for each recipe and ingest setting
+    python benchmarks/bench_loader.py                 # both clip shapes
+    python benchmarks/bench_loader.py --videos 16 --l-rate 15
+    python benchmarks/bench_loader.py --verify-cost   # shard verification (size + sha256 as it streams) on vs off
+    python benchmarks/bench_loader.py --cores         # cores per GPU for each recipe and ingest setting
 
 ``--verify-cost`` times the training pipeline with and without shard verification in the same run,
 alternating the order each round (the same seed, so both decode the same clips), and prints each run,
@@ -49,15 +49,13 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+import torch
+import webdataset as wds
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import webdataset as wds  # noqa: E402
-
-import pipeline.data.loader as loader_module  # noqa: E402
-from pipeline.config import load_recipe  # noqa: E402
-from pipeline.data.loader import (  # noqa: E402
+import pipeline.data.loader as loader_module
+from pipeline.config import load_recipe
+from pipeline.data.loader import (
     ClipConfig,
     FaultCounter,
     clip_pipeline,
@@ -65,17 +63,17 @@ from pipeline.data.loader import (  # noqa: E402
     open_shards,
     shard_samples,
 )
-from pipeline.data.shards import (  # noqa: E402
+from pipeline.data.shards import (
     DatasetIndex,
     ShardSample,
     commit_index,
     put_shard,
     shard_url,
 )
-from pipeline.data.storage import open_storage  # noqa: E402
-from pipeline.data.video import FixedRateSampler, encode_video  # noqa: E402
-from pipeline.ingest.run import IngestConfig  # noqa: E402
-from pipeline.ingest.worker import TranscodeConfig, transcode  # noqa: E402
+from pipeline.data.storage import open_storage
+from pipeline.data.video import FixedRateSampler, encode_video
+from pipeline.ingest.run import IngestConfig
+from pipeline.ingest.worker import TranscodeConfig, transcode
 
 SHAPES = {"8x224": (8, 32), "96x224": (96, 4)}
 BENCH_SECONDS = 14.0  # long enough for a 96x4 clip (12.8 s) at a random position

@@ -1,0 +1,76 @@
+"""Compare training runs the way the paper does (Table 2): model, attention, frames x rate, resolution,
+parameters, TFLOPs per view x views, GPU-hours, top-1, top-5, clips/s; and a plot of accuracy against
+GPU-hours (validation curve per run, the test result as a star, budgets as dashed lines).
+
+    python jobs/compare.py --experiment smoke
+    python jobs/compare.py --experiment k400 --runs k400_base-2026... k400_attn_space_only-2026...
+    python jobs/compare.py --experiment k400 --tracking-uri http://127.0.0.1:5000 --out reports/k400
+
+Prints the table; writes table.txt/.csv/.md, runs.json and accuracy_vs_gpu_hours.png under --out
+(default runs/compare-<experiment>), and logs them to MLflow as a comparison run in the same experiment
+(--no-log to skip). Each run's MLflow status is a column; runs that did not finish (FAILED, KILLED,
+RUNNING) are marked in the table and dotted in the plot, or left out with --finished-only.
+Exit codes: 0 done, 1 the report was written but MLflow did not take it, 2 no such database,
+experiment or runs, or an --out that cannot be written (nothing created).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", required=True, help="MLflow experiment (a recipe name by default)")
+    p.add_argument("--runs", nargs="+", help="run ids or run names (default: every training run of the experiment)")
+    p.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else runs/mlflow.db")
+    p.add_argument("--runs-dir", default="runs", help="where the embedded default keeps mlflow.db (default runs/)")
+    p.add_argument("--out", help="output directory (default <runs-dir>/compare-<experiment>)")
+    p.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
+    p.add_argument("--finished-only", action="store_true",
+                   help="leave out runs whose status is not FINISHED (default: shown, and marked)")
+    args = p.parse_args(argv)
+    from pipeline.secrets import redact_text
+    from pipeline.tracking.compare import fetch, log_comparison, table_text, write_report
+    from pipeline.tracking.sink import _quick_failing_http, default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
+    shown = redact_text(uri)  # a URI may carry a password or a token: never printed
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.is_file():  # MLflow would create an empty database (and its tables) here: reading creates nothing
+            print(f"compare: no MLflow database at {db} (give --runs-dir where the runs were launched, or "
+                  f"--tracking-uri)", file=sys.stderr)
+            return 2
+    _quick_failing_http()  # an unreachable server: one error now, not minutes of retries
+    try:
+        summaries = fetch(uri, args.experiment, args.runs, finished_only=args.finished_only)
+    except Exception as e:  # noqa: BLE001 -- ValueError (no such experiment/run), MlflowException, network errors
+        print(f"compare: {redact_text(' '.join(str(e).split()))[:1000]}", file=sys.stderr)
+        return 2
+    if not summaries:
+        what = "finished training runs" if args.finished_only else "training runs"
+        print(f"compare: experiment {args.experiment!r} has no {what} yet", file=sys.stderr)
+        return 2
+    out = Path(args.out or Path(args.runs_dir) / f"compare-{args.experiment}")
+    try:
+        paths = write_report(summaries, out, args.experiment)
+    except OSError as e:
+        print(f"compare: cannot write the report to {out} ({e.strerror or e}): choose another --out", file=sys.stderr)
+        return 2
+    print(table_text(summaries))
+    print(f"\nwrote {', '.join(sorted(paths))} in {out}\nplot: {paths['accuracy_vs_gpu_hours.png']}")
+    if not args.no_log:
+        try:
+            run_id = log_comparison(uri, args.experiment, summaries, paths)
+        except Exception as e:  # noqa: BLE001 -- the report is written; say why MLflow did not take it
+            print(f"compare: the comparison was not logged to MLflow at {shown} "
+                  f"({redact_text(' '.join(str(e).split()))[:500]}); the files above have it", file=sys.stderr)
+            return 1
+        print(f"logged to MLflow at {shown} as comparison run {run_id}")
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
