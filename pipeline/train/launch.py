@@ -2,7 +2,9 @@
 
 The run directory is fixed at launch and survives requeues: ``config.yaml`` (resolved), ``deepspeed.json``
 (derived), ``launch.json`` (who, where, which commit, which jobs), ``mlflow.json`` (the MLflow run), then
-checkpoints, metrics, evaluation reports, the exported model and the job logs (``submitit/``).
+checkpoints, metrics, evaluation reports, the exported model and the job logs (``submitit/``). ``code/`` is a
+copy of the ``pipeline`` package made at launch: the ranks import it from there, on every requeue and resume
+(see ``pipeline.train.snapshot``), so a change to the checkout during a run does not change the run.
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ from pipeline.secrets import (
     redact_text,
     reveal_env,
     reveal_uri,
+)
+from pipeline.train.snapshot import (
+    CODE_DIR,
+    SnapshotError,
+    code_hash,
+    code_path,
+    package_dir,
+    rank_environment,
+    shell_exports,
+    snapshot_code,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,7 +170,9 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
     return cfg, run_dir
 
 
-def slurm_parameters(cfg: RunConfig, nodes: int, run_dir: Path) -> dict[str, Any]:
+def slurm_parameters(cfg: RunConfig, nodes: int, run_dir: Path, code: Path | None = None) -> dict[str, Any]:
+    """submitit's Slurm parameters; with ``code`` (the run's snapshot) the script's last setup lines make the
+    ranks import ``pipeline`` from it (they run again on every requeue)."""
     c = cfg.cluster
     params: dict[str, Any] = {
         "job_name": cfg.name, "nodes": nodes, "ntasks_per_node": c.gpus_per_node, "cpus_per_task": c.cpus_per_task,
@@ -167,7 +181,7 @@ def slurm_parameters(cfg: RunConfig, nodes: int, run_dir: Path) -> dict[str, Any
         # quoted: a value is data, never shell syntax; secrets are not written here (the job's environment
         # carries them, see stored_config), so the script submitit keeps in the run directory holds none
         "setup": [f"export {k}={shlex.quote(v)}" for k, v in c.env.items() if not is_secret_env(k, v)]
-        + list(c.setup),
+        + list(c.setup) + (shell_exports(code) if code is not None else []),
     }
     if c.accelerator == "gpu":
         params["gpus_per_node"] = c.gpus_per_node
@@ -188,7 +202,9 @@ def check_slurm() -> None:
                           f"login node, start the development cluster (python infra/slurm_dev.py up), or use --local")
 
 
-def make_executor(cfg: RunConfig, nodes: int, run_dir: Path, local: bool):
+def make_executor(cfg: RunConfig, nodes: int, run_dir: Path, local: bool, code: Path | None = None):
+    """The executor of a run's job. Local processes get the snapshot's environment from ``job_environment``
+    at submission (see ``launch``); a Slurm job from its script (``slurm_parameters``)."""
     import submitit
 
     folder = run_dir / "submitit" / "%j"
@@ -199,15 +215,15 @@ def make_executor(cfg: RunConfig, nodes: int, run_dir: Path, local: bool):
         return ex
     check_slurm()
     ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=cfg.cluster.max_requeues)
-    ex.update_parameters(**slurm_parameters(cfg, nodes, run_dir))
+    ex.update_parameters(**slurm_parameters(cfg, nodes, run_dir, code))
     return ex
 
 
-def sbatch_script(cfg: RunConfig, nodes: int, run_dir: Path) -> str:
+def sbatch_script(cfg: RunConfig, nodes: int, run_dir: Path, code: Path | None = None) -> str:
     """The sbatch script submitit would write (for --dry-run)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = slurm_parameters(cfg, nodes, run_dir)
+    params = slurm_parameters(cfg, nodes, run_dir, code)
     command = f"{sys.executable} -u -m submitit.core._submit {run_dir / 'submitit' / '%j'}"
     return _make_sbatch_string(command=command, folder=str(run_dir / "submitit" / "%j"), **params)
 
@@ -340,7 +356,7 @@ class SubmissionError(RuntimeError):
 
 
 # what launch itself writes into a new run directory; anything else there was written by a rank
-_LAUNCH_FILES = {"config.yaml", "deepspeed.json", "launch.json", "mlflow.json", "submitit"}
+_LAUNCH_FILES = {"config.yaml", "deepspeed.json", "launch.json", "mlflow.json", "submitit", CODE_DIR}
 
 
 def _undo_launch(run_dir: Path, created: bool, tracking: dict[str, str] | None, real_uri: str,
@@ -418,6 +434,21 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
     if not req.local and not req.dry_run:
         check_slurm()
     git = git_state()
+    # the code the ranks run: a new run's snapshot (copied below), a resumed run's own (never copied again),
+    # or, for a run directory made before snapshots, the live checkout
+    if req.resume:
+        try:
+            code = code_path(run_dir)
+        except SnapshotError as e:
+            raise ConfigError(f"--resume: {e}") from None
+        code_note = (f"live checkout {package_dir()}: this run directory predates code snapshots, so a change to "
+                     f"the checkout changes the run") if code is None else f"snapshot {code} (made at launch)"
+    else:
+        code = run_dir / CODE_DIR
+        code_note = f"snapshot of {package_dir()} to be copied to {code}"
+    if code is not None and os.pathsep in str(code):  # PYTHONPATH would split it, and the checkout would run
+        raise ConfigError(f"the run directory {run_dir} contains {os.pathsep!r}, which PYTHONPATH cannot hold: the "
+                          f"ranks could not import the run's code snapshot; choose a runs_dir without it")
     executor_kind = "local" if req.local else "slurm"
     info: dict[str, Any] = {"run_dir": str(run_dir), "recipe": cfg.recipe, "nodes": nodes,
                             "gpus_per_node": cfg.cluster.gpus_per_node, "world_size": world,
@@ -426,11 +457,12 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
         out(f"[dry run] nothing is written or submitted\nrecipe      {cfg.recipe}: {stored.description}")
         out(f"run dir     {run_dir}\nworld       {nodes} node(s) x {cfg.cluster.gpus_per_node} = {world} rank(s); "
             f"{plan.describe()}\ndata        {data}\ninit        {checks['init']}\nexecutor    {executor_kind}")
+        out(f"code        {code_note}")
         if job_env:
             out(f"secrets     {', '.join(sorted(job_env))}: passed to the job by environment, written nowhere")
         out("--- config.yaml\n" + dump(stored) + "--- deepspeed.json\n" + json.dumps(ds_json, indent=1))
         if not req.local:
-            out("--- sbatch script (submitit)\n" + sbatch_script(stored, nodes, run_dir))
+            out("--- sbatch script (submitit)\n" + sbatch_script(stored, nodes, run_dir, code))
         info["deepspeed"] = ds_json
         return info
     created = False
@@ -454,13 +486,30 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
         record = json.loads(record_path.read_text()) if record_path.exists() else {
             "created": time.time(), "user": getpass.getuser(), "host": socket.gethostname(), "git": git,
             "recipe": cfg.recipe, "jobs": []}
-        executor = make_executor(stored, nodes, run_dir, req.local)
+        if not req.resume:
+            try:
+                record["code"] = snapshot_code(run_dir)
+            except (OSError, SnapshotError) as e:
+                raise ConfigError(f"cannot copy the code into {code} ({e}); check runs_dir") from None
+            job_code = {"path": record["code"]["path"], "sha256": record["code"]["sha256"]}
+            code_note = (f"snapshot {code} ({record['code']['files']} files, {record['code']['bytes'] // 1024} KiB,"
+                         f" sha256 {record['code']['sha256'][:16]})")
+        elif code is not None:
+            digest = code_hash(code)[0]
+            job_code = {"path": str(code), "sha256": digest}
+            recorded = record["code"].get("sha256") if isinstance(record.get("code"), dict) else None
+            code_note = f"snapshot {code} (sha256 {digest[:16]}" + (
+                f"; EDITED since launch, which recorded {recorded[:16]})" if recorded and recorded != digest else ")")
+        else:
+            job_code = {"live": str(package_dir())}
+        executor = make_executor(stored, nodes, run_dir, req.local, code)
         if tracking is None:
             tracking = created_tracking = create_run(run_dir, real_uri, cfg.tracking.experiment or cfg.recipe,
                                                      cfg.name, redact(mlflow_tags(cfg, nodes, git)))
         from pipeline.train.main import TrainJob
 
-        with job_environment(job_env):
+        # a local job's processes inherit this environment; a Slurm job gets the snapshot from its script
+        with job_environment({**job_env, **rank_environment(code)} if req.local and code is not None else job_env):
             job = executor.submit(TrainJob(run_dir))
     except BaseException as e:
         undone = _undo_launch(run_dir, created, created_tracking, real_uri, e)
@@ -471,12 +520,12 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
     record["jobs"].append({"job_id": str(job.job_id), "submitted": time.time(), "executor": executor_kind,
                            "nodes": nodes, "gpus_per_node": cfg.cluster.gpus_per_node,
                            "argv": redact(list(sys.argv)), "git": git, "resume": bool(req.resume),
-                           "secrets_by_environment": sorted(job_env)})
+                           "secrets_by_environment": sorted(job_env), "code": job_code})
     record_path.write_text(json.dumps(record, indent=1))
-    info.update(job_id=str(job.job_id), job=job, mlflow=tracking,
+    info.update(job_id=str(job.job_id), job=job, mlflow=tracking, code=job_code,
                 logs=str(run_dir / "submitit" / str(job.job_id) / str(job.job_id)))
     out(f"submitted   job {job.job_id} ({executor_kind}, {nodes} node(s) x {cfg.cluster.gpus_per_node} rank(s))")
-    out(f"run dir     {run_dir}\nbatch       {plan.describe()}\ndata        {data}")
+    out(f"run dir     {run_dir}\ncode        {code_note}\nbatch       {plan.describe()}\ndata        {data}")
     if job_env:
         out(f"secrets     {', '.join(sorted(job_env))}: passed by environment; export them again to --resume")
     out(f"logs        {info['logs']}_<rank>_log.out")
