@@ -17,44 +17,77 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from pipeline.config import BatchPlan, RunConfig
 from pipeline.data.loader import ClipConfig, DataQualityError, FaultTally, make_loader
+from pipeline.data.shards import DatasetIndex
+from pipeline.data.storage import Storage
 from pipeline.train.engine import Engine
 
 log = logging.getLogger("pipeline.train")
 
 
+class MetricSink(Protocol):
+    """Where rank 0's metric lines go (``pipeline.tracking.sink.Sinks``: metrics.jsonl and MLflow)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class Budget(Protocol):
+    """The run's GPU-hour account (``pipeline.train.budget.GpuHours``)."""
+
+    hours: float
+
+    @property
+    def exhausted(self) -> bool: ...
+
+    def save(self) -> None: ...
+
+
+class StopFlag(Protocol):
+    """The first stop signal received (``pipeline.train.main.StopSignal``): preempted, terminated or None."""
+
+    reason: str | None
+
+
+Batches = Iterator[dict[str, Any]]
+
+
 @dataclass
 class LoopState:
-    cfg: Any
+    """What the loop works with: the run's config and batch plan, the engine, where the data comes from, this
+    rank's place, and the run's services (sinks, budget, stop flag, and the trainer's checkpoint and validation
+    calls)."""
+
+    cfg: RunConfig
     engine: Engine
-    plan: Any
-    index: Any
-    storage: Any
-    clip: ClipConfig
+    plan: BatchPlan
+    index: DatasetIndex | None  # None when ``batches`` supplies the data (benchmarks, tests)
+    storage: Storage | None
+    clip: ClipConfig | None
     rank: int
     world_size: int
     device: torch.device
     per_epoch: int
     total: int
     run_dir: Path
-    sinks: Any
-    account: Any
-    stop: Any
-    save: Callable[[int], None]
+    sinks: MetricSink
+    account: Budget
+    stop: StopFlag
+    save: Callable[[int], None]  # checkpoint at this step (every rank calls it)
     validate: Callable[[], dict[str, float]]
     flops_per_clip: float = 0.0  # model FLOPs of one training clip (forward + backward, no recompute): mfu
     hardware_flops_per_clip: float = 0.0  # what the device computes, recomputed forwards included: hfu
     peak_tflops: float | None = None  # per device, when known: MFU
     # (state, step) -> (batch iterator, last step it serves); default: the shard loader's interval stream
-    batches: Callable[[Any, int], tuple[Any, int]] | None = None
+    batches: Callable[[LoopState, int], tuple[Batches, int]] | None = None
 
 
 class DivergedError(RuntimeError):

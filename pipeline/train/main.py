@@ -42,6 +42,7 @@ from pipeline.train.evaluate import RUN_DATASET_FILE, test_protocol, validate
 from pipeline.train.export import export_model
 from pipeline.train.loop import LoopState, train_loop
 from pipeline.train.parallelize import prepare_model, recompute_fraction
+from pipeline.train.snapshot import describe_running_code
 
 log = logging.getLogger("pipeline.train")
 EXIT_REQUEUED = 3
@@ -53,11 +54,6 @@ def build_model(cfg: RunConfig) -> TimeSformer:
     if cfg.model.init:
         load_checkpoint(model, cfg.model.init, reset_head=cfg.model.init_reset_head)
     return model
-
-
-class StoppedForNow(SystemExit):
-    """The process leaves after its stop checkpoint (``requeue_or_exit``), which has already set the MLflow
-    run as it should be: open for the requeued job, or KILLED. A SystemExit: the exit code is the one given."""
 
 
 class RunCancelled(BaseException):
@@ -74,8 +70,13 @@ class StopSignal:
         self.reason: str | None = None
         self.deferred = False
         self.pid = os.getpid()  # forked DataLoader workers inherit the handler: only this process raises
-        signal.signal(signal.SIGUSR2, self._on("preempted"))
-        signal.signal(signal.SIGTERM, self._on("terminated"))
+        self._previous = {sig: signal.signal(sig, self._on(reason))
+                          for sig, reason in ((signal.SIGUSR2, "preempted"), (signal.SIGTERM, "terminated"))}
+
+    def restore(self) -> None:
+        """The handlers that were there before (a run in a process that goes on: tests, notebooks)."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _on(self, reason: str):
         def handler(signum, frame):
@@ -112,7 +113,7 @@ class RunEnd:
         self.decided = False
 
     def failed(self, error: BaseException) -> str | None:
-        if self.decided or isinstance(error, StoppedForNow):
+        if self.decided:
             return None
         from pipeline.secrets import redact_text
         from pipeline.tracking.sink import end_run
@@ -139,131 +140,258 @@ def setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run(run_dir: str | Path) -> dict[str, Any]:
-    """One rank's run; its result, or an exception after the MLflow run was marked (see ``RunEnd``)."""
-    run_dir = Path(run_dir).resolve()
-    end = RunEnd(run_dir)
-    try:
-        return _run(run_dir, end)
-    except BaseException as e:
-        end.failed(e)
-        raise
+class Trainer:
+    """One rank's training run from a run directory that the launcher prepared, in four calls (as
+    torchtitan's ``Trainer``): ``setup`` (config, signals, distributed init, dataset index, model with its
+    checkpointing policy and compilation, engine, resume, tracking, GPU-hour account), ``train`` (the loop;
+    returns its outcome), ``finish`` (after a stop signal: requeue or stop; otherwise the test protocol, the
+    report and the exported model; returns the result) and ``close`` (one ExitStack releases what setup
+    took: signal handlers, sinks). The library returns outcomes: ``result["exit_code"]`` says how the process
+    should leave, and only the entry points (``TrainJob``, ``main``) turn it into an exit."""
 
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.end = RunEnd(self.run_dir)
+        self._resources = contextlib.ExitStack()
 
-def _run(run_dir: Path, end: RunEnd) -> dict[str, Any]:
-    cfg = load_resolved(run_dir / "config.yaml")
-    # config.yaml holds *** for secrets: their real values came with the job's environment (launch.stored_config)
-    os.environ.update(reveal_env(cfg.cluster.env))
-    if "OMP_NUM_THREADS" in cfg.cluster.env:  # torch read the variable at import; the recipe's value rules
-        torch.set_num_threads(int(cfg.cluster.env["OMP_NUM_THREADS"]))
-    stop = end.stop = StopSignal()
-    denv = DistEnv.detect().export()
-    end.rank = denv.rank
-    setup_logging(denv.rank)
-    record_process(run_dir, denv)
-    device = init_distributed(cfg, denv.rank, denv.world_size, denv.local_rank)
-    plan = batch_plan(cfg, denv.world_size)
-    index, storage = load_index(cfg.data.index, cfg.data.version or None)
-    record_dataset(run_dir, index, write=denv.is_main)
-    per_epoch = steps_per_epoch(cfg, index.num_samples(cfg.data.train_split))
-    total = total_steps(cfg, index.num_samples(cfg.data.train_split))
-    if denv.is_main:
-        log.info("run %s: %s; %d steps (%d per epoch) on dataset %s v%d (%d train clips); %s launcher",
-                 run_dir.name, plan.describe(), total, per_epoch, index.dataset, index.version,
-                 index.num_samples(cfg.data.train_split), denv.launcher)
+    # -- setup -------------------------------------------------------------------------------------------
 
-    model = build_model(cfg)
-    policy = prepare_model(model, cfg, device, build=lambda: TimeSformer(model_config(cfg)),
-                           micro_batch=plan.micro_batch)
-    engine = make_engine(model, cfg, plan, per_epoch, device, model_factory=lambda: TimeSformer(model_config(cfg)))
-    resumed = resume(engine, run_dir, denv.world_size)
+    def setup(self) -> None:
+        run_dir = self.run_dir
+        cfg = self.cfg = load_resolved(run_dir / "config.yaml")
+        # config.yaml holds *** for secrets: their real values came with the job's environment (launch.stored_config)
+        os.environ.update(reveal_env(cfg.cluster.env))
+        if "OMP_NUM_THREADS" in cfg.cluster.env:  # torch read the variable at import; the recipe's value rules
+            torch.set_num_threads(int(cfg.cluster.env["OMP_NUM_THREADS"]))
+        self.stop = self.end.stop = StopSignal()
+        self._resources.callback(self.stop.restore)
+        denv = self.denv = DistEnv.detect().export()
+        self.end.rank = denv.rank
+        setup_logging(denv.rank)
+        record_process(run_dir, denv)
+        self.device = init_distributed(cfg, denv.rank, denv.world_size, denv.local_rank)
+        self.plan = batch_plan(cfg, denv.world_size)
+        self.index, self.storage = load_index(cfg.data.index, cfg.data.version or None)
+        record_dataset(run_dir, self.index, write=denv.is_main)
+        train_clips = self.index.num_samples(cfg.data.train_split)
+        self.per_epoch, self.total = steps_per_epoch(cfg, train_clips), total_steps(cfg, train_clips)
+        if denv.is_main:
+            log.info("run %s: %s; %d steps (%d per epoch) on dataset %s v%d (%d train clips); %s launcher",
+                     run_dir.name, self.plan.describe(), self.total, self.per_epoch, self.index.dataset,
+                     self.index.version, train_clips, denv.launcher)
+            log.log(*describe_running_code(run_dir))  # the run's code snapshot (or the live checkout, said so)
+        self._build()
+        self._open_tracking()
 
-    from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri, open_sinks
+    def _build(self) -> None:
+        """Model, activation checkpointing and compilation (applied from outside), engine, resume."""
+        cfg = self.cfg
+        mcfg = model_config(cfg)
+        self.model = build_model(cfg)
+        self.policy = prepare_model(self.model, cfg, self.device, build=lambda: TimeSformer(mcfg),
+                                    micro_batch=self.plan.micro_batch)
+        self.engine = make_engine(self.model, cfg, self.plan, self.per_epoch, self.device,
+                                  model_factory=lambda: TimeSformer(mcfg))
+        self.resumed = resume(self.engine, self.run_dir, self.denv.world_size)
 
-    if denv.is_main and not (run_dir / MLFLOW_FILE).exists():  # MLflow was unreachable at launch: try again
-        from pipeline.tracking.sink import mlflow_tags
+    def _open_tracking(self) -> None:
+        """The run's sinks (MLflow on rank 0, created late if it was unreachable at launch) and its GPU-hour
+        account; on a first start, the config and launch files as params and artifacts."""
+        from pipeline.tracking.sink import MLFLOW_FILE, create_run, default_tracking_uri, mlflow_tags, open_sinks
 
-        create_run(run_dir, cfg.tracking.uri or default_tracking_uri(run_dir.parent), cfg.tracking.experiment or
-                   cfg.recipe, cfg.name, mlflow_tags(cfg, denv.num_nodes, launch_record(run_dir).get("git", {})))
-    sinks = end.sinks = open_sinks(run_dir, denv.is_main)
-    devices = denv.world_size
-    account = GpuHours(run_dir, devices, "gpu" if device.type == "cuda" else "cpu-process", cfg.budget.gpu_hours,
-                       start=process_start_time())
-    if denv.is_main:
-        sinks.set_running()  # an earlier attempt may have left it FAILED or KILLED
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-        sinks.set_tags({"resumed_from_step": str(resumed), "world_size": str(denv.world_size), "device": device_name,
-                        "activation_checkpointing": policy,
-                        "attempts": str(len(account.attempts)), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
-        if resumed == 0:
-            sinks.log_params(cfg.flat())
+        cfg, denv, run_dir = self.cfg, self.denv, self.run_dir
+        if denv.is_main and not (run_dir / MLFLOW_FILE).exists():  # MLflow was unreachable at launch: try again
+            create_run(run_dir, cfg.tracking.uri or default_tracking_uri(run_dir.parent),
+                       cfg.tracking.experiment or cfg.recipe, cfg.name,
+                       mlflow_tags(cfg, denv.num_nodes, launch_record(run_dir).get("git", {})))
+        self.sinks = self.end.sinks = open_sinks(run_dir, denv.is_main)
+        self._resources.callback(self._close_sinks)
+        cuda = self.device.type == "cuda"
+        self.account = GpuHours(run_dir, denv.world_size, "gpu" if cuda else "cpu-process", cfg.budget.gpu_hours,
+                                start=process_start_time())
+        if not denv.is_main:
+            return
+        self.sinks.set_running()  # an earlier attempt may have left it FAILED or KILLED
+        device_name = torch.cuda.get_device_name(self.device) if cuda else f"cpu ({os.cpu_count()} cores)"
+        self.sinks.set_tags({"resumed_from_step": str(self.resumed), "world_size": str(denv.world_size),
+                             "device": device_name, "activation_checkpointing": self.policy,
+                             "attempts": str(len(self.account.attempts)),
+                             "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
+        if self.resumed == 0:
+            self.sinks.log_params(cfg.flat())
             for name in ("config.yaml", "deepspeed.json", "launch.json"):
                 if (run_dir / name).exists():
-                    sinks.log_artifact(run_dir / name)
-    from pipeline.models.flops import device_peak_tflops, training_flops_per_clip
+                    self.sinks.log_artifact(run_dir / name)
 
-    state = LoopState(cfg=cfg, engine=engine, plan=plan, index=index, storage=storage, clip=clip_config(cfg),
-                      rank=denv.rank, world_size=denv.world_size, device=device, per_epoch=per_epoch,
-                      total=total, run_dir=run_dir, sinks=sinks, account=account, stop=stop,
-                      save=lambda s: save_checkpoint(engine, run_dir, s, cfg, account, denv),
-                      validate=lambda: run_validation(engine, cfg, index, storage, device, denv),
-                      flops_per_clip=2.0 * training_flops_per_clip(model_config(cfg)),
-                      hardware_flops_per_clip=2.0 * training_flops_per_clip(
-                          model_config(cfg), recompute_forward=recompute_fraction(policy, model.cfg.depth)),
-                      peak_tflops=device_peak_tflops(device))
-    try:
-        with stop.deferring():
-            outcome = train_loop(state)
-    except BaseException:
+    def _close_sinks(self) -> None:
+        if not self.sinks.closed:  # ended without a verdict (RunEnd gives one on errors): deliver what is queued
+            self.sinks.close(None)
+
+    # -- train -------------------------------------------------------------------------------------------
+
+    def loop_state(self) -> LoopState:
+        from pipeline.models.flops import device_peak_tflops, training_flops_per_clip
+
+        mcfg = model_config(self.cfg)
+        recomputed = recompute_fraction(self.policy, mcfg.depth)
+        return LoopState(cfg=self.cfg, engine=self.engine, plan=self.plan, index=self.index, storage=self.storage,
+                         clip=clip_config(self.cfg), rank=self.denv.rank, world_size=self.denv.world_size,
+                         device=self.device, per_epoch=self.per_epoch, total=self.total, run_dir=self.run_dir,
+                         sinks=self.sinks, account=self.account, stop=self.stop, save=self.save_checkpoint,
+                         validate=self.validate, flops_per_clip=2.0 * training_flops_per_clip(mcfg),
+                         hardware_flops_per_clip=2.0 * training_flops_per_clip(mcfg, recompute_forward=recomputed),
+                         peak_tflops=device_peak_tflops(self.device))
+
+    def train(self) -> str:
+        """The training loop; its outcome: done, budget, preempted or terminated."""
+        try:
+            with self.stop.deferring():
+                return train_loop(self.loop_state())
+        except BaseException:
+            if self.denv.is_main:
+                self.account.save()  # the hours of a failed attempt count; run() marks the MLflow run
+            raise
+
+    def save_checkpoint(self, step: int) -> None:
+        engine, run_dir, cfg, denv = self.engine, self.run_dir, self.cfg, self.denv
+        tag = ckpt.tag_for(step)
+        t0 = time.time()
+        engine.save(ckpt.checkpoint_root(run_dir), tag, {"step": step})
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's shard is on disk before the marker
         if denv.is_main:
-            account.save()  # the hours of a failed attempt count; run() marks the MLflow run
+            zero_stage = cfg.train.zero_stage if cfg.train.engine == "deepspeed" else 0
+            ckpt.mark_complete(run_dir, tag, {"step": step, "world_size": denv.world_size, "zero_stage": zero_stage,
+                                              "engine": cfg.train.engine, "gpu_hours": self.account.hours})
+            self.account.save()
+            removed = ckpt.prune(run_dir, cfg.train.keep_checkpoints)
+            log.info("checkpoint %s saved in %.1fs%s", tag, time.time() - t0, f"; pruned {removed}" if removed else "")
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def validate(self) -> dict[str, float]:
+        cfg, denv = self.cfg, self.denv
+        loader = make_loader(self.index, self.storage, cfg.data.val_split, train=False,
+                             batch_size=cfg.train.micro_batch, num_workers=min(cfg.data.num_workers, 2),
+                             rank=denv.rank, world_size=denv.world_size, clip=clip_config(cfg))
+        with self.engine.eval_module() as (module, dtype):
+            return validate(module, dtype, loader, self.device)
+
+    # -- finish ------------------------------------------------------------------------------------------
+
+    def finish(self, outcome: str) -> dict[str, Any]:
+        """After a stop signal's checkpoint: requeue or stop (``exit_code`` set). Otherwise (done, or the
+        budget ended it): the final test protocol, the report and the consolidated model."""
+        cfg, denv, sinks, account = self.cfg, self.denv, self.sinks, self.account
+        step = self.engine.global_step
+        result: dict[str, Any] = {"rank": denv.rank, "outcome": outcome, "step": step, "resumed_from": self.resumed,
+                                  "exit_code": 0}
+        if outcome in ("preempted", "terminated"):
+            result.update(self._stop_for_now(outcome))
+            return result
+        if outcome == "budget" and denv.is_main:
+            log.warning("GPU-hour budget %.3g reached at step %d (%.4g %s-hours): stopping, then the test protocol",
+                        cfg.budget.gpu_hours, step, account.hours, account.unit)
+            sinks.set_tags({"stopped_by": "budget"})
+        report = self.test() if cfg.test.enabled else None
+        if denv.is_main:
+            if report is not None:
+                result.update(self._report(report, step))
+            export = export_model(self.run_dir, cfg, classes=self.index.classes)
+            sinks.log_artifact(export, "model")
+            account.save()
+            sinks.set_tags({"outcome": outcome, "gpu_hours": f"{account.hours:.6f}", "gpu_hours_unit": account.unit})
+            sinks.close("FINISHED")
+            self.end.decided = True  # finished: what may still fail below (result.json, the barrier) does not undo it
+            result.update(export=str(export), gpu_hours=account.hours, run_dir=str(self.run_dir))
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return result
+
+    def test(self) -> dict[str, Any] | None:
+        cfg = self.cfg
+        with self.engine.eval_module() as (module, dtype):
+            return test_protocol(module, dtype, self.index, self.storage, split=cfg.data.test_split,
+                                 clip=clip_config(cfg), protocol=cfg.test.protocol,
+                                 temporal_clips=cfg.test.temporal_clips, spatial_crops=cfg.test.spatial_crops,
+                                 batch_size=cfg.test.batch_size, device=self.device,
+                                 num_workers=min(cfg.data.num_workers, 2), max_videos=cfg.test.max_videos)
+
+    def _report(self, report: dict[str, Any], step: int) -> dict[str, Any]:
+        """Rank 0: the test report to eval/test.json, MLflow and a confusion-matrix image; its numbers for the
+        result. An unlabelled or partly unreadable test split is said so, never scored as if complete."""
+        cfg, sinks = self.cfg, self.sinks
+        out = self.run_dir / "eval" / "test.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        sinks.log_metrics({**report_metrics(report), "gpu_hours": self.account.hours}, step)
+        sinks.log_artifact(out, "eval")
+        if report["top1"] is None:  # an unlabelled test split: predictions, and no made-up accuracy
+            log.error("test split %r: no labelled video (%d unlabelled, %d skipped), so no test accuracy; "
+                      "the predictions are in %s", cfg.data.test_split, report["unlabelled"], report["skipped"], out)
+            sinks.set_tags({"test": "no labelled videos"})
+        seen = report["read"] or (report["videos"] + report["unlabelled"] + report["skipped"])
+        if report["skipped"] > cfg.data.max_skip_fraction * seen:
+            log.error("test: %d of %d videos could not be read (above data.max_skip_fraction=%g): the test "
+                      "accuracy covers part of the split only; %s says which shards", report["skipped"], seen,
+                      cfg.data.max_skip_fraction, out)
+            sinks.set_tags({"test": f"partial: {report['skipped']} of {seen} videos skipped"})
+        image = confusion_image(report, self.index.classes, out.with_name("confusion.png"))
+        if image is not None:
+            sinks.log_artifact(image, "eval")
+        return {"test_top1": report["top1"], "test_top5": report["top5"], "test_videos": report["videos"],
+                "test_unlabelled": report["unlabelled"], "test_skipped": report["skipped"]}
+
+    def _stop_for_now(self, reason: str) -> dict[str, Any]:
+        """After the signal checkpoint: rank 0 requeues the job (preemption/time limit) and every rank leaves
+        without a result, so the scheduler runs it again; a termination just stops (resume with --resume).
+        The MLflow run is left as it should be: open for the requeued job, or KILLED."""
+        run_dir, cfg, denv, sinks = self.run_dir, self.cfg, self.denv, self.sinks
+        outcome, code = "stopped", EXIT_REQUEUED
+        if denv.is_main:
+            requeues_file = run_dir / "requeues.json"
+            history = json.loads(requeues_file.read_text()) if requeues_file.exists() else []
+            requeue = reason == "preempted" and len(history) < cfg.cluster.max_requeues
+            history.append({"time": time.time(), "reason": reason, "requeued": requeue,
+                            "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")})
+            requeues_file.write_text(json.dumps(history, indent=1))
+            sinks.set_tags({"requeues": str(sum(h["requeued"] for h in history)), "last_stop": reason})
+            if requeue and denv.launcher in ("slurm", "submitit-local"):
+                log.warning("requeueing the job (%d of at most %d)", len(history), cfg.cluster.max_requeues)
+                sinks.close(None)  # deliver what is queued; the run stays open for the requeued job
+                outcome = "requeued"
+                if denv.launcher == "slurm":
+                    subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
+                else:
+                    from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
+
+                    code = LOCAL_REQUEUE_RETURN_CODE
+            else:
+                log.warning("stopped (%s) after a checkpoint; continue with: python jobs/launch.py --resume %s",
+                            reason, run_dir)
+                sinks.close("KILLED")
+        self.end.decided = True
+        return {"outcome": outcome, "stop_reason": reason, "exit_code": code}
+
+    # -- close -------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._resources.close()
+
+
+def run(run_dir: str | Path) -> dict[str, Any]:
+    """One rank's run: its result (``exit_code`` 0 when it finished; else how the process should leave), or
+    an exception after the MLflow run was marked (see ``RunEnd``)."""
+    trainer = Trainer(run_dir)
+    try:
+        trainer.setup()
+        return trainer.finish(trainer.train())
+    except BaseException as e:
+        trainer.end.failed(e)
         raise
-    step = engine.global_step
-    if outcome in ("preempted", "terminated"):
-        requeue_or_exit(outcome, run_dir, cfg, denv, sinks)
-    # done, or the budget ended it: the final test protocol, then the consolidated model
-    if outcome == "budget" and denv.is_main:
-        log.warning("GPU-hour budget %.3g reached at step %d (%.4g %s-hours): stopping, then the test protocol",
-                    cfg.budget.gpu_hours, step, account.hours, account.unit)
-        sinks.set_tags({"stopped_by": "budget"})
-    report = None
-    if cfg.test.enabled:
-        report = run_test(engine, cfg, index, storage, device, denv)
-    result: dict[str, Any] = {"rank": denv.rank, "outcome": outcome, "step": step, "resumed_from": resumed}
-    if denv.is_main:
-        if report is not None:
-            out = run_dir / "eval" / "test.json"
-            out.parent.mkdir(exist_ok=True)
-            out.write_text(json.dumps(report, indent=1))
-            sinks.log_metrics({**report_metrics(report), "gpu_hours": account.hours}, step)
-            sinks.log_artifact(out, "eval")
-            if report["top1"] is None:  # an unlabelled test split: predictions, and no made-up accuracy
-                log.error("test split %r: no labelled video (%d unlabelled, %d skipped), so no test accuracy; "
-                          "the predictions are in %s", cfg.data.test_split, report["unlabelled"], report["skipped"],
-                          out)
-                sinks.set_tags({"test": "no labelled videos"})
-            seen = report["read"] or (report["videos"] + report["unlabelled"] + report["skipped"])
-            if report["skipped"] > cfg.data.max_skip_fraction * seen:
-                log.error("test: %d of %d videos could not be read (above data.max_skip_fraction=%g): the test "
-                          "accuracy covers part of the split only; %s says which shards", report["skipped"], seen,
-                          cfg.data.max_skip_fraction, out)
-                sinks.set_tags({"test": f"partial: {report['skipped']} of {seen} videos skipped"})
-            image = confusion_image(report, index.classes, out.with_name("confusion.png"))
-            if image is not None:
-                sinks.log_artifact(image, "eval")
-            result.update(test_top1=report["top1"], test_top5=report["top5"], test_videos=report["videos"],
-                          test_unlabelled=report["unlabelled"], test_skipped=report["skipped"])
-        export = export_model(run_dir, cfg, classes=index.classes)
-        sinks.log_artifact(export, "model")
-        account.save()
-        sinks.set_tags({"outcome": outcome, "gpu_hours": f"{account.hours:.6f}", "gpu_hours_unit": account.unit})
-        sinks.close("FINISHED")
-        end.decided = True  # finished: what may still fail below (result.json, the last barrier) does not undo it
-        result.update(export=str(export), gpu_hours=account.hours, run_dir=str(run_dir))
-        (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    return result
+    finally:
+        trainer.close()
 
 
 def launch_record(run_dir: Path) -> dict[str, Any]:
@@ -351,39 +479,6 @@ def resume(engine, run_dir: Path, world_size: int) -> int:
     return step
 
 
-def save_checkpoint(engine, run_dir: Path, step: int, cfg: RunConfig, account: GpuHours, denv: DistEnv) -> None:
-    tag = ckpt.tag_for(step)
-    t0 = time.time()
-    engine.save(ckpt.checkpoint_root(run_dir), tag, {"step": step})
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank's shard is on disk before the marker
-    if denv.is_main:
-        ckpt.mark_complete(run_dir, tag, {"step": step, "world_size": denv.world_size,
-                                          "zero_stage": cfg.train.zero_stage if cfg.train.engine == "deepspeed" else 0,
-                                          "engine": cfg.train.engine, "gpu_hours": account.hours})
-        account.save()
-        removed = ckpt.prune(run_dir, cfg.train.keep_checkpoints)
-        log.info("checkpoint %s saved in %.1fs%s", tag, time.time() - t0, f"; pruned {removed}" if removed else "")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def run_validation(engine, cfg: RunConfig, index, storage, device, denv: DistEnv) -> dict[str, float]:
-    loader = make_loader(index, storage, cfg.data.val_split, train=False, batch_size=cfg.train.micro_batch,
-                         num_workers=min(cfg.data.num_workers, 2), rank=denv.rank, world_size=denv.world_size,
-                         clip=clip_config(cfg))
-    with engine.eval_module() as (module, dtype):
-        return validate(module, dtype, loader, device)
-
-
-def run_test(engine, cfg: RunConfig, index, storage, device, denv: DistEnv) -> dict[str, Any] | None:
-    with engine.eval_module() as (module, dtype):
-        return test_protocol(module, dtype, index, storage, split=cfg.data.test_split, clip=clip_config(cfg),
-                             protocol=cfg.test.protocol, temporal_clips=cfg.test.temporal_clips,
-                             spatial_crops=cfg.test.spatial_crops, batch_size=cfg.test.batch_size, device=device,
-                             num_workers=min(cfg.data.num_workers, 2), max_videos=cfg.test.max_videos)
-
-
 def confusion_image(report: dict[str, Any], classes: list[str], path: Path) -> Path | None:
     """The test confusion matrix as a PNG (rows: true class, columns: predicted), for people to look at."""
     try:
@@ -416,33 +511,6 @@ def confusion_image(report: dict[str, Any], classes: list[str], path: Path) -> P
     return path
 
 
-def requeue_or_exit(reason: str, run_dir: Path, cfg: RunConfig, denv: DistEnv, sinks) -> None:
-    """After the signal checkpoint: rank 0 requeues the job (preemption/time limit) and every rank exits
-    without a result, so the scheduler runs it again; a termination just stops (resume with --resume)."""
-    requeues_file = run_dir / "requeues.json"
-    if denv.is_main:
-        history = json.loads(requeues_file.read_text()) if requeues_file.exists() else []
-        requeue = reason == "preempted" and len(history) < cfg.cluster.max_requeues
-        history.append({"time": time.time(), "reason": reason, "requeued": requeue,
-                        "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")})
-        requeues_file.write_text(json.dumps(history, indent=1))
-        sinks.set_tags({"requeues": str(sum(h["requeued"] for h in history)), "last_stop": reason})
-        if requeue and denv.launcher in ("slurm", "submitit-local"):
-            log.warning("requeueing the job (%d of at most %d)", len(history), cfg.cluster.max_requeues)
-            sinks.close(None)  # deliver what is queued; the run stays open for the requeued job
-            if denv.launcher == "slurm":
-                subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=60)
-            else:
-                from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
-
-                raise StoppedForNow(LOCAL_REQUEUE_RETURN_CODE)
-        else:
-            log.warning("stopped (%s) after a checkpoint; continue with: python jobs/launch.py --resume %s",
-                        reason, run_dir)
-            sinks.close("KILLED")
-    raise StoppedForNow(EXIT_REQUEUED)
-
-
 class TrainJob:
     """The submitit callable: picklable, and stateless (everything is in the run directory)."""
 
@@ -450,7 +518,10 @@ class TrainJob:
         self.run_dir = str(run_dir)
 
     def __call__(self) -> dict[str, Any]:
-        return run(self.run_dir)
+        result = run(self.run_dir)
+        if result["exit_code"]:  # stopped after a signal checkpoint: the MLflow run is already as it should be
+            raise SystemExit(result["exit_code"])
+        return result
 
     def checkpoint(self, *args, **kwargs):
         """submitit's own preemption handler (a signal before ours is installed): requeue as is; the
@@ -467,8 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run one rank of a prepared training run (see jobs/launch.py).")
     p.add_argument("run_dir")
     args = p.parse_args(argv)
-    run(args.run_dir)
-    return 0
+    return run(args.run_dir)["exit_code"]
 
 
 if __name__ == "__main__":
