@@ -11,6 +11,7 @@ run's lease does not block forever); the second run says who holds it and exits 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -384,27 +385,42 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
 
 def log_to_mlflow(cfg: IngestConfig, result: IngestResult, tracking_uri: str) -> str | None:
     """Params, metrics and the quarantine report of a committed ingest, as an MLflow run in the experiment
-    ``ingest/<dataset>``. An unreachable tracking server is a warning, never an ingest failure."""
-    try:
-        import mlflow
+    ``ingest/<dataset>``, set up as a training run's is (``pipeline.tracking.sink``): a client that fails
+    fast, credentials from the environment, and with an sqlite store the artifacts in ``mlartifacts/``
+    next to the database, not in ``./mlruns``. An unreachable tracking server is a warning, never an
+    ingest failure."""
+    from pipeline.secrets import redact, redact_text
+    from pipeline.tracking.sink import experiment_id, mlflow_client
 
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(f"ingest/{cfg.dataset}")
-        with mlflow.start_run(run_name=f"{cfg.dataset}-v{result.version}") as run:
-            mlflow.log_params({"dataset": cfg.dataset, "version": result.version, "output": cfg.output,
-                               "samples_per_shard": cfg.samples_per_shard,
-                               **{f"transcode.{k}": v for k, v in asdict(cfg.transcode).items()},
-                               **{f"limits.{k}": v for k, v in asdict(cfg.limits).items()}})
-            mlflow.log_metrics({"videos_in": result.videos_in, "videos_out": result.videos_out,
-                                "videos_failed": result.failed, "videos_transient": result.transient,
-                                "bytes_in": result.bytes_in,
-                                "seconds": result.seconds,
-                                "videos_per_s": result.videos_in / result.seconds if result.seconds else 0.0,
-                                **{f"plan.{k}": v for k, v in result.plan.items()}})
-            mlflow.log_dict(result.quarantine, "quarantine.json")
-            return run.info.run_id
+    try:
+        from mlflow.entities import Metric, Param
+
+        client = mlflow_client(tracking_uri)
+        exp = experiment_id(client, tracking_uri, f"ingest/{cfg.dataset}")
+        run = client.create_run(exp, run_name=f"{cfg.dataset}-v{result.version}",
+                                tags={"kind": "ingest", "dataset": cfg.dataset, "version": str(result.version)})
+        run_id = run.info.run_id
+        params = redact({"dataset": cfg.dataset, "version": result.version, "output": cfg.output,
+                         "samples_per_shard": cfg.samples_per_shard,
+                         **{f"transcode.{k}": v for k, v in asdict(cfg.transcode).items()},
+                         **{f"limits.{k}": v for k, v in asdict(cfg.limits).items()}})
+        metrics = {"videos_in": result.videos_in, "videos_out": result.videos_out, "videos_failed": result.failed,
+                   "videos_transient": result.transient, "bytes_in": result.bytes_in, "seconds": result.seconds,
+                   "videos_per_s": result.videos_in / result.seconds if result.seconds else 0.0,
+                   **{f"plan.{k}": v for k, v in result.plan.items()}}
+        now = int(time.time() * 1000)
+        try:
+            client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+                             params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+            client.log_dict(run_id, result.quarantine, "quarantine.json")
+        except Exception:
+            with contextlib.suppress(Exception):  # not left RUNNING for ever; the first error is the one to report
+                client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+        return run_id
     except Exception as e:  # tracking must not undo a committed dataset version
-        log.warning("could not log the ingest to MLflow at %s: %s", tracking_uri, e)
+        log.warning("could not log the ingest to MLflow at %s: %s", redact_text(tracking_uri), redact_text(str(e)))
         return None
 
 

@@ -1,9 +1,13 @@
 """Where rank 0's metrics go: one small interface, a JSON-lines file in the run directory (always) and
 MLflow behind it. An unreachable MLflow server never stops training: calls that fail are kept in a
-buffer and retried on the next call, with a warning.
+buffer and retried on the next call, with a warning. While the MLflow sink is open, MLflow's own
+system-metrics monitor samples the host (CPU, memory, disk, network and, with ``nvidia-ml-py``, each GPU's
+utilisation, memory and power) and its numbers go through the same buffer.
 
 The MLflow run is created at launch (``create_run``) and its id kept in ``<run_dir>/mlflow.json``, so a
-requeued or resumed job continues the same run."""
+requeued or resumed job continues the same run. Training and ingest set MLflow up the same way
+(``mlflow_client``, ``experiment_id``): an sqlite store keeps its artifacts in ``mlartifacts/`` next to the
+database file, never in ``./mlruns`` of whatever directory the process started in."""
 
 from __future__ import annotations
 
@@ -25,11 +29,45 @@ def default_tracking_uri(runs_dir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(runs_dir).resolve() / 'mlflow.db'}"
 
 
-def _experiment_id(client, name: str, artifact_root: str | None) -> str:
+ARTIFACTS_DIR = "mlartifacts"
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where a new experiment of ``tracking_uri`` keeps its artifacts: for an sqlite store,
+    ``mlartifacts/`` next to the database file (MLflow's own default, ``./mlruns``, is relative to the
+    current directory, so a run started from the repository would write into it). None where the store
+    decides: a tracking server (its ``--default-artifact-root`` or ``--artifacts-destination``) and a file
+    store (inside its own directory)."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    path = tracking_uri[len("sqlite:"):].split("?", 1)[0]
+    if not path.startswith("///") or path in ("///", "///:memory:"):
+        return None  # in memory: nothing to put artifacts next to
+    return (Path(path[3:]).resolve().parent / ARTIFACTS_DIR).as_uri()
+
+
+def mlflow_client(tracking_uri: str):
+    """An MLflow client for ``tracking_uri`` that fails fast (our callers retry, or give up with a warning)
+    and takes a redacted URI's credentials from $MLFLOW_TRACKING_URI (``reveal_uri``)."""
+    _quick_failing_http()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(reveal_uri(tracking_uri))
+
+
+def experiment_id(client, tracking_uri: str, name: str) -> str:
+    """The id of experiment ``name``, created when missing with its artifacts where ``artifact_root`` says.
+    Two processes creating it at once (two launches, an ingest and a launch) both get the one that won."""
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_root)
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root(tracking_uri))
+    except Exception:
+        exp = client.get_experiment_by_name(name)  # created by another process in between
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def create_run(run_dir: Path, tracking_uri: str, experiment: str, run_name: str,
@@ -39,15 +77,8 @@ def create_run(run_dir: Path, tracking_uri: str, experiment: str, run_name: str,
     the URI without its credentials (``user:***@``); ``MLflowSink`` finds them in $MLFLOW_TRACKING_URI."""
     shown = redact_text(tracking_uri)
     try:
-        tracking_uri = reveal_uri(tracking_uri)
-        _quick_failing_http()
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri)
-        artifact_root = None
-        if tracking_uri.startswith("sqlite:") or tracking_uri.startswith("file:"):
-            artifact_root = (Path(run_dir).resolve().parent / "mlartifacts").as_uri()
-        exp_id = _experiment_id(client, experiment, artifact_root)
+        client = mlflow_client(tracking_uri)
+        exp_id = experiment_id(client, tracking_uri, experiment)
         run = client.create_run(exp_id, run_name=run_name, tags=redact(dict(tags)))
     except Exception as e:  # tracking must never block a launch
         log.warning("MLflow at %s not reachable (%s); the run starts without it and retries from rank 0",
@@ -88,16 +119,19 @@ class JsonlSink:
 class MLflowSink:
     """Rank 0's MLflow client for one run. Calls are queued and delivered by a background thread, so a
     slow or unreachable server never holds up a training step; failed deliveries are retried with
-    backoff (the queue keeps their order), warned about once a minute, and flushed on close."""
+    backoff (the queue keeps their order), warned about once a minute, and flushed on close.
 
-    def __init__(self, record: dict[str, str], max_buffer: int = 100_000, flush_timeout: float = 60.0) -> None:
+    ``system_metrics`` is the sampling interval in seconds of MLflow's system-metrics monitor for this run
+    (``SystemMetrics``; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it, as everywhere in MLflow),
+    None for none; $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns it off too."""
+
+    def __init__(self, record: dict[str, str], max_buffer: int = 100_000, flush_timeout: float = 60.0,
+                 system_metrics: float | None = 10.0) -> None:
         import queue
         import threading
 
-        _quick_failing_http()
-        from mlflow.tracking import MlflowClient
-
-        self.client = MlflowClient(reveal_uri(record["tracking_uri"]))  # credentials: from the environment
+        self.client = mlflow_client(record["tracking_uri"])  # credentials: from the environment
+        self.tracking_uri = reveal_uri(record["tracking_uri"])
         self.run_id = record["run_id"]
         self.uri = redact_text(record["tracking_uri"])  # for log lines
         self.queue: queue.Queue = queue.Queue(maxsize=max_buffer)
@@ -106,6 +140,8 @@ class MLflowSink:
         self.failures = 0
         self.thread = threading.Thread(target=self._deliver, name="mlflow-sink", daemon=True)
         self.thread.start()
+        off = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "").strip().lower() in ("false", "0", "no")
+        self.system = SystemMetrics(self, system_metrics) if system_metrics and not off else None
 
     def _deliver(self) -> None:
         while True:
@@ -142,11 +178,10 @@ class MLflowSink:
             log.warning("MLflow queue full (%d calls): dropping %s; metrics.jsonl keeps everything",
                         self.queue.maxsize, name)
 
-    def _metrics(self, metrics: dict[str, float], step: int) -> None:
+    def _metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
 
@@ -175,7 +210,8 @@ class MLflowSink:
         self.client.update_run(self.run_id, status="RUNNING")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._call("metrics", dict(metrics), step)
+        # stamped now: numbers delivered late (a server that was down) keep the time they were measured
+        self._call("metrics", dict(metrics), step, int(time.time() * 1000))
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._call("params", dict(params))
@@ -191,17 +227,96 @@ class MLflowSink:
         self._call("running")
 
     def close(self, status: str | None = "FINISHED") -> None:
-        """Deliver what is queued (up to ``flush_timeout`` seconds), then stop the thread. ``status`` None
-        leaves the run open (a requeued job continues it)."""
+        """Stop the system-metrics monitor (its last sample is queued), deliver what is queued, then stop
+        the thread: ``flush_timeout`` seconds for all of it. ``status`` None leaves the run open (a requeued
+        job continues it)."""
+        deadline = time.time() + self.flush_timeout
+        if self.system is not None:
+            self.system.stop(self.flush_timeout)
         if status is not None:
             self._call("terminate", status)
-        self._closing, self._deadline = True, time.time() + self.flush_timeout
+        self._closing, self._deadline = True, deadline
         self.queue.put(None)
-        self.thread.join(self.flush_timeout + 5)
+        self.thread.join(max(0.0, deadline - time.time()) + 5)
         left = self.queue.qsize()
         if self.thread.is_alive() or left:
             log.warning("MLflow at %s: %d call(s) not delivered before exit; metrics.jsonl in the run directory "
                         "has the numbers", self.uri, left)
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitor (``mlflow.system_metrics``) for the sink's run: every ``interval``
+    seconds a sample of the host, averaged over ``samples_before_logging`` samples and logged as MLflow
+    names it: ``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes`` and
+    ``_percentage``, ``system/disk_usage_percentage``, ``_megabytes``, ``system/disk_available_megabytes``,
+    ``system/network_receive_megabytes``, ``system/network_transmit_megabytes`` and, where ``nvidia-ml-py``
+    finds NVIDIA GPUs, ``system/gpu_<i>_utilization_percentage``, ``system/gpu_<i>_memory_usage_percentage``,
+    ``_megabytes``, ``system/gpu_<i>_power_usage_watts``, ``_percentage`` for each GPU of the host
+    ($MLFLOW_SYSTEM_METRICS_NODE_ID adds ``<node>/`` after ``system/``). Steps count samples logged,
+    continuing a resumed run's (MLflow's ``resume_logging``).
+
+    MLflow measures; delivery is the sink's: the numbers go through its queue, so a server that is down
+    costs the sampling thread nothing and loses nothing (MLflow's own loop calls the server at every sample
+    and stops for good at the first failure). ``stop`` takes one last sample, so even a short run has one."""
+
+    def __init__(self, sink: MLflowSink, interval: float, samples_before_logging: int = 1) -> None:
+        import threading
+
+        self.sink = sink
+        self.monitor = None  # built on the thread: resuming asks the server for the run's last step
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, args=(interval, samples_before_logging),
+                                       name="mlflow-system-metrics", daemon=True)
+        self.thread.start()
+
+    def _build(self, interval: float, samples_before_logging: int):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        kwargs = {"sampling_interval": interval, "samples_before_logging": samples_before_logging,
+                  "tracking_uri": self.sink.tracking_uri}
+        try:
+            monitor = SystemMetricsMonitor(self.sink.run_id, resume_logging=True, **kwargs)
+        except Exception:  # noqa: BLE001 -- no server to say where the last attempt stopped: count from 0
+            monitor = SystemMetricsMonitor(self.sink.run_id, **kwargs)
+        monitor.mlflow_logger = _QueuedMetrics(self.sink)  # publish_metrics logs through the sink's queue
+        return monitor
+
+    def _watch(self, interval: float, samples_before_logging: int) -> None:
+        try:
+            monitor = self.monitor = self._build(interval, samples_before_logging)
+            taken = 0
+            while not self._stop.wait(float(monitor.sampling_interval)):
+                monitor.collect_metrics()
+                taken += 1
+                if taken >= int(monitor.samples_before_logging):
+                    monitor.publish_metrics(monitor.aggregate_metrics())  # averages, queues, clears
+                    taken = 0
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+        except Exception as e:  # noqa: BLE001 -- the host's numbers are extras: training goes on without them
+            log.warning("MLflow system metrics stopped for run %s: %s", self.sink.run_id, redact_text(str(e)))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Take the last sample, queue it and end the thread (waiting up to ``timeout`` seconds)."""
+        self._stop.set()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("MLflow system metrics for run %s did not stop within %.0f s (the server is slow to "
+                        "answer); left to end with the process", self.sink.run_id, timeout)
+
+
+class _QueuedMetrics:
+    """Stands in for the monitor's ``BatchMetricsLogger``: what ``SystemMetricsMonitor.publish_metrics``
+    records goes to the sink's queue."""
+
+    def __init__(self, sink: MLflowSink) -> None:
+        self.sink = sink
+
+    def record_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.sink.log_metrics(metrics, step or 0)
+
+    def flush(self) -> None:
+        pass
 
 
 def _quick_failing_http() -> None:
@@ -257,11 +372,9 @@ def end_run(run_dir: str | Path, status: str, tags: dict[str, str] | None = None
         return False
     try:
         record = json.loads(record_path.read_text())
-        _quick_failing_http()
         from mlflow.entities import RunTag
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(reveal_uri(record["tracking_uri"]))  # as MLflowSink: credentials from the environment
+        client = mlflow_client(record["tracking_uri"])  # as MLflowSink: credentials from the environment
         current = client.get_run(record["run_id"]).info.status
         if current == "FINISHED":  # rank 0 finished it (test, export, result): a rank failing after that, in
             return True            # the last barrier, does not undo a complete run

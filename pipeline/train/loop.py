@@ -328,7 +328,6 @@ def log_step(s: LoopState, step: int, window: dict[str, float], faults: FaultTal
         "data/skipped": skipped,
         "data/skipped_fraction": skipped / read if read else 0.0,
         "data/samples_read": read,
-        **system_metrics(),
     }
     if s.flops_per_clip:  # model FLOPs (forward + backward): mfu; with recomputed forwards: hfu
         metrics["tflops_per_s"] = clips_per_s * s.flops_per_clip / 1e12
@@ -349,18 +348,6 @@ def log_step(s: LoopState, step: int, window: dict[str, float], faults: FaultTal
                         100 * skipped / max(read, 1), s.cfg.data.max_skip_fraction, faults.describe(3))
         s.account.save()
     window.update(t0=time.perf_counter(), wait=0.0, steps=0, loss=0.0)
-
-
-def system_metrics() -> dict[str, float]:
-    """This host's CPU and memory use, as MLflow names them (rank 0's host)."""
-    try:
-        import psutil
-    except ImportError:
-        return {}
-    mem = psutil.virtual_memory()
-    return {"system/cpu_utilization_percentage": psutil.cpu_percent(interval=None),
-            "system/system_memory_usage_percentage": mem.percent,
-            "system/process_rss_gib": psutil.Process().memory_info().rss / 2**30}
 
 
 def _fmt(metrics: dict[str, float]) -> str:

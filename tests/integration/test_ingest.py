@@ -62,6 +62,9 @@ def test_ingest_quarantines_exactly_the_broken_videos_and_reruns_incrementally(t
     run = mlflow.MlflowClient(tracking_uri=tracking).get_run(first.mlflow_run_id)
     assert run.data.metrics["videos_failed"] == 3 and run.data.metrics["videos_out"] == 9
     assert run.data.params["version"] == "1"
+    # the artifacts (quarantine.json) are next to the store, as a training run's: not in ./mlruns
+    assert run.info.artifact_uri == (tmp_path / "mlartifacts" / first.mlflow_run_id / "artifacts").as_uri()
+    assert (tmp_path / "mlartifacts" / first.mlflow_run_id / "artifacts" / "quarantine.json").exists()
     assert not storage.exists(LEASE_KEY)
 
     again = run_ingest(cfg, progress=False)

@@ -60,7 +60,7 @@ def test_a_training_run_logs_params_tags_metrics_and_artifacts_to_s3(two_runs, m
         assert tags[key] == value, key
     assert len(tags["git_sha"]) == 40 and int(tags["params"]) > 0 and float(tags["gflops_per_view"]) > 0
     for key in ("loss", "lr", "clips_per_s", "data_wait_frac", "gpu_hours", "tflops_per_s", "val_top1", "val_top5",
-                "test_top1", "test_top5", "system/cpu_utilization_percentage", "system/process_rss_gib"):
+                "test_top1", "test_top5", "system/cpu_utilization_percentage", "system/disk_usage_percentage"):
         assert key in metrics, key
     assert [m.step for m in client.get_metric_history(record["run_id"], "val_top1")] == [4, 8, 12]
     hours = [m.value for m in client.get_metric_history(record["run_id"], "gpu_hours")]

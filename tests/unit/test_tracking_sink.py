@@ -9,12 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.tracking.sink import JsonlSink, MLflowSink, Sinks, create_run, end_run
+from pipeline.tracking.sink import JsonlSink, MLflowSink, Sinks, artifact_root, create_run, end_run
 from tests.synthetic_data import write_dataset
 
 
@@ -43,6 +44,120 @@ def test_an_unreachable_server_is_queued_warned_about_and_never_raises(tmp_path,
     assert "unavailable" in caplog.text and uri in caplog.text
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 200 and json.loads(lines[-1])["step"] == 199  # the numbers are kept locally
+    assert not live_threads()  # the system-metrics monitor ended with the sink, server or not
+
+
+def live_threads() -> list[str]:
+    """The sink's threads still running: its delivery thread and the system-metrics monitor."""
+    return [t.name for t in threading.enumerate() if t.name in ("mlflow-sink", "mlflow-system-metrics")]
+
+
+# -- MLflow's system metrics, and one MLflow setup for training and ingest -----------------------------
+
+def test_the_sink_logs_mlflows_system_metrics_for_its_run_and_stops_the_monitor_on_close(tmp_path, monkeypatch):
+    """MLflow's monitor samples the host for the sink's run (its names, its steps), through the sink's
+    queue; close takes a last sample and leaves no thread; a resumed run's samples continue its steps."""
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # nothing may land in the current directory (./mlruns, ./mlflow.db)
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", raising=False)
+    monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_NODE_ID", raising=False)
+    store = tmp_path / "store"
+    run_dir = store / "run"
+    run_dir.mkdir(parents=True)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    record = create_run(run_dir, uri, "system", "r", {})
+    sink = MLflowSink(record, system_metrics=0.05)
+    assert "mlflow-system-metrics" in live_threads()
+    t0 = time.time()
+    for step in range(50):
+        sink.log_metrics({"loss": 1.0}, step)
+    assert time.time() - t0 < 0.5  # the monitor costs a step nothing
+    time.sleep(0.6)
+    sink.close("FINISHED")
+    assert not live_threads()
+    client = MlflowClient(uri)
+    metrics = client.get_run(record["run_id"]).data.metrics
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes",
+                "system/system_memory_usage_percentage", "system/disk_usage_percentage",
+                "system/disk_available_megabytes", "system/network_receive_megabytes"):
+        assert key in metrics, sorted(metrics)
+    assert 0 <= metrics["system/system_memory_usage_percentage"] <= 100
+    steps = [m.step for m in client.get_metric_history(record["run_id"], "system/cpu_utilization_percentage")]
+    assert len(steps) >= 3 and steps == list(range(len(steps)))  # one per interval, and the last at close
+    # a requeued job's sink continues the same run: its samples follow the first attempt's
+    sink = MLflowSink(record, system_metrics=0.05)
+    sink.set_running()
+    time.sleep(0.3)
+    sink.close("FINISHED")
+    later = [m.step for m in client.get_metric_history(record["run_id"], "system/cpu_utilization_percentage")]
+    assert later[:len(steps)] == steps and len(later) > len(steps) and min(later[len(steps):]) == len(steps)
+    # MLflow's switch turns it off; so does system_metrics=None
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    sink = MLflowSink(record)
+    assert sink.system is None and "mlflow-system-metrics" not in live_threads()
+    sink.close(None)
+    monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING")
+    sink = MLflowSink(record, system_metrics=None)
+    assert sink.system is None
+    sink.close(None)
+    assert not live_threads()
+    # the run's experiment keeps its artifacts next to the store, as the ingest's do
+    exp = client.get_experiment(record["experiment_id"])
+    assert exp.artifact_location == (store / "mlartifacts").as_uri()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_the_artifact_root_of_a_store(tmp_path):
+    assert artifact_root(f"sqlite:///{tmp_path / 'm.db'}") == (tmp_path / "mlartifacts").as_uri()
+    assert artifact_root(f"sqlite:///{tmp_path / 'm.db'}?timeout=30") == (tmp_path / "mlartifacts").as_uri()
+    assert artifact_root("sqlite:///m.db") == (Path.cwd() / "mlartifacts").as_uri()  # relative: as sqlite reads it
+    assert artifact_root("sqlite://") is None and artifact_root("sqlite:///:memory:") is None
+    assert artifact_root("http://127.0.0.1:5000") is None  # the server's own artifact root
+    assert artifact_root(str(tmp_path / "mlruns")) is None and artifact_root((tmp_path / "x").as_uri()) is None
+
+
+def ingest_logged(tmp_path: Path, tracking_uri: str):
+    from pipeline.ingest.run import IngestConfig, IngestResult, log_to_mlflow
+
+    cfg = IngestConfig(dataset="toy", format="kinetics", output=str(tmp_path / "out"))
+    result = IngestResult(3, {"build": 2, "keep": 1}, videos_in=12, videos_out=9, failed=3, seconds=2.0,
+                          quarantine={"v1": {"reason": "truncated", "kind": "content"}})
+    return log_to_mlflow(cfg, result, tracking_uri)
+
+
+def test_an_ingest_is_set_up_in_mlflow_as_a_training_run_is(tmp_path, monkeypatch, caplog):
+    """The ingest's run: in ``ingest/<dataset>`` with its artifacts next to an sqlite store (before:
+    ./mlruns in whatever directory the ingest started in), FINISHED; an unreachable server is one warning
+    without credentials, fast."""
+    from mlflow.tracking import MlflowClient
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    run_id = ingest_logged(tmp_path, uri)
+    assert run_id is not None
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "toy-v3"
+    assert run.data.metrics["videos_failed"] == 3 and run.data.metrics["videos_per_s"] == 6.0
+    assert run.data.metrics["plan.build"] == 2 and run.data.params["version"] == "3"
+    assert run.data.tags["kind"] == "ingest"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.name == "ingest/toy" and exp.artifact_location == (tmp_path / "store" / "mlartifacts").as_uri()
+    quarantine = tmp_path / "store" / "mlartifacts" / run_id / "artifacts" / "quarantine.json"
+    assert run.info.artifact_uri == quarantine.parent.as_uri()
+    assert json.loads(quarantine.read_text()) == {"v1": {"reason": "truncated", "kind": "content"}}
+    assert list(cwd.iterdir()) == []  # no ./mlruns
+    assert ingest_logged(tmp_path, uri) != run_id  # the experiment exists now: found, not created again
+    caplog.set_level(logging.WARNING)
+    t0 = time.time()
+    down = closed_port_uri().replace("http://", "http://ingest:s3cret-pw@")
+    assert ingest_logged(tmp_path, down) is None
+    assert time.time() - t0 < 30 and "could not log the ingest" in caplog.text and "s3cret-pw" not in caplog.text
 
 
 # -- how a run ends: FINISHED, FAILED, KILLED, in a real (sqlite) MLflow store --------------------------
@@ -101,6 +216,8 @@ def test_a_run_that_ends_normally_is_finished_and_its_export_names_its_classes(t
     run = mlflow_run(record)
     assert run.info.status == "FINISHED" and run.data.tags["outcome"] == "done"
     assert "last_failure" not in run.data.tags
+    # MLflow's system-metrics monitor ran beside the training (disk usage: only MLflow's monitor logs it)
+    assert {"system/cpu_utilization_percentage", "system/disk_usage_percentage"} <= set(run.data.metrics)
     classes, _ = model_classes(run_dir / "export" / "model.safetensors")
     assert classes == ["red", "green", "blue", "yellow"]  # from the dataset it trained on (dataset.json)
     assert json.loads((run_dir / "dataset.json").read_text())["classes"] == classes
