@@ -17,12 +17,15 @@ import dataclasses
 import math
 import re
 import reprlib
+import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from pipeline.models.config import VARIANTS, TimeSformerConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
@@ -31,23 +34,62 @@ class ConfigError(ValueError):
     """A recipe, an override or a combination of values that cannot run; the message says where."""
 
 
-@dataclass
-class ModelConfig:
-    variant: str = "timesformer_base"  # pipeline.models.timesformer.VARIANTS; frames and size come from data
-    attention_type: str = "divided_space_time"
-    pos_embed: str = "space_time"
-    num_classes: int = 400
-    drop_path_rate: float = 0.1
-    # 0: the variant's own; set to shrink or grow a variant (the demo's 4x4 patches, width studies)
-    patch_size: int = 0
-    embed_dim: int = 0
-    depth: int = 0
-    num_heads: int = 0
-    init: str = ""  # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors)
-    init_reset_head: bool = False  # fine-tuning on other classes: a fresh classifier over loaded features
-    # 0: zeros, as the original (it starts from an image model); > 0: trunc-normal start, which a model
-    # trained from scratch on little data needs to tell frame order early (the demo uses 0.5)
-    time_embed_init_std: float = 0.0
+# The model section: which variant, where its weights start, and every field of the model's own config
+# (pipeline.models.config.TimeSformerConfig) as a recipe key, so that a field added to the model is
+# configurable at once and checked like every other key. Frames and resolution are the data's (data.num_frames,
+# data.crop). A field left out (null) takes the variant's value; loading a recipe fills them in, so a resolved
+# config (the run directory's config.yaml, MLflow's params) names the whole model.
+MODEL_FROM_DATA = {"num_frames": "data.num_frames", "img_size": "data.crop"}
+
+
+def settable(source: type, name: str | None = None, *, optional: bool = False, exclude: Any = (),
+             first: list[tuple[str, Any, Any]] | None = None, doc: str | None = None) -> type:
+    """A config section with the fields of dataclass ``source`` (a frozen value class such as the model's or
+    the decoder's limits), for the typed loader, which fills a section layer by layer: the same names and
+    types, the same defaults, or with ``optional`` every field ``X | None`` defaulting to None (left to
+    another source). ``first``: the section's own fields, before them. ``source(**values)`` gives the frozen
+    value back."""
+
+    def default(f: dataclasses.Field) -> Any:
+        if optional:
+            return field(default=None)
+        if f.default_factory is not dataclasses.MISSING:
+            return field(default_factory=f.default_factory)
+        return field(default=f.default)
+
+    copied = [(f.name, f"{f.type} | None" if optional else f.type, default(f)) for f in fields(source)
+              if f.name not in exclude]
+    return dataclasses.make_dataclass(
+        name or f"{source.__name__}Config", (first or []) + copied,
+        namespace={"__module__": __name__, "__doc__": doc or f"{source.__name__}, as configured"})
+
+
+ModelConfig = settable(
+    TimeSformerConfig, "ModelConfig", optional=True, exclude=MODEL_FROM_DATA,
+    first=[("variant", str, field(default="timesformer_base")),  # pipeline.models.config.VARIANTS
+           # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors)
+           ("init", str, field(default="")),
+           ("init_reset_head", bool, field(default=False))],  # fine-tuning on other classes: a fresh classifier
+    doc="The run's model: a registered variant, its initial weights, and any TimeSformerConfig field (None: the "
+        "variant's own).")
+# Resolved configs written before the model section followed TimeSformerConfig used 0 for "the variant's own"
+LEGACY_ZERO_MEANS_VARIANT = ("patch_size", "embed_dim", "depth", "num_heads")
+
+
+def fill_model(cfg: RunConfig, where: str = "resolved recipe", legacy: bool = False) -> None:
+    """Set every model field the recipe left out (None) to its variant's value. ``legacy``: a config written
+    by an earlier version, where 0 in ``LEGACY_ZERO_MEANS_VARIANT`` meant the variant's own."""
+    m = cfg.model
+    if m.variant not in VARIANTS:
+        raise ConfigError(f"{where}: model.variant={shown(m.variant)}: expected one of {', '.join(VARIANTS)}")
+    if legacy:
+        for name in LEGACY_ZERO_MEANS_VARIANT:
+            if getattr(m, name) == 0:
+                setattr(m, name, None)
+    base = {**TimeSformerConfig().to_dict(), **VARIANTS[m.variant].overrides}
+    for name in (f.name for f in fields(TimeSformerConfig) if f.name not in MODEL_FROM_DATA):
+        if getattr(m, name) is None:
+            setattr(m, name, base[name])
 
 
 @dataclass
@@ -226,6 +268,10 @@ def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{where}: {key}={shown(value)} ({type(value).__name__}): expected {expected}")
 
+    if origin in (typing.Union, types.UnionType):  # ``X | None``: null leaves the value to its default source
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _check_value(value, inner, where, key)
+
     if tp is bool:
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -379,6 +425,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None,
         apply_layer(cfg, parse_overrides(overrides), "command line")
     if not cfg.recipe:
         cfg.recipe = path.stem
+    fill_model(cfg, f"recipe {cfg.recipe!r}")
     validate(cfg)
     return cfg
 
@@ -387,6 +434,7 @@ def from_dict(data: dict[str, Any], where: str = "config") -> RunConfig:
     """A resolved config written earlier (the run directory's config.yaml)."""
     cfg = RunConfig()
     apply_layer(cfg, data, where)
+    fill_model(cfg, where, legacy=True)
     validate(cfg, where)
     return cfg
 
@@ -438,10 +486,11 @@ def _fields(section: Any, prefix: str) -> dict[str, Any]:
 # minimum of every integer field (a count, a size, a period); the schema test checks every int is listed
 INT_MINIMUMS: dict[str, tuple[int, str]] = {
     "model.num_classes": (1, "a positive number of classes"),
-    "model.patch_size": (0, "an integer >= 0 (0: the variant's own)"),
-    "model.embed_dim": (0, "an integer >= 0 (0: the variant's own)"),
-    "model.depth": (0, "an integer >= 0 (0: the variant's own)"),
-    "model.num_heads": (0, "an integer >= 0 (0: the variant's own)"),
+    "model.patch_size": (1, "a positive integer (or null: the variant's own)"),
+    "model.embed_dim": (1, "a positive integer (or null: the variant's own)"),
+    "model.depth": (1, "a positive integer (or null: the variant's own)"),
+    "model.num_heads": (1, "a positive integer (or null: the variant's own)"),
+    "model.in_chans": (1, "a positive number of input channels"),
     "data.version": (0, "an integer >= 0 (0: the newest committed version)"),
     "data.num_frames": (1, "a positive integer"),
     "data.sampling_rate": (1, "a positive integer"),
@@ -481,6 +530,10 @@ MAX_MODEL_PARAMETERS = 10**11
 FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "model.drop_path_rate": (0.0, True, 1.0, False),
     "model.time_embed_init_std": (0.0, True, 1.0, True),
+    "model.drop_rate": (0.0, True, 1.0, False),
+    "model.attn_drop_rate": (0.0, True, 1.0, False),
+    "model.mlp_ratio": (0.0, False, None, False),
+    "model.norm_eps": (0.0, False, None, False),
     "data.ref_fps": (0.0, False, None, False),
     "data.max_skip_fraction": (0.0, True, 1.0, True),
     "optim.lr": (0.0, False, None, False),
@@ -511,9 +564,11 @@ def _in_range(value: float, low: float | None, low_in: bool, high: float | None,
 def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     """Every field of ``cfg`` against its meaning: choices, ranges, combinations. The first problem is a
     one-line ConfigError naming the field, its value and what is expected."""
-    from pipeline.models.timesformer import ATTENTION_TYPES, POS_EMBED_TYPES, VARIANTS, parse_checkpoint_policy
+    from pipeline.models.config import ATTENTION_TYPES, POS_EMBED_TYPES
+    from pipeline.models.timesformer import parse_checkpoint_policy
 
     where = f"{where} {cfg.recipe!r}" if cfg.recipe else where
+    fill_model(cfg, where)  # a config built in code may leave model fields to the variant too
     values: dict[str, Any] = {}
     for name in ("model", "data", "optim", "train", "test", "budget", "tracking", "cluster"):
         values.update(_fields(getattr(cfg, name), name))
@@ -527,9 +582,10 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     for key, bounds in FLOAT_RANGES.items():
         if not _in_range(values[key], *bounds):  # NaN fails every comparison; _check_value refused it already
             raise refuse(key, _describe_range(*bounds))
-    _choice(cfg.model.variant, tuple(VARIANTS), "model.variant", where)
     _choice(cfg.model.attention_type, ATTENTION_TYPES, "model.attention_type", where)
     _choice(cfg.model.pos_embed, POS_EMBED_TYPES, "model.pos_embed", where)
+    _choice(cfg.model.pos_embed_resize, ("nearest", "bilinear", "bicubic"), "model.pos_embed_resize", where)
+    _choice(cfg.model.time_embed_resize, ("nearest", "linear"), "model.time_embed_resize", where)
     _choice(cfg.data.sampler, ("fixed_rate", "segment"), "data.sampler", where)
     _choice(cfg.optim.name, ("sgd", "adamw"), "optim.name", where)
     _choice(cfg.optim.schedule, ("steps", "cosine"), "optim.schedule", where)

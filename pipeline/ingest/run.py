@@ -12,7 +12,6 @@ run's lease does not block forever); the second run says who holds it and exits 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import logging
@@ -21,11 +20,11 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, apply_layer, parse_overrides, read_yaml
+from pipeline.config import ConfigError, apply_layer, parse_overrides, read_yaml, settable
 from pipeline.data.datasets import Manifest, read_diving48, read_howto100m, read_kinetics, read_ssv2
 from pipeline.data.shards import DatasetIndex, ShardError, commit_index, index_key, index_versions, load_index
 from pipeline.data.storage import Storage, StorageError, open_storage
@@ -37,15 +36,7 @@ log = logging.getLogger(__name__)
 LEASE_KEY = "lease.json"
 
 
-def _settable(frozen: type) -> type:
-    """A mutable twin of a frozen dataclass (same fields, types and defaults) for the typed config loader,
-    which fills a config layer by layer; ``frozen(**asdict(twin))`` gives the frozen value back."""
-    return dataclasses.make_dataclass(
-        f"{frozen.__name__}Config", [(f.name, f.type, field(default=f.default)) for f in fields(frozen)],
-        namespace={"__module__": frozen.__module__, "__doc__": f"{frozen.__name__}, as configured"})
-
-
-LimitsConfig = _settable(DecodeLimits)
+LimitsConfig = settable(DecodeLimits)
 FORMATS = ("kinetics", "ssv2", "diving48", "howto100m")
 REQUIRED = ("dataset", "format", "annotations", "source", "output")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",

@@ -1,25 +1,24 @@
-"""TimeSformer models: the architecture, checkpoint conversion and cost accounting."""
+"""TimeSformer models: the architecture, its configuration, checkpoint conversion and cost accounting.
 
-from pipeline.models.convert import (
-    CheckpointMismatchError,
-    inflate_vit,
-    load_checkpoint,
-    load_safetensors,
-    save_safetensors,
-)
-from pipeline.models.flops import flops_per_view, parameter_count
-from pipeline.models.timesformer import (
-    ATTENTION_TYPES,
-    VARIANTS,
-    TimeSformer,
-    TimeSformerConfig,
-    apply_activation_checkpointing,
-    create_model,
-    variant_config,
-)
+Names are loaded on first use (PEP 562), so that ``pipeline.models.config`` (the configuration schema and the
+variants, which the run config reads) imports without torch."""
 
-__all__ = [
-    "ATTENTION_TYPES", "VARIANTS", "TimeSformer", "TimeSformerConfig", "apply_activation_checkpointing",
-    "create_model", "variant_config", "CheckpointMismatchError", "inflate_vit", "load_checkpoint",
-    "load_safetensors", "save_safetensors", "flops_per_view", "parameter_count",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOME = {
+    "CheckpointMismatchError": "convert", "inflate_vit": "convert", "load_checkpoint": "convert",
+    "load_safetensors": "convert", "save_safetensors": "convert",
+    "flops_per_view": "flops", "parameter_count": "flops",
+    "ATTENTION_TYPES": "config", "VARIANTS": "config", "TimeSformerConfig": "config", "variant_config": "config",
+    "TimeSformer": "timesformer", "apply_activation_checkpointing": "timesformer", "create_model": "timesformer",
+}
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from functools import partial
 from typing import Any
 
@@ -53,121 +53,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-ATTENTION_TYPES = (
-    "space_only",
-    "joint_space_time",
-    "divided_space_time",
-    "sparse_local_global",
-    "axial",
+from pipeline.models.config import (  # noqa: F401 -- re-exported: the model's config lives beside it, torch-free
+    ATTENTION_TYPES,
+    EXTRA_STEPS,
+    POS_EMBED_TYPES,
+    VARIANTS,
+    TimeSformerConfig,
+    Variant,
+    check_local_global_shape,
+    variant_config,
 )
-POS_EMBED_TYPES = ("none", "space", "space_time")
-# The extra (non-ViT) attention steps of each scheme, in the order they run, before the ViT step.
-EXTRA_STEPS = {
-    "space_only": (),
-    "joint_space_time": (),
-    "divided_space_time": ("temporal",),
-    "sparse_local_global": ("local",),
-    "axial": ("temporal", "width"),
-}
-
-
-@dataclass(frozen=True)
-class TimeSformerConfig:
-    """Everything that defines a TimeSformer; the defaults are TimeSformer 8x224 for Kinetics-400."""
-
-    num_classes: int = 400
-    num_frames: int = 8
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    attention_type: str = "divided_space_time"
-    pos_embed: str = "space_time"
-    drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.1
-    norm_eps: float = 1e-6
-    # Interpolation used when an input's patch grid or frame count differs from the embeddings'.
-    pos_embed_resize: str = "bicubic"
-    time_embed_resize: str = "nearest"
-    # The original starts the time embedding at zero: frames are interchangeable at step 0, which is right
-    # when an image model is the starting point. A random start breaks that symmetry for a model trained
-    # from scratch on a small dataset (the end-to-end demo uses std 0.5); 0 keeps the original.
-    time_embed_init_std: float = 0.0
-
-    def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"TimeSformerConfig.{name}={getattr(self, name)!r}: expected {expected}")
-
-        if self.attention_type not in ATTENTION_TYPES:
-            raise bad("attention_type", f"one of {', '.join(ATTENTION_TYPES)}")
-        if self.pos_embed not in POS_EMBED_TYPES:
-            raise bad("pos_embed", f"one of {', '.join(POS_EMBED_TYPES)}")
-        for name in ("num_frames", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise bad(name, "a positive integer")
-        if not isinstance(self.num_classes, int) or self.num_classes < 0:
-            raise bad("num_classes", "an integer >= 0 (0: no head, features only)")
-        if self.img_size % self.patch_size:
-            raise bad("img_size", f"a multiple of patch_size={self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            raise bad("embed_dim", f"a multiple of num_heads={self.num_heads}")
-        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise bad(name, "a probability in [0, 1)")
-        if self.mlp_ratio <= 0:
-            raise bad("mlp_ratio", "a positive number")
-        if not 0.0 <= self.time_embed_init_std <= 1.0:
-            raise bad("time_embed_init_std", "a standard deviation in [0, 1] (0: zeros, the original)")
-        if self.pos_embed_resize not in ("nearest", "bilinear", "bicubic"):
-            raise bad("pos_embed_resize", "nearest, bilinear or bicubic")
-        if self.time_embed_resize not in ("nearest", "linear"):
-            raise bad("time_embed_resize", "nearest or linear")
-        if self.attention_type == "sparse_local_global":
-            check_local_global_shape(self.num_frames, self.grid_size, where="TimeSformerConfig")
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        n = self.img_size // self.patch_size
-        return (n, n)
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size[0] * self.grid_size[1]
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def has_time_embed(self) -> bool:
-        # space_only never mixes frames, so the original has no time embedding there.
-        return self.pos_embed == "space_time" and self.attention_type != "space_only"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TimeSformerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown model field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
-
-
-def check_local_global_shape(num_frames: int, grid: tuple[int, int], where: str) -> None:
-    gh, gw = grid
-    if num_frames % 2 or gh % 2 or gw % 2:
-        raise ValueError(
-            f"{where}: sparse_local_global attention needs an even number of frames and an even patch "
-            f"grid (2x2 local windows, stride-2 global lattice); got {num_frames} frames and a {gh}x{gw} grid"
-        )
-
 
 # ---------------------------------------------------------------------------------------------------
 # Layers
@@ -647,44 +542,12 @@ def apply_activation_checkpointing(
     return chosen
 
 
-# ---------------------------------------------------------------------------------------------------
-# Variants
-
-
-@dataclass(frozen=True)
-class Variant:
-    description: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-VARIANTS: dict[str, Variant] = {
-    "timesformer_base": Variant("TimeSformer 8x224, ViT-B/16, divided space-time (paper Table 5)",
-                                dict(num_frames=8, img_size=224)),
-    "timesformer_hr": Variant("TimeSformer-HR 16x448, ViT-B/16", dict(num_frames=16, img_size=448)),
-    "timesformer_l": Variant("TimeSformer-L 96x224, ViT-B/16", dict(num_frames=96, img_size=224)),
-    "timesformer_tiny": Variant(
-        "tiny test/demo model: 4 frames of 32x32, 8x8 patches, 2 blocks of width 64",
-        dict(num_frames=4, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10,
-             drop_path_rate=0.0),
-    ),
-}
-
-
-def variant_config(name: str, **overrides: Any) -> TimeSformerConfig:
-    """The config of a registered variant with field overrides (e.g. ``attention_type="joint_space_time"``)."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model variant {name!r}; known: {', '.join(VARIANTS)}")
-    return TimeSformerConfig.from_dict({**VARIANTS[name].overrides, **overrides}, where=f"variant {name}")
-
-
 def model_config(cfg: Any) -> TimeSformerConfig:
-    """The model of a resolved run config (``pipeline.config.RunConfig``): its variant with the recipe's
-    frames, crop, scheme, embeddings, classes and any explicit sizes."""
+    """The model of a run config (``pipeline.config.RunConfig``): its variant, with every field the recipe
+    sets (``model.*``, None: the variant's own) and the data's frames and crop."""
     m = cfg.model
-    sizes = {k: getattr(m, k) for k in ("patch_size", "embed_dim", "depth", "num_heads") if getattr(m, k)}
-    return variant_config(m.variant, num_frames=cfg.data.num_frames, img_size=cfg.data.crop,
-                          attention_type=m.attention_type, pos_embed=m.pos_embed, num_classes=m.num_classes,
-                          drop_path_rate=m.drop_path_rate, time_embed_init_std=m.time_embed_init_std, **sizes)
+    own = {f.name: getattr(m, f.name) for f in fields(TimeSformerConfig) if getattr(m, f.name, None) is not None}
+    return variant_config(m.variant, **{**own, "num_frames": cfg.data.num_frames, "img_size": cfg.data.crop})
 
 
 def create_model(name: str, **overrides: Any) -> TimeSformer:

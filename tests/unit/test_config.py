@@ -115,3 +115,37 @@ def test_learning_rate_schedule_is_the_papers():
     assert [lr_factor(cos, s, 10) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
     warm = load_recipe("k400_base", ["optim.warmup_epochs=1"])
     assert lr_factor(warm, 0, 10) == pytest.approx(0.1) and lr_factor(warm, 9, 10) == pytest.approx(1.0)
+
+
+def test_the_model_section_is_the_model_config_and_unset_fields_are_the_variants():
+    import dataclasses
+
+    from pipeline.config import MODEL_FROM_DATA, ModelConfig
+    from pipeline.models.config import VARIANTS, TimeSformerConfig
+    from pipeline.models.timesformer import model_config
+
+    # one schema: every model field is a recipe key (frames and crop are the data section's)
+    keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    assert {f.name for f in dataclasses.fields(TimeSformerConfig)} - set(MODEL_FROM_DATA) <= keys
+    cfg = load_recipe("smoke", ["model.mlp_ratio=2", "model.qkv_bias=false"])
+    tiny = VARIANTS["timesformer_tiny"].overrides
+    assert (cfg.model.embed_dim, cfg.model.depth, cfg.model.patch_size) == (tiny["embed_dim"], tiny["depth"],
+                                                                          tiny["patch_size"])  # the variant's
+    built = model_config(cfg)
+    assert (built.mlp_ratio, built.qkv_bias, built.num_classes) == (2.0, False, 4)  # the recipe's, set above
+    assert (built.num_frames, built.img_size) == (cfg.data.num_frames, cfg.data.crop)
+    assert all(v is not None for v in dataclasses.asdict(cfg.model).values())  # resolved: the whole model named
+    with pytest.raises(ConfigError, match=r"model.depth=0: expected a positive integer \(or null"):
+        load_recipe("smoke", ["model.depth=0"])
+
+
+def test_a_run_config_written_with_zero_for_the_variants_size_still_loads(tmp_path):
+    from pipeline.config import dump, load_resolved
+
+    cfg = load_recipe("smoke")
+    text = dump(cfg)
+    for key in ("patch_size", "embed_dim", "depth", "num_heads"):  # how config.yaml said "the variant's own"
+        text = text.replace(f"  {key}: {getattr(cfg.model, key)}\n", f"  {key}: 0\n")
+    assert "  depth: 0\n" in text
+    (tmp_path / "config.yaml").write_text(text)
+    assert load_resolved(tmp_path / "config.yaml").model == cfg.model

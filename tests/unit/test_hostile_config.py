@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 import typing
 import zipfile
 from pathlib import Path
@@ -36,7 +37,10 @@ def schema_fields(tp: type) -> dict[str, type]:
     for section, section_type in typing.get_type_hints(RunConfig).items():
         if dataclasses.is_dataclass(section_type):
             for f in dataclasses.fields(section_type):
-                out[f"{section}.{f.name}"] = typing.get_type_hints(section_type)[f.name]
+                hint = typing.get_type_hints(section_type)[f.name]
+                if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: an optional X
+                    (hint,) = [a for a in typing.get_args(hint) if a is not type(None)]
+                out[f"{section}.{f.name}"] = hint
     return {k: v for k, v in out.items() if v is tp}
 
 

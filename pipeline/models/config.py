@@ -1,0 +1,153 @@
+"""The TimeSformer's configuration and its registered variants, apart from the model code (no torch import):
+the run config (pipeline.config) builds its ``model`` section from these fields, and the ingest and launch
+commands read them without loading torch. ``pipeline.models.timesformer`` re-exports every name here."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+ATTENTION_TYPES = (
+    "space_only",
+    "joint_space_time",
+    "divided_space_time",
+    "sparse_local_global",
+    "axial",
+)
+POS_EMBED_TYPES = ("none", "space", "space_time")
+# The extra (non-ViT) attention steps of each scheme, in the order they run, before the ViT step.
+EXTRA_STEPS = {
+    "space_only": (),
+    "joint_space_time": (),
+    "divided_space_time": ("temporal",),
+    "sparse_local_global": ("local",),
+    "axial": ("temporal", "width"),
+}
+
+
+@dataclass(frozen=True)
+class TimeSformerConfig:
+    """Everything that defines a TimeSformer; the defaults are TimeSformer 8x224 for Kinetics-400."""
+
+    num_classes: int = 400
+    num_frames: int = 8
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    attention_type: str = "divided_space_time"
+    pos_embed: str = "space_time"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    norm_eps: float = 1e-6
+    # Interpolation used when an input's patch grid or frame count differs from the embeddings'.
+    pos_embed_resize: str = "bicubic"
+    time_embed_resize: str = "nearest"
+    # The original starts the time embedding at zero: frames are interchangeable at step 0, which is right
+    # when an image model is the starting point. A random start breaks that symmetry for a model trained
+    # from scratch on a small dataset (the end-to-end demo uses std 0.5); 0 keeps the original.
+    time_embed_init_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> ValueError:
+            return ValueError(f"TimeSformerConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        if self.attention_type not in ATTENTION_TYPES:
+            raise bad("attention_type", f"one of {', '.join(ATTENTION_TYPES)}")
+        if self.pos_embed not in POS_EMBED_TYPES:
+            raise bad("pos_embed", f"one of {', '.join(POS_EMBED_TYPES)}")
+        for name in ("num_frames", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise bad(name, "a positive integer")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise bad("num_classes", "an integer >= 0 (0: no head, features only)")
+        if self.img_size % self.patch_size:
+            raise bad("img_size", f"a multiple of patch_size={self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise bad("embed_dim", f"a multiple of num_heads={self.num_heads}")
+        for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "a probability in [0, 1)")
+        if self.mlp_ratio <= 0:
+            raise bad("mlp_ratio", "a positive number")
+        if not 0.0 <= self.time_embed_init_std <= 1.0:
+            raise bad("time_embed_init_std", "a standard deviation in [0, 1] (0: zeros, the original)")
+        if self.pos_embed_resize not in ("nearest", "bilinear", "bicubic"):
+            raise bad("pos_embed_resize", "nearest, bilinear or bicubic")
+        if self.time_embed_resize not in ("nearest", "linear"):
+            raise bad("time_embed_resize", "nearest or linear")
+        if self.attention_type == "sparse_local_global":
+            check_local_global_shape(self.num_frames, self.grid_size, where="TimeSformerConfig")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        n = self.img_size // self.patch_size
+        return (n, n)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size[0] * self.grid_size[1]
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def has_time_embed(self) -> bool:
+        # space_only never mixes frames, so the original has no time embedding there.
+        return self.pos_embed == "space_time" and self.attention_type != "space_only"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TimeSformerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown model field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+def check_local_global_shape(num_frames: int, grid: tuple[int, int], where: str) -> None:
+    gh, gw = grid
+    if num_frames % 2 or gh % 2 or gw % 2:
+        raise ValueError(
+            f"{where}: sparse_local_global attention needs an even number of frames and an even patch "
+            f"grid (2x2 local windows, stride-2 global lattice); got {num_frames} frames and a {gh}x{gw} grid"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {
+    "timesformer_base": Variant("TimeSformer 8x224, ViT-B/16, divided space-time (paper Table 5)",
+                                dict(num_frames=8, img_size=224)),
+    "timesformer_hr": Variant("TimeSformer-HR 16x448, ViT-B/16", dict(num_frames=16, img_size=448)),
+    "timesformer_l": Variant("TimeSformer-L 96x224, ViT-B/16", dict(num_frames=96, img_size=224)),
+    "timesformer_tiny": Variant(
+        "tiny test/demo model: 4 frames of 32x32, 8x8 patches, 2 blocks of width 64",
+        dict(num_frames=4, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10,
+             drop_path_rate=0.0),
+    ),
+}
+
+
+def variant_config(name: str, **overrides: Any) -> TimeSformerConfig:
+    """The config of a registered variant with field overrides (e.g. ``attention_type="joint_space_time"``)."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model variant {name!r}; known: {', '.join(VARIANTS)}")
+    return TimeSformerConfig.from_dict({**VARIANTS[name].overrides, **overrides}, where=f"variant {name}")
