@@ -138,6 +138,10 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
                               f"and redo its test and export. Evaluate it (python jobs/evaluate.py {req.resume}) or "
                               f"launch a new run")
         cfg = load_resolved(run_dir / "config.yaml")
+        if not cfg.data.version:  # launched before runs were pinned: the version its ranks recorded at first start
+            from pipeline.train.main import recorded_dataset
+
+            cfg.data.version = (recorded_dataset(run_dir) or {}).get("version", 0)
         if req.overrides or flags:  # only where to run may change on resume; the recipe stays
             layer = parse_overrides(req.overrides)
             bad = sorted(k for k in layer if k not in ("cluster", "runs_dir", "tracking"))
@@ -236,6 +240,10 @@ def check_data(cfg: RunConfig) -> str:
     try:
         index, _ = load_index(cfg.data.index, cfg.data.version or None)
     except (ShardError, StorageError, OSError, ValueError, RecursionError) as e:
+        if cfg.data.version:
+            raise ConfigError(f"data.index={cfg.data.index!r} version {cfg.data.version} cannot be read: "
+                              f"{' '.join(str(e).split())}. A run is pinned to the version it started on: restore "
+                              f"it, or launch a new run on another version") from None
         raise ConfigError(f"data.index={cfg.data.index!r} cannot be read: {' '.join(str(e).split())}. Ingest the "
                           f"dataset first (python jobs/ingest.py --config configs/ingest/<dataset>.yaml) or fix "
                           f"data.index") from None
@@ -246,7 +254,9 @@ def check_data(cfg: RunConfig) -> str:
     if cfg.model.num_classes != len(index.classes):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but dataset {index.dataset} has "
                           f"{len(index.classes)} classes; set model.num_classes={len(index.classes)}")
-    return f"{index.dataset} v{index.version}: " + ", ".join(
+    pinned = "" if cfg.data.version else f" (the newest: the run is pinned to it, data.version={index.version})"
+    cfg.data.version = index.version  # a run reads one version for its whole life: resume and evaluation too
+    return f"{index.dataset} v{index.version}{pinned}: " + ", ".join(
         f"{s} {index.num_samples(s)} clips" for s in dict.fromkeys(
             (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)))
 
@@ -431,6 +441,7 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
                 raise
             checks[what] = f"NOT READABLE from here ({e})"
     data = checks["data"]
+    stored.data.version = cfg.data.version  # pinned by check_data when the recipe said 0 (the newest)
     if not req.local and not req.dry_run:
         check_slurm()
     git = git_state()

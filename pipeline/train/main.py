@@ -171,7 +171,8 @@ class Trainer:
         record_process(run_dir, denv)
         self.device = init_distributed(cfg, denv.rank, denv.world_size, denv.local_rank)
         self.plan = batch_plan(cfg, denv.world_size)
-        self.index, self.storage = load_index(cfg.data.index, cfg.data.version or None)
+        version = cfg.data.version or (recorded_dataset(run_dir) or {}).get("version")  # 0: pinned at first start
+        self.index, self.storage = load_index(cfg.data.index, version or None)
         record_dataset(run_dir, self.index, write=denv.is_main)
         train_clips = self.index.num_samples(cfg.data.train_split)
         self.per_epoch, self.total = steps_per_epoch(cfg, train_clips), total_steps(cfg, train_clips)
@@ -412,18 +413,35 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def recorded_dataset(run_dir: Path) -> dict[str, Any] | None:
+    """``dataset.json`` (dataset, version, classes) as the run's first start wrote it; None before that."""
+    path = run_dir / RUN_DATASET_FILE
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict) or not isinstance(recorded["classes"], list) \
+                or not isinstance(recorded.get("version", 0), int):
+            raise TypeError("not a mapping with a class list and an integer version")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path}: not a dataset record ({type(e).__name__}: {e}); it is written at the run's "
+                          f"first start: restore it or start a new run") from None
+    return recorded
+
+
 def record_dataset(run_dir: Path, index, write: bool) -> None:
     """``dataset.json``: the dataset this run trains on and its class list (exports and evaluation name
     the model's classes from it). A resumed run whose dataset now lists other classes is refused: its
     labels would mean other things than the ones the model learnt."""
     path = run_dir / RUN_DATASET_FILE
-    if path.exists():
-        try:
-            recorded = json.loads(path.read_text())
-            classes = recorded["classes"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{path}: not a dataset record ({type(e).__name__}: {e}); it is written at the "
-                              f"run's first start: restore it or start a new run") from None
+    recorded = recorded_dataset(run_dir)
+    if recorded is not None:
+        classes = recorded["classes"]
+        if recorded.get("version") and recorded["version"] != index.version:
+            raise ConfigError(
+                f"{run_dir}: this run started on {recorded.get('dataset')} v{recorded['version']}, and this start "
+                f"reads v{index.version}: a run stays on its dataset version. Resume it with jobs/launch.py "
+                f"--resume (which pins the version), or start a new run for v{index.version}")
         if classes != index.classes:
             differ = next((i for i, (a, b) in enumerate(zip(classes, index.classes, strict=False)) if a != b),
                           min(len(classes), len(index.classes)))

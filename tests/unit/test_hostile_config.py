@@ -317,3 +317,36 @@ def test_a_submitted_run_records_its_argv_without_secrets(tmp_path, dataset, mon
     record = json.loads((tmp_path / "runs" / "argv" / "launch.json").read_text())
     assert record["jobs"][0]["argv"] == ["jobs/launch.py", "cluster.env={HF_TOKEN: ***}"]
     assert record["jobs"][0]["secrets_by_environment"] == ["HF_TOKEN"]
+
+
+def test_a_run_stays_on_the_dataset_version_it_started_on(tmp_path, monkeypatch):
+    """data.version 0 (the newest) is resolved at launch and written into the run's config, so a version
+    committed later changes neither a resume nor a requeue; a run directory from before this pin resumes on the
+    version its ranks recorded at first start, and a rank refuses to train on another."""
+    import dataclasses
+
+    from pipeline.data.shards import commit_index
+    from pipeline.data.storage import open_storage
+    from pipeline.train.main import record_dataset
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PATH", fake_slurm(tmp_path, 'echo "Submitted batch job 5"'))
+    root = tmp_path / "colour"
+    v1 = write_dataset(str(root), "colour", per_class={"train": 1, "val": 1})
+    lines: list[str] = []
+    info = launch(request(tmp_path, str(root), local=False, name="pinned"), out=lines.append)
+    run_dir = Path(info["run_dir"])
+    assert load_resolved(run_dir / "config.yaml").data.version == 1
+    assert any("pinned to it, data.version=1" in line for line in lines)
+    v2 = dataclasses.replace(v1, version=2, shards=v1.shards[:-1])
+    commit_index(open_storage(str(root)), v2)
+    launch(LaunchRequest(resume=str(run_dir)), out=lines.append)
+    assert load_resolved(run_dir / "config.yaml").data.version == 1  # still the version it started on
+    # a run directory launched before the pin: config.yaml says 0, its ranks recorded v1 at first start
+    text = (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(text.replace("  version: 1\n", "  version: 0\n"))
+    record_dataset(run_dir, v1, write=True)
+    launch(LaunchRequest(resume=str(run_dir)), out=lines.append)
+    assert load_resolved(run_dir / "config.yaml").data.version == 1
+    with pytest.raises(ConfigError, match="started on test-colour v1, and this start reads v2"):
+        record_dataset(run_dir, v2, write=False)
