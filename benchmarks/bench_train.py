@@ -51,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.ac == "auto":
         p.error("--ac auto: name a policy here; benchmarks/train_loop.py runs the training loop with auto")
 
-    from pipeline.distributed import free_port
+    from pipeline.distributed import DistEnv
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    DistEnv.single().export()  # one process: rank 0 of 1 on 127.0.0.1
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
     import torch
 

@@ -534,11 +534,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("pipeline.train").setLevel(logging.INFO)  # the auto policy's measurements
     from pipeline.config import load_recipe
-    from pipeline.distributed import free_port
+    from pipeline.distributed import DistEnv
     from pipeline.models.flops import PEAK_TFLOPS
     from pipeline.train.engine import init_distributed
 
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    DistEnv.single().export()  # one process: rank 0 of 1 on 127.0.0.1
     os.environ.setdefault("DS_ACCELERATOR", args.device)
     device = init_distributed(load_recipe("smoke", [f"cluster.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
                                                     "data.index=unused"]), 0, 1, 0)

@@ -3,7 +3,11 @@ Slurm's srun, or submitit (whose Slurm and local executors both look like one of
 
 ``DistEnv.detect()`` reads the environment; ``export()`` writes the variables torch.distributed reads
 (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), so DeepSpeed and plain PyTorch initialise the
-same way whatever started the process.
+same way whatever started the process. ``DistEnv.single()`` is a one-process group (benchmarks, tests).
+
+Once the process group is up, ``group_rank_world()`` gives this process's rank and world size from it
+(``(0, 1)`` without one): what code below the entry point asks (DDP or not, which rank writes, whether a
+collective is needed) without reading the environment again.
 """
 
 from __future__ import annotations
@@ -57,7 +61,13 @@ class DistEnv:
             return cls._slurm(env)
         if "SUBMITIT_LOCAL_GLOBALID" in env:
             return cls._submitit_local(env)
-        return cls(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+        return cls.single(int(env.get("MASTER_PORT", 29500)))
+
+    @classmethod
+    def single(cls, port: int | None = None) -> DistEnv:
+        """One process, rank 0 of 1, its rendezvous on 127.0.0.1 at ``port`` (default: a free one): what a
+        benchmark or test exports before it initialises a process group of its own."""
+        return cls(0, 1, 0, 1, "127.0.0.1", free_port() if port is None else port, "single")
 
     @classmethod
     def _slurm(cls, env) -> DistEnv:
@@ -71,6 +81,16 @@ class DistEnv:
         n = int(env["SUBMITIT_LOCAL_NTASKS"])
         return cls(int(env["SUBMITIT_LOCAL_GLOBALID"]), n, int(env["SUBMITIT_LOCAL_LOCALID"]), n, "127.0.0.1",
                    job_port(env.get("SUBMITIT_LOCAL_JOB_ID", "0")), "submitit-local")
+
+
+def group_rank_world() -> tuple[int, int]:
+    """This process's rank and the world size of the initialised torch.distributed process group, or
+    ``(0, 1)`` when there is none (one process, or torch built without distributed support)."""
+    import torch.distributed as dist  # here: launching a job (DistEnv, free_port) must not import torch
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def job_port(job_id: str) -> int:

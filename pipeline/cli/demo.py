@@ -9,7 +9,7 @@ distributed training, the test protocol, an MLflow comparison: the paper's atten
 4. each run ends with the test protocol (2 clips x 3 crops per video) and an exported model
 5. compare them from MLflow: the table, the accuracy-against-GPU-hours plot, how to open the UI
 
-    python jobs/demo.py                         # everything, local storage and MLflow (~5-6 min on 2 cores)
+    python jobs/demo.py                         # everything, local storage and MLflow (a few minutes: README)
     python jobs/demo.py --storage s3://bucket/demo   # shards on S3 (AWS_ENDPOINT_URL / credentials from env)
     python jobs/demo.py --steps 100             # a quicker, less accurate run
 

@@ -273,8 +273,9 @@ def open_shards(storage: Storage, index: DatasetIndex, counter: FaultCounter, ve
     briefly alongside the samples just cut from it. Each worker's shuffle buffer already holds as much
     (data.shuffle_buffer = 256 samples of clip bytes), so this at most doubles the loader's raw bytes, on
     nodes with hundreds of GB; in return a shard swapped or damaged after ingest is refused whole, before
-    one of its samples is trained on or evaluated. CPU: sha256 and the copy add ~1.3 ms per 1.8 MB sample,
-    about 1% of a 96x224 clip's decode (benchmarks/bench_loader.py --verify-cost).
+    one of its samples is trained on or evaluated. CPU: sha256 and the copy are a small fraction of a
+    clip's decode (measured by ``benchmarks/bench_loader.py --verify-cost``: README "The data layer",
+    benchmarks/results/loader-verify-cpu-2core.log).
     ``verify=False`` streams unchecked; it exists only for benchmarks/bench_loader.py's measurement of the cost."""
     infos = {s.url: s for s in index.shards}
 

@@ -59,13 +59,27 @@ class Storage(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+def split_s3_uri(uri: str, *, need_key: bool = False) -> tuple[str, str]:
+    """``s3://bucket/key/of/object`` -> ``("bucket", "key/of/object")``: the one place an S3 URI is taken
+    apart. The key is ``""`` for a bare ``s3://bucket`` (a storage root); ``need_key``: an object is meant,
+    so a URI without a key is refused. ``StorageError`` naming the URI for another scheme, no bucket, or
+    no key where one is needed."""
+    expected = "s3://bucket/key" if need_key else "s3://bucket/prefix"
+    if not uri.startswith("s3://"):
+        raise StorageError(f"{uri}: not an S3 URI; expected {expected}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name; expected {expected}")
+    if need_key and not key.strip("/"):
+        raise StorageError(f"{uri}: no object key after the bucket; expected s3://bucket/key")
+    return bucket, key
+
+
 def open_storage(uri: str | os.PathLike, *, endpoint_url: str | None = None) -> Storage:
     """``s3://bucket[/prefix]`` or a local directory (created if missing)."""
     uri = str(uri)
     if uri.startswith("s3://"):
-        bucket, _, prefix = uri[5:].partition("/")
-        if not bucket:
-            raise StorageError(f"{uri}: no bucket name; expected s3://bucket/prefix")
+        bucket, prefix = split_s3_uri(uri)
         return S3Storage(bucket, prefix.strip("/"), endpoint_url=endpoint_url)
     if "://" in uri:
         raise StorageError(f"{uri}: unsupported scheme; use s3://bucket/prefix or a local path")

@@ -12,7 +12,6 @@ run's lease does not block forever); the second run says who holds it and exits 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -26,11 +25,26 @@ from typing import Any
 
 from pipeline.config import ConfigError, apply_layer, parse_overrides, read_yaml, settable
 from pipeline.data.datasets import Manifest, read_diving48, read_howto100m, read_kinetics, read_ssv2
-from pipeline.data.shards import DatasetIndex, ShardError, commit_index, index_key, index_versions, load_index
+from pipeline.data.shards import (
+    DatasetIndex,
+    ShardError,
+    commit_index,
+    index_key,
+    index_versions,
+    load_index,
+    sha256_of,
+)
 from pipeline.data.storage import Storage, StorageError, open_storage
 from pipeline.data.video import DecodeLimits
 from pipeline.ingest.plan import TRANSIENT, Plan, Source, is_permanent, make_plan
-from pipeline.ingest.worker import TranscodeConfig, build_shard, sha256_file, shard_failure, with_retries
+from pipeline.ingest.worker import (
+    TranscodeConfig,
+    build_shard,
+    read_source,
+    sha256_file,
+    shard_failure,
+    with_retries,
+)
 
 log = logging.getLogger(__name__)
 LEASE_KEY = "lease.json"
@@ -200,8 +214,7 @@ def _checksum(location: str, listed: dict[str, str]) -> str:
     if listed.get(location):
         return listed[location]  # S3: ETag + size change whenever the object does
     if location.startswith("s3://"):
-        bucket, _, key = location[5:].partition("/")
-        return "sha256:" + hashlib.sha256(open_storage(f"s3://{bucket}").get_bytes(key)).hexdigest()
+        return "sha256:" + sha256_of(read_source(location))
     return sha256_file(location)
 
 

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pipeline.data.shards import ShardError, ShardInfo, ShardSample, put_shard, read_shard, sha256_of
-from pipeline.data.storage import ObjectMissingError, Storage, StorageError, open_storage
+from pipeline.data.storage import ObjectMissingError, Storage, StorageError, open_storage, split_s3_uri
 from pipeline.data.video import DEFAULT_LIMITS, DecodeLimits, VideoDecodeError, VideoReader
 from pipeline.ingest.plan import CONTENT, TRANSIENT, ShardPlan, Source
 
@@ -51,7 +51,7 @@ class TranscodeConfig:
 def read_source(location: str) -> bytes:
     """A source video's bytes from a local path or an ``s3://bucket/key`` URI."""
     if location.startswith("s3://"):
-        bucket, _, key = location[5:].partition("/")
+        bucket, key = split_s3_uri(location, need_key=True)
         return open_storage(f"s3://{bucket}").get_bytes(key)
     return Path(location).read_bytes()
 

@@ -115,10 +115,9 @@ class Mlp(nn.Module):
 
 # Sequences up to this length (the 8 or 16 frames of temporal attention) are attended with plain matrix
 # products, softmax in fp32, instead of a fused attention kernel, whose 64-128-query tiles would be mostly
-# padding. With compiled blocks on an H200 (benchmarks/results/train-loop-h200/run2.log) this made training
-# 8x224 12% faster, 16x448 9%, inference 15%; the 96 frames of TimeSformer-L stay on the fused kernel. 0: never.
-# Tried and dropped (run4.log): the same attention as broadcast products and sums for Inductor to fuse. Its
-# reductions took 25-50 ms of a compiled training step where the small-tile GEMMs take 14 (8x224 at batch 32).
+# padding: faster with compiled blocks, for training and inference (README "Performance"); the 96 frames of
+# TimeSformer-L stay on the fused kernel. 0: never. Tried and dropped: the same attention as broadcast products
+# and sums for Inductor to fuse, slower than the small-tile GEMMs (benchmarks/results/train-loop-h200/run4.log).
 MATH_ATTENTION_MAX_LEN = 16
 
 
@@ -414,8 +413,8 @@ class PatchEmbed(nn.Module):
     def forward(self, video_BCTHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """The convolution computed as what it is, one matrix product over the patches (the convolution's
         weight viewed as ``(D, C*P*P)``; pixels past the last whole patch dropped, as the convolution does).
-        One copy gathers the patches; cuDNN's strided convolution and its layout conversions took 2.1 of the
-        41 ms of a batch-32 8x224 forward on an H200, and its weight gradient 3 ms of a TimeSformer-L step."""
+        One copy gathers the patches; cuDNN's strided convolution, its layout conversions and its weight
+        gradient cost more (README "Performance", benchmarks/results/train-loop-h200/run4.log)."""
         B, C, T, H, W = video_BCTHW.shape
         P = self.proj.kernel_size[0]
         gh, gw = H // P, W // P

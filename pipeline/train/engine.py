@@ -33,6 +33,7 @@ from torch import nn
 
 from pipeline.config import BatchPlan, RunConfig, lr_factor
 from pipeline.data.transforms import normalize_on_device
+from pipeline.distributed import group_rank_world
 from pipeline.models.convert import safe_torch_load
 from pipeline.train.checkpoint import sync_tree
 
@@ -93,11 +94,10 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
                               "contiguous_gradients": t.zero_stage > 0, "reduce_scatter": True,
                               "reduce_bucket_size": ZERO_BUCKET_ELEMENTS,
                               "allgather_bucket_size": ZERO_BUCKET_ELEMENTS},
-        # bf16 has fp32's range: DeepSpeed's default per-parameter overflow scan (about 7 kernel launches per
-        # parameter and a host sync, every step) buys little there and costs much where steps are short
-        # (TimeSformer 8x224, micro batch 8, H200: +59% over plain PyTorch with it, +10% without;
-        # benchmarks/results/train-overhead-h200.log). The loop stops on a non-finite loss or gradient norm
-        # before that step's checkpoint instead (loop.DivergedError).
+        # bf16 has fp32's range: DeepSpeed's default per-parameter overflow scan (kernel launches for every
+        # parameter and a host sync, every step) buys little there and costs much where steps are short (the
+        # measurement: README "Training", benchmarks/results/train-overhead-h200.log). The loop stops on a
+        # non-finite loss or gradient norm before that step's checkpoint instead (loop.DivergedError).
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
         "zero_allow_untested_optimizer": True,  # torch SGD (the paper's optimizer) under ZeRO
@@ -143,7 +143,7 @@ def init_distributed(cfg: RunConfig, rank: int, world_size: int, local_rank: int
         import deepspeed
         import deepspeed.ops
 
-        # the shared-memory all-reduce op serves CPU inference only; building it is a ~100 s JIT compile
+        # the shared-memory all-reduce op serves CPU inference only; building it is a long JIT compile
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(timeout=timeout, init_method="env://", rank=rank, world_size=world_size)
     elif not torch.distributed.is_initialized():
@@ -292,7 +292,7 @@ class TorchEngine:
                  device: torch.device) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
         self.raw = model.to(device)
-        distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        distributed = group_rank_world()[1] > 1
         self.model = nn.parallel.DistributedDataParallel(self.raw) if distributed else self.raw
         self.optimizer = build_optimizer(self.raw, cfg, device)
         self.scheduler = build_scheduler(self.optimizer, cfg, per_epoch)
@@ -345,7 +345,7 @@ class TorchEngine:
         return loss.detach()
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
-        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        if group_rank_world()[0] == 0:
             path = Path(ckpt_dir) / tag
             path.mkdir(parents=True, exist_ok=True)
             torch.save({"module": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -28,6 +28,7 @@ from torch import nn
 from pipeline.data.loader import FaultTally, view_loader
 from pipeline.data.shards import DatasetIndex, ShardError
 from pipeline.data.transforms import normalize_on_device
+from pipeline.distributed import group_rank_world
 
 log = logging.getLogger(__name__)
 UNLABELLED = -1  # the label ingest writes for a video whose class is unknown (a test split without answers)
@@ -38,15 +39,9 @@ class EvaluationError(ValueError):
     a request that evaluates nothing. The message says which and what to do."""
 
 
-def _dist() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if _dist()[1] > 1:
+    if group_rank_world()[1] > 1:
         torch.distributed.all_reduce(t)
     return t.tolist()
 
@@ -220,7 +215,7 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
     what was left out. With no labelled video, ``top1`` and ``top5`` are None: there is no accuracy."""
     if not isinstance(max_videos, int) or max_videos < 0:
         raise EvaluationError(f"max_videos={max_videos!r}: expected a count >= 0 (0 = every video)")
-    rank, world = _dist()
+    rank, world = group_rank_world()
     num_classes = model_num_classes(module)
     if num_classes is not None:
         check_classes(index, num_classes, classes)

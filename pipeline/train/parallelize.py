@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.distributed import group_rank_world
 from pipeline.models.timesformer import SELECTIVE, apply_activation_checkpointing, parse_checkpoint_policy
 
 log = logging.getLogger("pipeline.train")
@@ -94,7 +95,7 @@ def resolve_checkpointing(policy: str, build: Callable[[], nn.Module], micro_bat
     choice, seen = choose_policy(
         lambda p: measure_policy(build, p, micro_batch, clip_shape, num_classes, device, dtype), capacity, reserve)
     index = torch.tensor([AUTO_ORDER.index(choice)], device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if group_rank_world()[1] > 1:
         torch.distributed.all_reduce(index, op=torch.distributed.ReduceOp.MAX)
     agreed = AUTO_ORDER[int(index.item())]
     torch.cuda.reset_peak_memory_stats(device)  # the probes' peaks are not the run's (memory_gib)

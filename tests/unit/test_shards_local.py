@@ -19,7 +19,7 @@ from pipeline.data.shards import (
     sha256_of,
     shard_bytes,
 )
-from pipeline.data.storage import StorageError, open_storage
+from pipeline.data.storage import StorageError, open_storage, split_s3_uri
 from pipeline.data.synthetic import COLOUR_CLASSES, make_video
 
 META = {"label": 0, "label_name": "red", "dataset": "synthetic", "split": "val", "source": "-", "duration": 2.0,
@@ -70,6 +70,24 @@ def test_a_shard_listed_but_not_stored_cannot_be_committed(tmp_path):
         commit_index(storage, DatasetIndex("d", 1, ["a"], {}, [ghost]))
     with pytest.raises(StorageError, match="escapes the storage root"):
         storage.put_bytes("../outside", b"1")
+
+
+def test_s3_uris_are_taken_apart_in_one_place_and_malformed_ones_refused():
+    assert split_s3_uri("s3://bucket/videos/a.mp4") == ("bucket", "videos/a.mp4")
+    assert split_s3_uri("s3://bucket") == ("bucket", "")  # a storage root
+    assert split_s3_uri("s3://bucket/a.mp4", need_key=True) == ("bucket", "a.mp4")
+    with pytest.raises(StorageError, match=r"^s3:///k: no bucket name"):
+        split_s3_uri("s3:///k")
+    with pytest.raises(StorageError, match=r"^s3://bucket/: no object key"):
+        split_s3_uri("s3://bucket/", need_key=True)
+    with pytest.raises(StorageError, match=r"^/data/a.mp4: not an S3 URI"):
+        split_s3_uri("/data/a.mp4")
+    with pytest.raises(StorageError, match=r"^s3://: no bucket name; expected s3://bucket/prefix"):
+        open_storage("s3://")
+    from pipeline.ingest.worker import read_source
+
+    with pytest.raises(StorageError, match=r"^s3://bucket: no object key"):  # refused before any request
+        read_source("s3://bucket")
 
 
 def test_segment_sampling_training_stream_on_local_storage(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline.config import batch_plan, load_recipe
-from pipeline.distributed import DistEnv, expand_nodelist, job_port
+from pipeline.distributed import DistEnv, expand_nodelist, group_rank_world, job_port
 from pipeline.models.timesformer import create_model
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
@@ -38,6 +38,10 @@ def test_rank_detection_from_each_launcher(monkeypatch):
              "SUBMITIT_LOCAL_JOB_ID": "4242"}
     assert DistEnv.detect(local).launcher == "submitit-local" and DistEnv.detect(local).world_size == 2
     assert DistEnv.detect({}).launcher == "single"
+    assert DistEnv.detect({"MASTER_PORT": "4321"}) == DistEnv.single(4321) == DistEnv(0, 1, 0, 1, "127.0.0.1", 4321,
+                                                                                        "single")
+    assert 0 < DistEnv.single().master_port < 65536  # a free port of its own
+    assert group_rank_world() == (0, 1)  # no process group in this process
     assert expand_nodelist("n[1-3,5],gpu7") == ["n1", "n2", "n3", "n5", "gpu7"]
 
 
