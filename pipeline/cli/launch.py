@@ -79,15 +79,47 @@ def main(argv: list[str] | None = None) -> int:
     return wait_for(info)
 
 
-def wait_for(info: dict) -> int:
-    """Wait for the job (requeues included) and print rank 0's result or the failure."""
+class LogFollower:
+    """Prints the lines rank 0 logs about the run (progress, validation, checkpoints, warnings) as they are
+    written to its log file, which appears once the job starts."""
+
+    MARKERS = ("pipeline.train:", " WARNING ", " ERROR ")
+
+    def __init__(self, path: str) -> None:
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def poll(self) -> None:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:  # not started yet
+            return
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if any(m in line for m in self.MARKERS):
+                print(line, flush=True)
+
+
+def wait_for(info: dict, poll_s: float = 2.0) -> int:
+    """Wait for the job (requeues included), following rank 0's progress lines; print its result or the
+    failure."""
     import json
+    import time
     from pathlib import Path
 
     job = info["job"]
     result_file = Path(info["run_dir"]) / "result.json"
-    print(f"waiting for job {job.job_id} (logs: {info['logs']}_0_log.out) ...", flush=True)
+    log_file = f"{info['logs']}_0_log.out"
+    print(f"waiting for job {job.job_id}; rank 0's progress follows (full log: {log_file})", flush=True)
+    follower = LogFollower(log_file)
     try:
+        while not job.done():
+            follower.poll()
+            time.sleep(poll_s)
+        follower.poll()
         job.results()
     except Exception as e:  # noqa: BLE001 -- a failed job: say why, with the log to read
         if result_file.exists():  # a requeued job finished under the same id

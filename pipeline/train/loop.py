@@ -29,6 +29,7 @@ from pipeline.config import BatchPlan, RunConfig
 from pipeline.data.loader import ClipConfig, DataQualityError, FaultTally, make_loader
 from pipeline.data.shards import DatasetIndex
 from pipeline.data.storage import Storage
+from pipeline.distributed import group_rank_world
 from pipeline.train.engine import Engine
 
 log = logging.getLogger("pipeline.train")
@@ -97,7 +98,7 @@ class DivergedError(RuntimeError):
 
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if group_rank_world()[1] > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else
                                      torch.distributed.ReduceOp.SUM)
     return t.tolist()
@@ -141,7 +142,7 @@ class StepChecks:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.distributed = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        self.distributed = group_rank_world()[1] > 1
         self.on_host = device.type != "cuda"  # a CPU computes as it goes: reading a value costs nothing
         pin = not self.on_host
         n = len(self.FLAGS)
@@ -340,7 +341,8 @@ def log_step(s: LoopState, step: int, window: dict[str, float], faults: FaultTal
         metrics["grad_norm"] = norm
     if s.rank == 0:
         s.sinks.log_metrics(metrics, step)
-        log.info("step %d/%d %s", step, s.total, _fmt({k: v for k, v in metrics.items() if "/" not in k}))
+        log.info("step %d/%d %s%s", step, s.total, _fmt({k: v for k, v in metrics.items() if "/" not in k}),
+                 progress_note(step, s.total, elapsed / n, s.account))
         if skipped > window.get("skipped_seen", 0.0):  # new skips since the last metric line
             window["skipped_seen"] = skipped
             log.warning("step %d: %d of %d samples read were skipped as broken (%.3g%%, all ranks; "
@@ -348,6 +350,29 @@ def log_step(s: LoopState, step: int, window: dict[str, float], faults: FaultTal
                         100 * skipped / max(read, 1), s.cfg.data.max_skip_fraction, faults.describe(3))
         s.account.save()
     window.update(t0=time.perf_counter(), wait=0.0, steps=0, loss=0.0)
+
+
+def progress_note(step: int, total: int, step_s: float, account: Budget) -> str:
+    """`` | 42% eta 1h05m | 0.31 of 5000 gpu-hours``: where the run stands, for a person reading the log (the
+    ETA at the last window's pace; the budget when the run has one)."""
+    eta = max(0, total - step) * step_s
+    note = f" | {100 * step / max(total, 1):.0f}% eta {format_duration(eta)}"
+    budget = getattr(account, "budget", 0.0)
+    if budget:
+        note += f" | {account.hours:.4g} of {budget:g} {getattr(account, 'unit', 'gpu')}-hours"
+    return note
+
+
+def format_duration(seconds: float) -> str:
+    """``1d02h``, ``1h05m``, ``4m07s``, ``12s``."""
+    s = int(round(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
 
 
 def _fmt(metrics: dict[str, float]) -> str:

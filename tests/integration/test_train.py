@@ -140,6 +140,8 @@ def test_smoke_recipe_on_two_slurm_nodes_streams_from_s3_and_completes_the_run(t
                     "--wait", f"data.index={s3_colour_index}"], slurm_cluster.env())
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "submitted   job" in p.stdout and "(slurm, 2 node(s) x 1 rank(s))" in p.stdout
+    # --wait follows rank 0's progress lines as the job writes them
+    assert "step 60/60 " in p.stdout and "100% eta 0s" in p.stdout and "checkpoint step000000060" in p.stdout
     run_dir = tmp_path / "smoke"
     printed_logs = next(line.split()[1] for line in p.stdout.splitlines() if line.startswith("logs "))
     assert Path(printed_logs.replace("<rank>", "0")).exists()  # the log path it prints is where the log is

@@ -288,3 +288,25 @@ def test_a_reduced_precision_torch_engine_evaluates_under_autocast_and_resume_ke
     chosen = [g.get("foreach") for g in resumed.optimizer.param_groups]
     resumed.load(tmp_path, "step1")
     assert [g.get("foreach") for g in resumed.optimizer.param_groups] == chosen
+
+
+def test_progress_lines_say_where_the_run_stands_and_wait_follows_them(tmp_path, capsys):
+    from pipeline.cli.launch import LogFollower
+
+    assert loop.format_duration(3.4) == "3s" and loop.format_duration(247) == "4m07s"
+    assert loop.format_duration(3900) == "1h05m" and loop.format_duration(93600) == "1d02h"
+    account = SimpleNamespace(hours=0.5, budget=2.0, unit="gpu")
+    assert loop.progress_note(25, 100, 2.0, account) == " | 25% eta 2m30s | 0.5 of 2 gpu-hours"
+    assert loop.progress_note(100, 100, 2.0, SimpleNamespace(hours=0.5, budget=0.0)) == " | 100% eta 0s"
+    log_file = tmp_path / "0_log.out"
+    follower = LogFollower(str(log_file))
+    follower.poll()  # the job has not started: no file yet
+    log_file.write_bytes(b"noise from submitit\n2026 [rank 0] INFO pipeline.train: step 5/10 loss=1 | 50% eta")
+    follower.poll()
+    assert capsys.readouterr().out == ""  # the progress line is not complete yet
+    with open(log_file, "ab") as f:
+        f.write(b" 5s\n[rank 0] WARNING pipeline.data: a shard was skipped\n")
+    follower.poll()
+    assert capsys.readouterr().out.splitlines() == [
+        "2026 [rank 0] INFO pipeline.train: step 5/10 loss=1 | 50% eta 5s",
+        "[rank 0] WARNING pipeline.data: a shard was skipped"]
