@@ -274,7 +274,7 @@ def open_shards(storage: Storage, index: DatasetIndex, counter: FaultCounter, ve
     (data.shuffle_buffer = 256 samples of clip bytes), so this at most doubles the loader's raw bytes, on
     nodes with hundreds of GB; in return a shard swapped or damaged after ingest is refused whole, before
     one of its samples is trained on or evaluated. CPU: sha256 and the copy are a small fraction of a
-    clip's decode (measured by ``benchmarks/bench_loader.py --verify-cost``: README "The data layer",
+    clip's decode (measured by ``benchmarks/bench_loader.py --verify-cost``: docs/performance.md "Shard verification",
     benchmarks/results/loader-verify-cpu-2core.log).
     ``verify=False`` streams unchecked; it exists only for benchmarks/bench_loader.py's measurement of the cost."""
     infos = {s.url: s for s in index.shards}

@@ -423,8 +423,8 @@ def decode_frames(
         rotation = int(round(getattr(picked[0][0], "rotation", 0) or 0)) % 360
         arrays: dict[int, np.ndarray] = {}
         # One converter for the clip: frame.to_ndarray(format="rgb24") builds a new swscale context for
-        # every frame, which costs more than the conversion itself (same pixels either way; README "The
-        # data layer" has the loader next to a plain and a one-converter PyAV decode).
+        # every frame, which costs more than the conversion itself (same pixels either way; docs/performance.md
+        # "The data loader" has the loader next to a plain and a one-converter PyAV decode).
         from av.video.reformatter import VideoReformatter
 
         rgb = VideoReformatter()

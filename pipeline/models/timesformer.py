@@ -115,7 +115,7 @@ class Mlp(nn.Module):
 
 # Sequences up to this length (the 8 or 16 frames of temporal attention) are attended with plain matrix
 # products, softmax in fp32, instead of a fused attention kernel, whose 64-128-query tiles would be mostly
-# padding: faster with compiled blocks, for training and inference (README "Performance"); the 96 frames of
+# padding: faster with compiled blocks, for training and inference (docs/performance.md); the 96 frames of
 # TimeSformer-L stay on the fused kernel. 0: never. Tried and dropped: the same attention as broadcast products
 # and sums for Inductor to fuse, slower than the small-tile GEMMs (benchmarks/results/train-loop-h200/run4.log).
 MATH_ATTENTION_MAX_LEN = 16
@@ -414,7 +414,7 @@ class PatchEmbed(nn.Module):
         """The convolution computed as what it is, one matrix product over the patches (the convolution's
         weight viewed as ``(D, C*P*P)``; pixels past the last whole patch dropped, as the convolution does).
         One copy gathers the patches; cuDNN's strided convolution, its layout conversions and its weight
-        gradient cost more (README "Performance", benchmarks/results/train-loop-h200/run4.log)."""
+        gradient cost more (docs/performance.md, benchmarks/results/train-loop-h200/run4.log)."""
         B, C, T, H, W = video_BCTHW.shape
         P = self.proj.kernel_size[0]
         gh, gw = H // P, W // P

@@ -96,8 +96,8 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
                               "allgather_bucket_size": ZERO_BUCKET_ELEMENTS},
         # bf16 has fp32's range: DeepSpeed's default per-parameter overflow scan (kernel launches for every
         # parameter and a host sync, every step) buys little there and costs much where steps are short (the
-        # measurement: README "Training", benchmarks/results/train-overhead-h200.log). The loop stops on a
-        # non-finite loss or gradient norm before that step's checkpoint instead (loop.DivergedError).
+        # measurement: docs/training.md "DeepSpeed notes", benchmarks/results/train-overhead-h200.log). The loop
+        # stops on a non-finite loss or gradient norm before that step's checkpoint instead (loop.DivergedError).
         "bf16": {"enabled": t.precision == "bf16", "check_grad_overflow": False},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 1000},
         "zero_allow_untested_optimizer": True,  # torch SGD (the paper's optimizer) under ZeRO
