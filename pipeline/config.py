@@ -90,6 +90,10 @@ def fill_model(cfg: RunConfig, where: str = "resolved recipe", legacy: bool = Fa
     for name in (f.name for f in fields(TimeSformerConfig) if f.name not in MODEL_FROM_DATA):
         if getattr(m, name) is None:
             setattr(m, name, base[name])
+    for name in ("mean", "std"):  # one value for every channel (the original's) fits any channel count
+        value = getattr(m, name)
+        if value and len(set(value)) == 1 and len(value) != m.in_chans:
+            setattr(m, name, (value[0],) * m.in_chans)
 
 
 @dataclass
@@ -293,6 +297,11 @@ def _check_value(value: Any, tp: Any, where: str, key: str) -> Any:
         if not isinstance(value, str):
             raise bad("a string")
         return value
+    if origin is tuple:  # tuple[X, ...]: a list in YAML, held as a tuple (a model config is frozen)
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise bad(f"a list of {item.__name__}")
+        return tuple(_check_value(v, item, where, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -601,6 +610,11 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
             parse_checkpoint_policy(cfg.train.activation_checkpointing)
     except ValueError as e:
         raise ConfigError(f"{where}: train.activation_checkpointing: {e}") from None
+    for key in ("model.mean", "model.std"):
+        stats = values[key]
+        if len(stats) != cfg.model.in_chans or (key == "model.std" and min(stats) <= 0):
+            raise refuse(key, f"{cfg.model.in_chans} numbers, one per input channel"
+                         + (", each positive" if key == "model.std" else "") + " ((x / 255 - mean) / std)")
     if cfg.train.seed >= 2**63:
         raise refuse("train.seed", "an integer below 2**63")
     if len(cfg.data.scale) != 2 or min(cfg.data.scale) < 1 or cfg.data.scale[0] > cfg.data.scale[1]:

@@ -47,7 +47,7 @@ from webdataset import tariterators
 
 from pipeline.data.shards import DatasetIndex, ShardError, ShardInfo
 from pipeline.data.storage import Storage, open_resuming
-from pipeline.data.transforms import TestTransform, TrainTransform
+from pipeline.data.transforms import MEAN, STD, TestTransform, TrainTransform
 from pipeline.data.video import DecodeLimits, FixedRateSampler, SegmentSampler, VideoDecodeError, decode_frames
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class ClipConfig:
     short_video: str = "loop"
     output: str = "float"  # float: normalised; uint8: normalise on the device (transforms.normalize_on_device)
     num_classes: int = 0  # training labels must lie in [0, num_classes); 0: the dataset index's class count
+    mean: tuple[float, ...] = MEAN  # the model's input normalisation (TimeSformerConfig.mean/std)
+    std: tuple[float, ...] = STD
 
 
 MAX_DURATION_S = 86_400.0  # a sample's metadata claiming more than a day is broken, not a long video
@@ -501,8 +503,9 @@ def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int,
     def stage(src):
         temporal = (SegmentSampler(cfg.num_frames) if cfg.sampler == "segment"
                     else FixedRateSampler(cfg.num_frames, cfg.sampling_rate, cfg.ref_fps, cfg.short_video))
-        spatial_train = TrainTransform(crop=cfg.crop, scale=cfg.scale, flip=cfg.flip, output=cfg.output)
-        spatial_test = TestTransform(crop=cfg.crop, num_crops=1, output=cfg.output)
+        spatial_train = TrainTransform(crop=cfg.crop, scale=cfg.scale, flip=cfg.flip, mean=cfg.mean, std=cfg.std,
+                                       output=cfg.output)
+        spatial_test = TestTransform(crop=cfg.crop, num_crops=1, mean=cfg.mean, std=cfg.std, output=cfg.output)
         for sample in src:
             meta = sample["meta"]
             rng = _rng(seed, rank, start_step, 2, skip_batches, sample.get("__n__", 0))
@@ -531,7 +534,7 @@ def to_views(cfg: ClipConfig, protocol: str, temporal_clips: int, spatial_crops:
     counter = counter if counter is not None else FaultCounter()
 
     def stage(src):
-        spatial = TestTransform(crop=cfg.crop, num_crops=spatial_crops, output=cfg.output)
+        spatial = TestTransform(crop=cfg.crop, num_crops=spatial_crops, mean=cfg.mean, std=cfg.std, output=cfg.output)
         for sample in src:
             meta = sample["meta"]
             name = f"{sample['__url__']}/{sample['__key__']}.mp4"
@@ -656,4 +659,5 @@ def clip_config(cfg: Any) -> ClipConfig:
     return ClipConfig(num_frames=d.num_frames, sampling_rate=d.sampling_rate, ref_fps=d.ref_fps, sampler=d.sampler,
                       crop=d.crop, scale=(d.scale[0], d.scale[1]), flip=d.flip,
                       output="uint8" if cfg.cluster.accelerator == "gpu" else "float",
-                      num_classes=cfg.model.num_classes)  # labels outside [0, num_classes) are skipped, counted
+                      num_classes=cfg.model.num_classes,  # labels outside [0, num_classes) are skipped, counted
+                      mean=tuple(cfg.model.mean), std=tuple(cfg.model.std))

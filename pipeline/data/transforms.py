@@ -1,9 +1,9 @@
 """Clip transforms: ``(T, H, W, 3)`` uint8 frames to ``(C, T, H, W)`` clips.
 
 Training: random short side in a range, random crop, optional horizontal flip (off for SSv2), then
-normalisation (0.45 / 0.225, the original's). Testing: short side to the crop size, then 1 or 3 crops
-along the long side. Only the cropped region is resized, in uint8; clips come out normalised float32,
-or uint8 for normalisation on the GPU (``normalize_on_device``).
+normalisation with the model's constants (by default 0.45 / 0.225, the original's). Testing: short side to the
+crop size, then 1 or 3 crops along the long side. Only the cropped region is resized, in uint8; clips come out
+normalised float32, or uint8 for normalisation on the GPU (``normalize_on_device``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-MEAN = (0.45, 0.45, 0.45)  # the original's normalisation (issue #10 of the official repository)
-STD = (0.225, 0.225, 0.225)
+from pipeline.models.config import DEFAULT_MEAN, DEFAULT_STD
+
+# The original's normalisation, the default of a model's own (TimeSformerConfig.mean/std): a model carries its
+# constants, and the clip configuration and the engines read them from it.
+MEAN, STD = DEFAULT_MEAN, DEFAULT_STD
 
 
 Frames = np.ndarray | Sequence[np.ndarray]  # (T, H, W, 3) uint8, or T arrays (H, W, 3)

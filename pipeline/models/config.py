@@ -4,8 +4,13 @@ commands read them without loading torch. ``pipeline.models.timesformer`` re-exp
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+# The original TimeSformer's input normalisation (its issue #10), per channel
+DEFAULT_MEAN = (0.45, 0.45, 0.45)
+DEFAULT_STD = (0.225, 0.225, 0.225)
 
 ATTENTION_TYPES = (
     "space_only",
@@ -52,10 +57,26 @@ class TimeSformerConfig:
     # when an image model is the starting point. A random start breaks that symmetry for a model trained
     # from scratch on a small dataset (the end-to-end demo uses std 0.5); 0 keeps the original.
     time_embed_init_std: float = 0.0
+    # How input pixels are normalised, per channel: (x / 255 - mean) / std. They belong to the weights: the
+    # original's 0.45 / 0.225; an image model's own when it is the starting point (timm's ImageNet-21k ViT-B/16:
+    # 0.5 / 0.5). Training, evaluation, export and prediction read them from here.
+    mean: tuple[float, ...] = DEFAULT_MEAN
+    std: tuple[float, ...] = DEFAULT_STD
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"TimeSformerConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        for name in ("mean", "std"):  # lists from JSON or YAML become the tuples a frozen config holds
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and value and len(set(value)) == 1:
+                value = (value[0],) * self.in_chans  # one value for every channel (the original's), any count
+            if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise bad(name, f"{self.in_chans} finite numbers, one per input channel")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if not all(v > 0.0 for v in self.std):
+            raise bad("std", "positive numbers")
 
         if self.attention_type not in ATTENTION_TYPES:
             raise bad("attention_type", f"one of {', '.join(ATTENTION_TYPES)}")
@@ -151,3 +172,18 @@ def variant_config(name: str, **overrides: Any) -> TimeSformerConfig:
     if name not in VARIANTS:
         raise ValueError(f"unknown model variant {name!r}; known: {', '.join(VARIANTS)}")
     return TimeSformerConfig.from_dict({**VARIANTS[name].overrides, **overrides}, where=f"variant {name}")
+
+
+def normalization_of(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a model's inputs are normalised with: its config's, found through the wrappers training
+    puts around it (DistributedDataParallel, DeepSpeed, autocast: each keeps the model as ``.module``). A model
+    without a TimeSformerConfig (a Hugging Face one in a benchmark) gets the original's."""
+    for _ in range(4):
+        cfg = getattr(model, "cfg", None)
+        if isinstance(cfg, TimeSformerConfig):
+            return cfg.mean, cfg.std
+        model = getattr(model, "module", None)
+        if model is None:
+            break
+    return DEFAULT_MEAN, DEFAULT_STD
+

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from pipeline.models.config import DEFAULT_MEAN, DEFAULT_STD
 from pipeline.models.timesformer import (
     EXTRA_STEPS,
     TimeSformer,
@@ -631,6 +632,46 @@ def load_checkpoint(model: TimeSformer, source: str | os.PathLike | Mapping[str,
     return load_into(model, state, reset_head=reset_head, where=where)
 
 
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def hf_preprocessor_dict(cfg: TimeSformerConfig) -> dict[str, Any]:
+    """The image processor Hugging Face's TimeSformer checkpoints name (VideoMAE's), with this model's input
+    size and normalisation: short side to the crop size, a centre crop, rescale to [0, 1], then mean/std."""
+    return {"image_processor_type": "VideoMAEImageProcessor", "do_resize": True,
+            "size": {"shortest_edge": cfg.img_size}, "resample": 2, "do_center_crop": True,
+            "crop_size": {"height": cfg.img_size, "width": cfg.img_size}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(cfg.mean), "image_std": list(cfg.std)}
+
+
+def checkpoint_normalization(path: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input normalisation a checkpoint says its weights were trained with, where it says so: our
+    safetensors (its metadata's model config) or a Hugging Face directory (its preprocessor config); None for
+    formats that do not record it (a .pth state dict). Reads headers and JSON only."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            pre = path / PREPROCESSOR_FILE
+            if pre.is_file():
+                d = json.loads(pre.read_text())
+                return tuple(map(float, d["image_mean"])), tuple(map(float, d["image_std"]))
+            path = path / "model.safetensors"
+        if path.suffix == ".safetensors" and path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if "timesformer_config" in meta:
+                d = json.loads(meta["timesformer_config"])
+                if "mean" in d and "std" in d:  # files written before the model carried it: the original's
+                    return tuple(map(float, d["mean"])), tuple(map(float, d["std"]))
+                return DEFAULT_MEAN, DEFAULT_STD
+    except Exception as e:  # noqa: BLE001 -- OSError, bad JSON, safetensors' own error type: all one answer
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+                         ) from None
+    return None
+
+
 def save_hf(model: TimeSformer, directory: str | os.PathLike, labels: list[str] | None = None) -> Path:
     """A Hugging Face ``TimesformerForVideoClassification`` directory (config.json + model.safetensors)
     holding this model: ``transformers`` loads it with ``from_pretrained(directory)``."""
@@ -647,6 +688,7 @@ def save_hf(model: TimeSformer, directory: str | os.PathLike, labels: list[str] 
                   id2label={str(i): name for i, name in enumerate(labels)},
                   label2id={name: i for i, name in enumerate(labels)})
     (directory / "config.json").write_text(json.dumps(config, indent=1))
+    (directory / PREPROCESSOR_FILE).write_text(json.dumps(hf_preprocessor_dict(model.cfg), indent=1))
     state = {k: v.detach().float().contiguous().cpu() for k, v in to_hf(model.state_dict()).items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory

@@ -34,6 +34,7 @@ from torch import nn
 from pipeline.config import BatchPlan, RunConfig, lr_factor
 from pipeline.data.transforms import normalize_on_device
 from pipeline.distributed import group_rank_world
+from pipeline.models.config import normalization_of
 from pipeline.models.convert import safe_torch_load
 from pipeline.train.checkpoint import sync_tree
 
@@ -205,6 +206,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.cfg, self.plan, self.model_factory = cfg, plan, model_factory
+        self.norm = normalization_of(model)  # the model's own input normalisation
         self.ds_config = ds_config or deepspeed_config(cfg, plan)
         optimizer = build_optimizer(model, cfg, device)
         scheduler = build_scheduler(optimizer, cfg, per_epoch)
@@ -241,7 +243,7 @@ class DeepSpeedEngine:
         """Forward, backward and (at an accumulation boundary) an optimizer step; returns the loss."""
         if not self.engine.module.training:
             self.engine.train()
-        logits = self.engine(normalize_on_device(video, self.device, dtype=self.dtype))
+        logits = self.engine(normalize_on_device(video, self.device, *self.norm, dtype=self.dtype))
         # non-blocking: a blocking copy would make the host wait for the device's whole queue
         loss = F.cross_entropy(logits.float(), label.to(self.device, non_blocking=True))
         self.engine.backward(loss)
@@ -291,6 +293,7 @@ class TorchEngine:
     def __init__(self, model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int,
                  device: torch.device) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
+        self.norm = normalization_of(model)  # the model's own input normalisation
         self.raw = model.to(device)
         distributed = group_rank_world()[1] > 1
         self.model = nn.parallel.DistributedDataParallel(self.raw) if distributed else self.raw
@@ -330,7 +333,7 @@ class TorchEngine:
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with sync:
             with autocast:
-                logits = self.model(normalize_on_device(video, self.device))
+                logits = self.model(normalize_on_device(video, self.device, *self.norm))
             loss = F.cross_entropy(logits.float(), label.to(self.device, non_blocking=True))
             self.scaler.scale(loss / self.plan.grad_accum).backward()
         if boundary:

@@ -14,6 +14,7 @@ the pass when the dataset's class list and the model's disagree, else at the fir
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from pipeline.data.loader import FaultTally, view_loader
 from pipeline.data.shards import DatasetIndex, ShardError
 from pipeline.data.transforms import normalize_on_device
 from pipeline.distributed import group_rank_world
+from pipeline.models.config import normalization_of
 
 log = logging.getLogger(__name__)
 UNLABELLED = -1  # the label ingest writes for a video whose class is unknown (a test split without answers)
@@ -168,7 +170,7 @@ def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device
         if "video" not in batch:  # a worker's final count of skipped samples, not a batch
             continue
         labels = torch.as_tensor(batch["label"])
-        logits = module(normalize_on_device(batch["video"], device, dtype=dtype)).float()
+        logits = module(normalize_on_device(batch["video"], device, *normalization_of(module), dtype=dtype)).float()
         wrong = (torch.ones_like(labels, dtype=torch.bool) if labels.is_floating_point() or labels.dtype == torch.bool
                  else (labels < UNLABELLED) | (labels >= logits.shape[-1]))
         if bool(wrong.any()):
@@ -219,6 +221,8 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
     num_classes = model_num_classes(module)
     if num_classes is not None:
         check_classes(index, num_classes, classes)
+    norm = normalization_of(module)  # the model's constants, whether clips are normalised here or on the device
+    clip = dataclasses.replace(clip, mean=norm[0], std=norm[1])
     loader = view_loader(index, storage, split, clip=clip, protocol=protocol, temporal_clips=temporal_clips,
                          spatial_crops=spatial_crops, rank=rank, world_size=world, num_workers=num_workers)
     limit = math.ceil(max_videos / world) if max_videos else 0
@@ -248,7 +252,7 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
         if num_classes is not None and (wrong := _label_problem(label, num_classes)) is not None:
             problem = _video_problem(index, split, item["key"], wrong)
             continue  # no score can be right or wrong against it: the model runs no more
-        chunks = [normalize_on_device(views[j:j + batch_size], device, dtype=dtype)
+        chunks = [normalize_on_device(views[j:j + batch_size], device, *norm, dtype=dtype)
                   for j in range(0, len(views), batch_size)]
         probs = torch.cat([F.softmax(module(chunk).float(), -1) for chunk in chunks])
         mean = probs.mean(0)

@@ -283,6 +283,7 @@ def check_init(cfg: RunConfig) -> str:
     if not path.is_file():
         raise ConfigError(f"model.init={init!r}: no such checkpoint (expected a .safetensors/.pth/.pyth file or a "
                           f"directory with model.safetensors)")
+    check_init_normalization(cfg, Path(init))
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -303,6 +304,28 @@ def check_init(cfg: RunConfig) -> str:
     except Exception as e:  # noqa: BLE001 -- OSError, BadZipFile, safetensors' own error type: all one answer
         raise ConfigError(f"model.init={init!r}: {path} is not a readable checkpoint ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:300]})") from None
+
+
+def check_init_normalization(cfg: RunConfig, path: Path) -> None:
+    """Refuse to start from weights trained on other input normalisation than the run's: fine-tuning would feed
+    them inputs shifted and scaled from what they learnt on, with nothing to say so."""
+    from pipeline.models.convert import checkpoint_normalization
+
+    try:
+        recorded = checkpoint_normalization(path)
+    except ValueError as e:
+        raise ConfigError(f"model.init={str(path)!r}: {e}") from None
+    if recorded is None:  # a format that does not say (a .pth): the recipe's model.mean/std are taken as given
+        return
+    mean, std = recorded
+    ours = (tuple(cfg.model.mean), tuple(cfg.model.std))
+    if len(mean + std) != len(ours[0] + ours[1]) or any(
+            abs(a - b) > 1e-6 for a, b in zip(mean + std, ours[0] + ours[1], strict=False)):
+        fmt = ",".join
+        raise ConfigError(
+            f"model.init={str(path)!r} was trained on inputs normalised with mean {list(mean)} and std {list(std)}, "
+            f"and this run normalises with model.mean={list(ours[0])} model.std={list(ours[1])}: set "
+            f"model.mean=[{fmt(map(str, mean))}] model.std=[{fmt(map(str, std))}] to fine-tune it as it was trained")
 
 
 def stored_config(cfg: RunConfig, tracking_uri: str) -> tuple[RunConfig, dict[str, str], str]:
