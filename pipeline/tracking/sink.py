@@ -112,6 +112,9 @@ class JsonlSink:
     def set_running(self) -> None:
         pass
 
+    def log_dataset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
     def close(self, status: str | None = "FINISHED") -> None:
         pass
 
@@ -201,6 +204,14 @@ class MLflowSink:
     def _artifact(self, path: str, artifact_path: str | None) -> None:
         self.client.log_artifact(self.run_id, path, artifact_path)
 
+    def _dataset(self, name: str, digest: str, source: str, context: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        tags = {"mlflow.data.context": context, **tags}
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(
+            Dataset(name=name, digest=digest, source_type="pipeline-dataset-index", source=redact_text(source)),
+            tags=[InputTag(k, str(v)) for k, v in tags.items()])])
+
     def _terminate(self, status: str) -> None:
         if status == "KILLED" and self.client.get_run(self.run_id).info.status == "FAILED":
             return  # a rank died first and said so; the cancel that followed does not hide it
@@ -225,6 +236,12 @@ class MLflowSink:
     def set_running(self) -> None:
         """The run is going again (a resumed or requeued job): RUNNING, whatever an earlier attempt left."""
         self._call("running")
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str = "train",
+                    tags: dict[str, str] | None = None) -> None:
+        """The dataset version a run reads, as an MLflow input (the UI's Datasets column): name, digest,
+        source and how it is used (``context``: train, validation, test)."""
+        self._call("dataset", name, digest, source, context, dict(tags or {}))
 
     def close(self, status: str | None = "FINISHED") -> None:
         """Stop the system-metrics monitor (its last sample is queued), deliver what is queued, then stop

@@ -30,7 +30,7 @@ import torch
 
 from pipeline.config import ConfigError, RunConfig, batch_plan, load_resolved, steps_per_epoch, total_steps
 from pipeline.data.loader import clip_config, make_loader
-from pipeline.data.shards import load_index
+from pipeline.data.shards import load_index, sha256_of
 from pipeline.distributed import DistEnv
 from pipeline.models.convert import load_checkpoint
 from pipeline.models.timesformer import TimeSformer, model_config
@@ -219,10 +219,25 @@ class Trainer:
                              "attempts": str(len(self.account.attempts)),
                              "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
         if self.resumed == 0:
+            self._log_datasets()
             self.sinks.log_params(cfg.flat())
             for name in ("config.yaml", "deepspeed.json", "launch.json"):
                 if (run_dir / name).exists():
                     self.sinks.log_artifact(run_dir / name)
+
+    def _log_datasets(self) -> None:
+        """Each split the run reads, as an MLflow dataset input: ``<dataset>-v<version>/<split>``, digested from
+        its shards' sha256, with how the run uses it (train, validation, test; Kinetics tests on val)."""
+        cfg, index = self.cfg, self.index
+        uses: dict[str, list[str]] = {}
+        for use, split in (("train", cfg.data.train_split), ("validation", cfg.data.val_split),
+                           ("test", cfg.data.test_split)):
+            uses.setdefault(split, []).append(use)
+        for split, used_for in uses.items():
+            digest = sha256_of("".join(s.sha256 for s in index.split(split)).encode())[:16]
+            self.sinks.log_dataset(f"{index.dataset}-v{index.version}/{split}", digest, cfg.data.index,
+                                   "+".join(used_for), {"split": split, "version": str(index.version),
+                                                        "samples": str(index.num_samples(split))})
 
     def _close_sinks(self) -> None:
         if not self.sinks.closed:  # ended without a verdict (RunEnd gives one on errors): deliver what is queued

@@ -221,6 +221,11 @@ def test_a_run_that_ends_normally_is_finished_and_its_export_names_its_classes(t
     classes, _ = model_classes(run_dir / "export" / "model.safetensors")
     assert classes == ["red", "green", "blue", "yellow"]  # from the dataset it trained on (dataset.json)
     assert json.loads((run_dir / "dataset.json").read_text())["classes"] == classes
+    # the dataset version it read, as MLflow inputs, one per use
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "validation+test"}  # the smoke recipe tests on its val split, as Kinetics
+    assert {i.dataset.name for i in inputs.values()} == {"test-colour-v1/train", "test-colour-v1/val"}
+    assert {t.key: t.value for t in inputs["train"].tags}["samples"] == "4"  # colour_data: 1 video per class
 
 
 @pytest.mark.parametrize("where", ["start-up", "training loop"])
