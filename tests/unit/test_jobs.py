@@ -50,6 +50,25 @@ def test_demo_study_trains_over_seeds_and_reports_each(tmp_path):
     assert "time_embed_init_std=0.5 square=32: " in out.stdout and "seeds reach 90%" in out.stdout
 
 
+def test_demo_study_trains_with_the_recipe_and_its_overrides(tmp_path):
+    """The study's steps follow the product's schedule for the resolved recipe (issue 16): the learning rate the
+    engine holds after each step is ``optim.lr x lr_factor`` of demo_order with the study's overrides."""
+    from pipeline.config import load_recipe, lr_factor
+
+    result = tmp_path / "study.json"
+    out = run_job("benchmarks/demo_study.py", "--seeds", "0", "--steps", "6", "--every", "1", "--train-per-class", "4",
+                  "--val-per-class", "1", "--jobs", "1", "--set", "optim.lr=0.004", "optim.warmup_epochs=2",
+                  "--out", str(result))
+    assert out.returncode == 0, out.stderr
+    assert "adamw lr 0.004" in out.stdout and "torch engine" in out.stdout
+    (row,) = json.loads(result.read_text())
+    cfg = load_recipe("demo_order", ["optim.lr=0.004", "optim.warmup_epochs=2", "train.max_steps=6"])
+    assert row["per_epoch"] == 1 and [s for s, _ in row["lr"]] == [1, 2, 3, 4, 5, 6]
+    assert [lr for _, lr in row["lr"]] == [0.004 * lr_factor(cfg, s, 1) for s in range(1, 7)]
+    bad = run_job("benchmarks/demo_study.py", "--set", "optim.nme=sgd")
+    assert bad.returncode == 2 and "optim.nme" in bad.stderr
+
+
 def test_the_user_commands_are_console_scripts_and_run_from_any_directory(tmp_path):
     """Each [project.scripts] entry is a jobs/<name>.py of the checkout running the same main(); both start
     outside the repository (the package is installed, no sys.path edits), as do the infra/ service scripts."""
