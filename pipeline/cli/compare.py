@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from pipeline.secrets import redact_text
     from pipeline.tracking.compare import fetch, log_comparison, table_text, write_report
-    from pipeline.tracking.sink import _quick_failing_http, default_tracking_uri
+    from pipeline.tracking.sink import default_tracking_uri, quick_failing_http
 
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
     shown = redact_text(uri)  # a URI may carry a password or a token: never printed
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compare: no MLflow database at {db} (give --runs-dir where the runs were launched, or "
                   f"--tracking-uri)", file=sys.stderr)
             return 2
-    _quick_failing_http()  # an unreachable server: one error now, not minutes of retries
+    quick_failing_http()  # an unreachable server: one error now, not minutes of retries
     try:
         summaries = fetch(uri, args.experiment, args.runs, finished_only=args.finished_only)
     except Exception as e:  # noqa: BLE001 -- ValueError (no such experiment/run), MlflowException, network errors

@@ -49,7 +49,7 @@ def artifact_root(tracking_uri: str) -> str | None:
 def mlflow_client(tracking_uri: str):
     """An MLflow client for ``tracking_uri`` that fails fast (our callers retry, or give up with a warning)
     and takes a redacted URI's credentials from $MLFLOW_TRACKING_URI (``reveal_uri``)."""
-    _quick_failing_http()
+    quick_failing_http()
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(reveal_uri(tracking_uri))
@@ -336,7 +336,7 @@ class _QueuedMetrics:
         pass
 
 
-def _quick_failing_http() -> None:
+def quick_failing_http() -> None:
     """MLflow's HTTP client retries a refused call for minutes by default; our sink retries on its own."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
