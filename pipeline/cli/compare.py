@@ -10,8 +10,10 @@ Prints the table; writes table.txt/.csv/.md, runs.json and accuracy_vs_gpu_hours
 (default runs/compare-<experiment>), and logs them to MLflow as a comparison run in the same experiment
 (--no-log to skip). Each run's MLflow status is a column; runs that did not finish (FAILED, KILLED,
 RUNNING) are marked in the table and dotted in the plot, or left out with --finished-only.
+Runs of different datasets or dataset versions (the table's dataset column) are refused unless
+--mix-datasets: their accuracies are not comparable.
 Exit codes: 0 done, 1 the report was written but MLflow did not take it, 2 no such database,
-experiment or runs, or an --out that cannot be written (nothing created).
+experiment or runs, runs of several datasets, or an --out that cannot be written (nothing created).
 """
 
 from __future__ import annotations
@@ -31,9 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
     p.add_argument("--finished-only", action="store_true",
                    help="leave out runs whose status is not FINISHED (default: shown, and marked)")
+    p.add_argument("--mix-datasets", action="store_true",
+                   help="compare runs of different datasets or dataset versions (refused by default: their "
+                        "accuracies are not comparable)")
     args = p.parse_args(argv)
     from pipeline.secrets import redact_text
-    from pipeline.tracking.compare import fetch, log_comparison, table_text, write_report
+    from pipeline.tracking.compare import (
+        MixedDatasetsError,
+        check_one_dataset,
+        fetch,
+        log_comparison,
+        table_text,
+        write_report,
+    )
     from pipeline.tracking.sink import default_tracking_uri, quick_failing_http
 
     uri = args.tracking_uri or default_tracking_uri(args.runs_dir)
@@ -54,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         what = "finished training runs" if args.finished_only else "training runs"
         print(f"compare: experiment {args.experiment!r} has no {what} yet", file=sys.stderr)
         return 2
+    if not args.mix_datasets:
+        try:
+            check_one_dataset(summaries)
+        except MixedDatasetsError as e:
+            print(f"compare: {e}", file=sys.stderr)
+            return 2
     out = Path(args.out or Path(args.runs_dir) / f"compare-{args.experiment}")
     try:
         paths = write_report(summaries, out, args.experiment)

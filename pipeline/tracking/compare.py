@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-COLUMNS = [("run", "run"), ("model", "model"), ("attention", "attention"), ("clip", "frames x rate"),
-           ("resolution", "res"), ("params_m", "params (M)"), ("tflops_views", "TFLOPs x views"),
+COLUMNS = [("run", "run"), ("dataset", "dataset"), ("model", "model"), ("attention", "attention"),
+           ("clip", "frames x rate"), ("resolution", "res"), ("params_m", "params (M)"),
+           ("tflops_views", "TFLOPs x views"),
            ("gpu_hours", "GPU-h"), ("top1", "top-1"), ("top5", "top-5"), ("clips_per_s", "clips/s"),
            ("status", "status")]
 FINISHED = "FINISHED"
@@ -40,6 +41,7 @@ class RunSummary:
     budget: float | None
     status: str
     curve: list[tuple[float, float]] = field(default_factory=list)  # (gpu_hours, val_top1)
+    dataset: str = "?"  # "<name> v<version>" the run trained on (its ``dataset`` tag)
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -65,7 +67,26 @@ def summarize(client, run) -> RunSummary:
         gpu_hours=metrics.get("gpu_hours"), gpu_hours_unit=tags.get("gpu_hours_unit", "gpu"),
         top1=metrics.get("test_top1"), top5=metrics.get("test_top5"),
         clips_per_s=sum(speed) / len(speed) if speed else None, budget=budget or None,
-        status=run.info.status, curve=curve)
+        status=run.info.status, curve=curve, dataset=tags.get("dataset", "?"))
+
+
+class MixedDatasetsError(ValueError):
+    """The runs to compare trained on different datasets (or versions): their accuracies are not comparable."""
+
+
+def check_one_dataset(summaries: list[RunSummary]) -> None:
+    """Refuse runs of different datasets or dataset versions in one comparison; runs from before the
+    ``dataset`` tag (``?``) are not held against the others."""
+    by_dataset: dict[str, list[str]] = {}
+    for s in summaries:
+        if s.dataset != "?":
+            by_dataset.setdefault(s.dataset, []).append(s.run)
+    if len(by_dataset) > 1:
+        listed = "; ".join(f"{d}: {', '.join(runs[:5])}{' ...' if len(runs) > 5 else ''}"
+                           for d, runs in sorted(by_dataset.items()))
+        raise MixedDatasetsError(f"the runs trained on {len(by_dataset)} datasets ({listed}): their accuracies "
+                                 f"are not comparable; choose runs of one with --runs, or --mix-datasets to "
+                                 f"compare them anyway (the table's dataset column says which is which)")
 
 
 def fetch(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,

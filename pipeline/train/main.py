@@ -217,6 +217,7 @@ class Trainer:
         self.sinks.set_tags({"resumed_from_step": str(self.resumed), "world_size": str(denv.world_size),
                              "device": device_name, "activation_checkpointing": self.policy,
                              "attempts": str(len(self.account.attempts)),
+                             "dataset": f"{self.index.dataset} v{self.index.version}",
                              "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
         if self.resumed == 0:
             self._log_datasets()

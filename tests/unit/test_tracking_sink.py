@@ -226,6 +226,7 @@ def test_a_run_that_ends_normally_is_finished_and_its_export_names_its_classes(t
     assert set(inputs) == {"train", "validation+test"}  # the smoke recipe tests on its val split, as Kinetics
     assert {i.dataset.name for i in inputs.values()} == {"test-colour-v1/train", "test-colour-v1/val"}
     assert {t.key: t.value for t in inputs["train"].tags}["samples"] == "4"  # colour_data: 1 video per class
+    assert run.data.tags["dataset"] == "test-colour v1"  # what compare groups runs by
 
 
 @pytest.mark.parametrize("where", ["start-up", "training loop"])
@@ -353,3 +354,29 @@ def test_compare_shows_each_runs_status_and_marks_the_unfinished(tmp_path, monke
                        timeout=180)
     assert p.returncode == 0, p.stderr
     assert "done" in p.stdout and "crashed" not in p.stdout and "not finished" not in p.stdout
+
+
+def test_compare_refuses_runs_of_different_datasets_unless_asked(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("mix", artifact_location=(tmp_path / "art").as_uri())
+    for name, dataset in (("on-v1", "k400 v1"), ("on-v2", "k400 v2"), ("old", None)):
+        tags = {"variant": "timesformer_tiny", **({"dataset": dataset} if dataset else {})}
+        run = client.create_run(exp, run_name=name, tags=tags)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    summaries = compare.fetch(uri, "mix")
+    assert {s.run: s.dataset for s in summaries} == {"on-v1": "k400 v1", "on-v2": "k400 v2", "old": "?"}
+    assert compare.table_text(summaries).splitlines()[0].split()[:2] == ["run", "dataset"]
+    with pytest.raises(compare.MixedDatasetsError, match=r"2 datasets \(k400 v1: on-v1; k400 v2: on-v2\)"):
+        compare.check_one_dataset(summaries)
+    compare.check_one_dataset([s for s in summaries if s.run != "on-v2"])  # one dataset (and a run before tags)
+    cli = [sys.executable, str(REPO / "jobs" / "compare.py"), "--experiment", "mix", "--tracking-uri", uri, "--no-log",
+           "--out", str(tmp_path / "out")]
+    p = subprocess.run(cli, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 2 and "--mix-datasets" in p.stderr and not (tmp_path / "out").exists()
+    p = subprocess.run(cli + ["--mix-datasets"], capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0 and "k400 v2" in p.stdout, p.stderr
