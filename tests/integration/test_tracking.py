@@ -93,7 +93,7 @@ def test_compare_builds_the_table_and_plot_from_two_runs_and_logs_them(compared,
     table = p.stdout
     assert "divided_space_time" in table and "space_only" in table and "TFLOPs x views" in table
     rows = (tmp_path / "cmp" / "table.csv").read_text().splitlines()
-    assert len(rows) == 3 and rows[0].startswith("run_id,run,model,attention")
+    assert len(rows) == 3 and rows[0].startswith("run_id,run,dataset,model,attention")
     md = (tmp_path / "cmp" / "table.md").read_text()
     assert md.count("\n") == 4 and "| space_only |" in md.replace("space_only | space_only", "space_only")
     png = tmp_path / "cmp" / "accuracy_vs_gpu_hours.png"
