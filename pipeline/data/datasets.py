@@ -13,6 +13,12 @@ Formats read (as the datasets publish them):
 * HowTo100M: ``HowTo100M_v1.csv`` (``video_id,category_1,category_2,rank,task_id``), ``task_ids.csv``
   (tab-separated ``task_id<TAB>task name``) and an optional ``video_id,split`` CSV; ``<video_id>.mp4``.
 
+Your own videos (``read_manifest_files``, ``read_folder``):
+
+* a manifest: CSV (``path,label[,start,end,split,id]``) or JSON Lines with the same fields; ``path``
+  relative to the ingest source;
+* a folder layout: ``<class>/<video>`` or ``<split>/<class>/<video>`` under the ingest source.
+
 A file that does not have what its format needs raises ``ValueError`` naming the file and the field.
 """
 
@@ -160,4 +166,112 @@ def read_howto100m(videos_csv: str | Path, task_ids: str | Path, splits_csv: str
                 continue  # not in the chosen split file
             manifest.entries.append(ManifestEntry(_safe_key(row["video_id"]), (f"{row['video_id']}.mp4",),
                                                   index[task], tasks[task], split_of.get(row["video_id"], "train")))
+    return manifest
+
+
+# -- your own dataset ---------------------------------------------------------------------------------
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
+MANIFEST_FIELDS = ("path", "label", "start", "end", "split", "id")
+
+
+def read_manifest_files(paths: Iterable[str | Path], dataset: str, default_split: str = "train") -> Manifest:
+    """Your own dataset as a manifest: CSV files (a header row) or JSON Lines (``.jsonl``, one object per line)
+    with ``path`` (the video's path relative to the ingest source, or its file name), ``label`` (a class name;
+    empty or absent: unlabelled), and optionally ``start`` and ``end`` (seconds), ``split`` (default: the ingest
+    config's ``split``) and ``id`` (default: the path without its suffix, plus the clip's bounds when given).
+    Classes are the label names, sorted. A row that does not say what it needs is an error naming the file,
+    the line and the field; so is an id used twice."""
+    rows: list[tuple[str, int, dict]] = []
+    for path in paths:
+        path = Path(path)
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            for n, line in enumerate(path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not a JSON object ({e})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object with 'path' and 'label', got "
+                                     f"{type(row).__name__}")
+                rows.append((str(path), n, row))
+        else:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                _require(reader.fieldnames or [], ("path",), str(path))
+                rows.extend((str(path), n, row) for n, row in enumerate(reader, start=2))
+    entries: list[tuple[str, int, str, str, str, float | None, float | None, str]] = []
+    for where, n, row in rows:
+        if None in row:  # csv.DictReader's key for the values past the header's columns
+            raise ValueError(f"{where}:{n}: more values than the header has columns")
+        unknown = sorted(set(row) - set(MANIFEST_FIELDS))
+        if unknown:
+            raise ValueError(f"{where}:{n}: unknown field(s) {unknown}; a manifest row has "
+                             f"{', '.join(MANIFEST_FIELDS)}")
+        rel = str(row.get("path") or "").strip()
+        if not rel or rel.startswith("/") or ".." in Path(rel).parts:
+            raise ValueError(f"{where}:{n}: path={rel!r}: expected the video's path relative to the ingest source")
+        label = row.get("label")
+        label = "" if label is None else str(label).strip()
+        bounds = []
+        for key in ("start", "end"):
+            value = row.get(key)
+            if value in (None, ""):
+                bounds.append(None)
+                continue
+            try:
+                bounds.append(float(value))
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}:{n}: {key}={value!r}: expected seconds") from None
+        start, end = bounds
+        if start is not None and end is not None and not 0 <= start < end:
+            raise ValueError(f"{where}:{n}: start={start:g} end={end:g}: expected 0 <= start < end")
+        split = str(row.get("split") or default_split).strip()
+        base = str(row.get("id") or "").strip() or rel.rsplit(".", 1)[0]
+        if row.get("id") in (None, "") and (start is not None or end is not None):
+            base += f"_{int(start or 0):06d}_{int(end) if end is not None else 0:06d}"
+        entries.append((where, n, _safe_key(base), rel, label, start, end, split))
+    names = sorted({e[4] for e in entries if e[4]})
+    index = {name: i for i, name in enumerate(names)}
+    manifest = Manifest(dataset, names)
+    seen: dict[str, str] = {}
+    for where, n, vid, rel, label, start, end, split in entries:
+        if vid in seen:
+            raise ValueError(f"{where}:{n}: id {vid!r} is used twice (first at {seen[vid]}); give each row its own "
+                             f"'id' (two clips of one video: their start and end make them differ)")
+        seen[vid] = f"{where}:{n}"
+        names_tried = (rel, Path(rel).name) if "/" in rel else (rel,)
+        manifest.entries.append(ManifestEntry(vid, names_tried, index.get(label, -1), label, split, start, end))
+    return manifest
+
+
+def read_folder(relative_paths: Iterable[str], dataset: str, default_split: str = "train",
+                where: str = "source") -> Manifest:
+    """Your own dataset as folders: ``<class>/<video>`` (every video in ``default_split``) or
+    ``<split>/<class>/<video>``, from the relative paths of the ingest source's files. Files that are not
+    videos (by suffix: ``VIDEO_SUFFIXES``) are left out; the two layouts mixed, or a video outside a class
+    folder, is an error naming the file."""
+    videos = sorted(p for p in relative_paths if Path(p).suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise ValueError(f"{where}: no video files ({', '.join(VIDEO_SUFFIXES)}) under it; a folder dataset is "
+                         f"<class>/<video> or <split>/<class>/<video>")
+    depths = {len(Path(p).parts) for p in videos}
+    if len(depths) > 1 or not depths <= {2, 3}:
+        odd = next(p for p in videos if len(Path(p).parts) != min(depths) or len(Path(p).parts) not in (2, 3))
+        raise ValueError(f"{where}: {odd!r} does not fit the layout: every video must be <class>/<video> or every "
+                         f"video <split>/<class>/<video> (found depths {sorted(depths)})")
+    parts = [Path(p).parts for p in videos]
+    names = sorted({p[-2] for p in parts})
+    index = {name: i for i, name in enumerate(names)}
+    manifest = Manifest(dataset, names)
+    seen: dict[str, str] = {}
+    for rel, p in zip(videos, parts, strict=True):
+        split = p[0] if len(p) == 3 else default_split
+        vid = _safe_key(rel.rsplit(".", 1)[0])
+        if vid in seen:  # a.mp4 beside a.webm, or names that differ only in '.', '/' and '_'
+            raise ValueError(f"{where}: {rel!r} and {seen[vid]!r} make the same sample id {vid!r}: rename one")
+        seen[vid] = rel
+        manifest.entries.append(ManifestEntry(vid, (rel,), index[p[-2]], p[-2], split))
     return manifest

@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, apply_layer, parse_overrides, read_yaml, settable
-from pipeline.data.datasets import Manifest, read_diving48, read_howto100m, read_kinetics, read_ssv2
+from pipeline.data.datasets import (
+    Manifest,
+    read_diving48,
+    read_folder,
+    read_howto100m,
+    read_kinetics,
+    read_manifest_files,
+    read_ssv2,
+)
 from pipeline.data.shards import (
     DatasetIndex,
     ShardError,
@@ -51,7 +59,7 @@ LEASE_KEY = "lease.json"
 
 
 LimitsConfig = settable(DecodeLimits)
-FORMATS = ("kinetics", "ssv2", "diving48", "howto100m")
+FORMATS = ("kinetics", "ssv2", "diving48", "howto100m", "manifest", "folder")
 REQUIRED = ("dataset", "format", "annotations", "source", "output")
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
                 "placebo")
@@ -64,7 +72,7 @@ class IngestConfig:
     ``output`` are required."""
 
     dataset: str = ""
-    format: str = ""  # kinetics, ssv2, diving48, howto100m
+    format: str = ""  # kinetics, ssv2, diving48, howto100m; your own: manifest (CSV/JSONL), folder (class folders)
     annotations: list[str] = field(default_factory=list)  # annotation files, as the format needs them
     source: str = ""  # source videos: a directory, an s3:// prefix, or a .txt file list
     output: str = ""  # dataset root: s3://bucket/prefix or a local directory
@@ -133,7 +141,7 @@ def validate_ingest(cfg: IngestConfig, origin: dict[str, str] | None = None) -> 
     def fail(key: str, value: Any, expected: str) -> ConfigError:
         return ConfigError(f"{origin.get(key, 'ingest config')}: {key}={value!r}: expected {expected}")
 
-    missing = [k for k in REQUIRED if not getattr(cfg, k)]
+    missing = [k for k in REQUIRED if not getattr(cfg, k) and not (k == "annotations" and cfg.format == "folder")]
     if missing:
         where = " + ".join(dict.fromkeys(origin.values())) or "ingest config"
         raise ConfigError(f"{where}: missing required key(s) {missing} (give them in the file or as key=value)")
@@ -173,6 +181,8 @@ def validate_ingest(cfg: IngestConfig, origin: dict[str, str] | None = None) -> 
 
 
 def read_manifest(cfg: IngestConfig) -> Manifest:
+    if cfg.format == "folder":  # the classes are the source's folders: its listing is the annotation
+        return read_folder(_source_index(cfg.source)[2], cfg.dataset, cfg.split, where=f"source {cfg.source}")
     a = cfg.annotations
     missing = [f for f in a if not Path(f).is_file()]
     if missing:
@@ -185,28 +195,37 @@ def read_manifest(cfg: IngestConfig) -> Manifest:
         return read_diving48(a[0], cfg.split, a[1] if len(a) > 1 else None)
     if cfg.format == "howto100m":
         return read_howto100m(a[0], a[1], a[2] if len(a) > 2 else None)
-    raise ValueError(f"format={cfg.format!r}: expected kinetics, ssv2, diving48 or howto100m")
+    if cfg.format == "manifest":
+        return read_manifest_files(a, cfg.dataset, cfg.split)
+    raise ValueError(f"format={cfg.format!r}: expected one of {', '.join(FORMATS)}")
 
 
-def _source_index(source: str) -> tuple[dict[str, str], dict[str, str]]:
-    """File name -> location, and location -> checksum when the listing gives one without reading the
-    bytes (S3 ETag and size), for a local directory, an ``s3://`` prefix or a file list (``.txt``: one
-    local path or ``s3://`` URI per line)."""
+def _source_index(source: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Name -> location, location -> checksum when the listing gives one without reading the bytes (S3 ETag
+    and size), and every file's path relative to the source, for a local directory (walked), an ``s3://``
+    prefix or a file list (``.txt``: one local path or ``s3://`` URI per line). A file is found by its path
+    relative to the source and, directly under it, by its name (a file list: by name)."""
     if source.startswith("s3://"):
         storage = open_storage(source)
         storage.check()
-        names, sums = {}, {}
+        names, sums, rels = {}, {}, []
         for obj in storage.list():
             uri = storage.uri(obj.key)
-            names[Path(obj.key).name] = uri
+            names[obj.key] = uri
+            names.setdefault(Path(obj.key).name, uri)
             sums[uri] = f"s3:{obj.etag}:{obj.size}" if obj.etag else ""
-        return names, sums
+            rels.append(obj.key)
+        return names, sums, rels
     path = Path(source)
     if path.is_file() and path.suffix == ".txt":
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        return {Path(ln).name: ln for ln in lines}, {}
+        return {Path(ln).name: ln for ln in lines}, {}, [Path(ln).name for ln in lines]
     if path.is_dir():
-        return {p.name: str(p) for p in path.iterdir() if p.is_file()}, {}
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(path).parts))  # hidden files and folders left out
+        names = {p.relative_to(path).as_posix(): str(p) for p in files}
+        names.update({p.name: str(p) for p in files if p.parent == path})
+        return names, {}, [p.relative_to(path).as_posix() for p in files]
     raise ValueError(f"source {source}: expected a directory, an s3:// prefix or a .txt file list")
 
 
@@ -220,7 +239,7 @@ def _checksum(location: str, listed: dict[str, str]) -> str:
 
 def resolve_sources(manifest: Manifest, source: str) -> tuple[list[Source], dict[str, dict[str, str]]]:
     """Each manifest entry's file and checksum; entries without a file go to the quarantine."""
-    names, listed = _source_index(source)
+    names, listed, _ = _source_index(source)
     sources, missing = [], {}
     for e in manifest.entries:
         location = next((names[n] for n in e.filenames if n in names), None)
