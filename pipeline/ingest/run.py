@@ -53,6 +53,7 @@ from pipeline.ingest.worker import (
     shard_failure,
     with_retries,
 )
+from pipeline.progress import ProgressLines
 
 log = logging.getLogger(__name__)
 LEASE_KEY = "lease.json"
@@ -385,6 +386,8 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
         limits = cfg.decode_limits()
         todo, running, results = list(plan.build), {}, []
         bar = tqdm(total=len(todo), unit="shard", desc="ingest", disable=not progress)
+        lines = None if progress else ProgressLines(log, "ingest", len(todo), "shards")  # a log, not a terminal
+        videos = 0
         while todo or running:
             while todo and len(running) < limit:
                 p = todo.pop(0)
@@ -392,6 +395,7 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
                 shard = running.pop(ref)
+                videos += len(shard.sources)
                 try:
                     results.append(ray.get(ref))
                 except Exception as err:  # RayTaskError, WorkerCrashedError, ...: after Ray's own retries
@@ -399,6 +403,8 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
                                 len(shard.sources), (str(err).strip().splitlines() or [""])[-1])
                     results.append(shard_failure(shard, err))
             bar.update(len(done))
+            if lines is not None:
+                lines.update(len(done), f"{videos} videos")
         bar.close()
         return results
     finally:

@@ -30,6 +30,7 @@ from pipeline.data.loader import ClipConfig, DataQualityError, FaultTally, make_
 from pipeline.data.shards import DatasetIndex
 from pipeline.data.storage import Storage
 from pipeline.distributed import group_rank_world
+from pipeline.progress import format_duration
 from pipeline.train.engine import Engine
 
 log = logging.getLogger("pipeline.train")
@@ -361,18 +362,6 @@ def progress_note(step: int, total: int, step_s: float, account: Budget) -> str:
     if budget:
         note += f" | {account.hours:.4g} of {budget:g} {getattr(account, 'unit', 'gpu')}-hours"
     return note
-
-
-def format_duration(seconds: float) -> str:
-    """``1d02h``, ``1h05m``, ``4m07s``, ``12s``."""
-    s = int(round(seconds))
-    if s >= 86400:
-        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    if s >= 60:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s}s"
 
 
 def _fmt(metrics: dict[str, float]) -> str:

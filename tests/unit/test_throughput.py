@@ -310,3 +310,20 @@ def test_progress_lines_say_where_the_run_stands_and_wait_follows_them(tmp_path,
     assert capsys.readouterr().out.splitlines() == [
         "2026 [rank 0] INFO pipeline.train: step 5/10 loss=1 | 50% eta 5s",
         "[rank 0] WARNING pipeline.data: a shard was skipped"]
+
+
+def test_progress_lines_for_logs_come_at_each_tenth_or_minute_and_at_the_end(caplog):
+    import logging
+
+    from pipeline.progress import ProgressLines
+
+    now = [0.0]
+    lines = ProgressLines(logging.getLogger("test.progress"), "ingest", 40, "shards", every_s=60, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        for i in range(40):
+            now[0] += 1.0 if i != 20 else 120.0  # one slow shard: a line for the minute that passed
+            lines.update(1, f"{(i + 1) * 8} videos")
+    said = [r.getMessage() for r in caplog.records]
+    assert said[0] == "ingest: 4/40 shards (10%), 4s elapsed, eta 36s; 32 videos"
+    assert "ingest: 21/40 shards (52%), 2m20s elapsed, eta 2m07s; 168 videos" in said  # the minute's line
+    assert len(said) == 11 and said[-1] == "ingest: 40/40 shards (100%), 2m39s elapsed, eta 0s; 320 videos"
