@@ -132,6 +132,9 @@ class OptimConfig:
     lr_gamma: float = 0.1
     warmup_epochs: float = 0.0
     grad_clip: float = 0.0  # max gradient norm; 0 = off (the original does not clip)
+    # the classifier head's learning rate is lr x this: a fresh head over a loaded backbone (fine-tuning on a
+    # small dataset) learns faster than the features under it should move
+    head_lr_scale: float = 1.0
 
 
 @dataclass
@@ -146,6 +149,7 @@ class TrainConfig:
     memory_fraction: float = 0.9  # of the device's memory that ``auto`` checkpointing plans to fill
     compile: str = "none"  # none, or blocks (torch.compile of each transformer block)
     engine: str = "deepspeed"  # deepspeed, or torch (plain PyTorch DDP: a baseline)
+    freeze: str = "none"  # none, or backbone: only the classifier head trains (a linear probe of model.init)
     seed: int = 0
     log_every: int = 20  # steps between metric lines
     val_every: int = 0  # steps between clip-level validations; 0 = once per epoch; -1 = never
@@ -551,6 +555,7 @@ FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "optim.lr_gamma": (0.0, False, None, False),
     "optim.warmup_epochs": (0.0, True, None, False),
     "optim.grad_clip": (0.0, True, None, False),
+    "optim.head_lr_scale": (0.0, False, None, False),
     "train.epochs": (0.0, False, None, False),
     "train.memory_fraction": (0.0, False, 1.0, True),
     "budget.gpu_hours": (0.0, True, None, False),
@@ -602,6 +607,7 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     _choice(cfg.train.zero_stage, (0, 1, 2, 3), "train.zero_stage", where)
     _choice(cfg.train.engine, ("deepspeed", "torch"), "train.engine", where)
     _choice(cfg.train.compile, ("none", "blocks"), "train.compile", where)
+    _choice(cfg.train.freeze, ("none", "backbone"), "train.freeze", where)
     _choice(cfg.test.protocol, ("multi_view", "long_video"), "test.protocol", where)
     _choice(cfg.test.spatial_crops, (1, 3), "test.spatial_crops", where)
     _choice(cfg.cluster.accelerator, ("gpu", "cpu"), "cluster.accelerator", where)

@@ -111,20 +111,40 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum (the paper) or AdamW; weight decay on every parameter, as the original,
-    unless ``optim.decay_embeddings`` is off (then cls token, position and time embeddings are exempt).
+    """SGD with Nesterov momentum (the paper) or AdamW over the parameters that train (``train.freeze``);
+    weight decay on every parameter, as the original, unless ``optim.decay_embeddings`` is off (then cls token,
+    position and time embeddings are exempt); the classifier head at ``optim.head_lr_scale`` times the rate.
     On a GPU the optimizer is torch's fused one (one kernel for all parameters instead of a few per tensor)."""
     o = cfg.optim
     exempt = set() if o.decay_embeddings else set(getattr(model, "no_weight_decay", lambda: set())())
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in exempt]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in exempt]
-    groups = [{"params": decay, "weight_decay": o.weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((name.startswith(HEAD_PREFIX), name in exempt), []).append(p)
+    if not groups:
+        raise ValueError("no parameter of the model trains (all frozen): check train.freeze")
+    param_groups = [{"params": params, "weight_decay": 0.0 if no_decay else o.weight_decay,
+                     "lr": o.lr * (o.head_lr_scale if head else 1.0)}
+                    for (head, no_decay), params in sorted(groups.items())]
     fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, **fused)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), **fused)
+        return torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
+                               **fused)
+    return torch.optim.AdamW(param_groups, lr=o.lr, betas=tuple(o.betas), **fused)
+
+
+HEAD_PREFIX = "head."  # the classifier's parameters (TimeSformer.head)
+
+
+def apply_freeze(model: nn.Module, freeze: str) -> int:
+    """``train.freeze``: ``backbone`` leaves only the classifier head trainable (a linear probe); returns the
+    number of parameters that train."""
+    if freeze == "backbone":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(HEAD_PREFIX))
+    elif freeze != "none":
+        raise ValueError(f"train.freeze={freeze!r}: expected none or backbone")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig,

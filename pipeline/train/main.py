@@ -37,7 +37,7 @@ from pipeline.models.timesformer import TimeSformer, model_config
 from pipeline.secrets import reveal_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
-from pipeline.train.engine import init_distributed, make_engine
+from pipeline.train.engine import apply_freeze, init_distributed, make_engine
 from pipeline.train.evaluate import RUN_DATASET_FILE, test_protocol, validate
 from pipeline.train.export import export_model
 from pipeline.train.loop import LoopState, train_loop
@@ -189,6 +189,10 @@ class Trainer:
         cfg = self.cfg
         mcfg = model_config(cfg)
         self.model = build_model(cfg)
+        trainable = apply_freeze(self.model, cfg.train.freeze)
+        if cfg.train.freeze != "none" and self.denv.is_main:
+            log.info("train.freeze=%s: %d of %d parameters train", cfg.train.freeze, trainable,
+                     sum(p.numel() for p in self.model.parameters()))
         self.policy = prepare_model(self.model, cfg, self.device, build=lambda: TimeSformer(mcfg),
                                     micro_batch=self.plan.micro_batch)
         self.engine = make_engine(self.model, cfg, self.plan, self.per_epoch, self.device,

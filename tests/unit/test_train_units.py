@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import batch_plan, load_recipe
+from pipeline.config import ConfigError, batch_plan, load_recipe
 from pipeline.distributed import DistEnv, expand_nodelist, group_rank_world, job_port
 from pipeline.models.timesformer import create_model
 from pipeline.train import checkpoint as ckpt
@@ -194,3 +194,25 @@ def test_a_diverging_run_stops_before_its_checkpoint_with_a_clear_error(tmp_path
     assert f"--resume {tmp_path}" in str(err.value) and "optim.lr" in str(err.value)
     if poison == "nan_clip":
         assert stopped == 4  # the fourth step's batch
+
+
+def test_a_separate_head_learning_rate_and_a_frozen_backbone():
+    from pipeline.train.engine import apply_freeze
+
+    cfg = load_recipe("smoke", ["optim.name=adamw", "optim.lr=0.001", "optim.head_lr_scale=10", "train.engine=torch",
+                                "train.zero_stage=0", "train.micro_batch=2", "train.global_batch=2"])
+    model = create_model("timesformer_tiny", num_frames=2, num_classes=3)
+    by_lr = {round(g["lr"], 9): {id(p) for p in g["params"]} for g in build_optimizer(model, cfg).param_groups}
+    head = {id(model.head.weight), id(model.head.bias)}
+    assert set(by_lr) == {0.001, 0.01} and by_lr[0.01] == head and head.isdisjoint(by_lr[0.001])
+    # a linear probe: only the head trains, and a step moves nothing else
+    assert apply_freeze(model, "backbone") == model.head.weight.numel() + model.head.bias.numel()
+    frozen = load_recipe("smoke", ["train.freeze=backbone", "train.engine=torch", "train.zero_stage=0",
+                                   "train.micro_batch=2", "train.global_batch=2"])
+    engine = TorchEngine(model, frozen, batch_plan(frozen, 1), per_epoch=10, device=torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine.train_micro_batch(torch.randn(2, 3, 2, 32, 32), torch.tensor([0, 1]))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"head.weight", "head.bias"}
+    with pytest.raises(ConfigError, match="train.freeze='everything': expected one of none, backbone"):
+        load_recipe("smoke", ["train.freeze=everything"])
