@@ -503,7 +503,7 @@ INT_MINIMUMS: dict[str, tuple[int, str]] = {
     "model.embed_dim": (1, "a positive integer (or null: the variant's own)"),
     "model.depth": (1, "a positive integer (or null: the variant's own)"),
     "model.num_heads": (1, "a positive integer (or null: the variant's own)"),
-    "model.in_chans": (1, "a positive number of input channels"),
+    "model.in_chans": (3, "3: clips are decoded as RGB"),
     "data.version": (0, "an integer >= 0 (0: the newest committed version)"),
     "data.num_frames": (1, "a positive integer"),
     "data.sampling_rate": (1, "a positive integer"),
@@ -535,6 +535,7 @@ INT_MINIMUMS: dict[str, tuple[int, str]] = {
 # maximum of integer fields where a typo (an extra digit or three) would exhaust a node rather than fail
 INT_MAXIMUMS: dict[str, tuple[int, str]] = {
     "data.num_workers": (256, "at most 256 DataLoader workers per rank (each is a process)"),
+    "model.in_chans": (3, "3: clips are decoded as RGB"),
 }
 # a model no recipe comes near (TimeSformer-L has 121M parameters): above it, model.* or data.* holds a typo,
 # and building it would exhaust the ranks' memory after the run was created

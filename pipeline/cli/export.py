@@ -51,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         labels = None
         try:
             from pipeline.data.shards import load_index
+            from pipeline.train.evaluate import recorded_dataset
 
-            labels = load_index(cfg.data.index, cfg.data.version or None)[0].classes
+            recorded = recorded_dataset(run_dir)  # the classes the run trained on, whatever was committed since
+            labels = (recorded["classes"] if recorded else
+                      load_index(cfg.data.index, cfg.data.version or None)[0].classes)
         except Exception as e:  # noqa: BLE001 -- label names are a nicety; the weights are what matters
             print(f"export: dataset {cfg.data.index} unreadable ({e}); labels will be LABEL_<i>", file=sys.stderr)
         print(f"wrote {save_hf(load_safetensors(path), args.hf, labels)} (Hugging Face format)")

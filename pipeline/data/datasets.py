@@ -242,8 +242,8 @@ def read_manifest_files(paths: Iterable[str | Path], dataset: str, default_split
             raise ValueError(f"{where}:{n}: id {vid!r} is used twice (first at {seen[vid]}); give each row its own "
                              f"'id' (two clips of one video: their start and end make them differ)")
         seen[vid] = f"{where}:{n}"
-        names_tried = (rel, Path(rel).name) if "/" in rel else (rel,)
-        manifest.entries.append(ManifestEntry(vid, names_tried, index.get(label, -1), label, split, start, end))
+        # the path as given, never its bare file name: another folder's file of that name is another video
+        manifest.entries.append(ManifestEntry(vid, (rel,), index.get(label, -1), label, split, start, end))
     return manifest
 
 

@@ -220,7 +220,19 @@ def _source_index(source: str) -> tuple[dict[str, str], dict[str, str], list[str
     path = Path(source)
     if path.is_file() and path.suffix == ".txt":
         lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        return {Path(ln).name: ln for ln in lines}, {}, [Path(ln).name for ln in lines]
+        names: dict[str, str] = {}
+        ambiguous: set[str] = set()
+        for ln in lines:  # by name (as before) and by each trailing path (cats/a.mp4 for a manifest's path)
+            parts = ln.split("://", 1)[-1].split("/")
+            for i in range(len(parts) - 1, 0, -1):
+                key = "/".join(parts[i:])
+                if key in names and names[key] != ln and i < len(parts) - 1:
+                    ambiguous.add(key)
+                names.setdefault(key, ln)
+            names[parts[-1]] = ln  # a file name: the last listed wins, as before
+        for key in ambiguous:  # two listed files end in the same path: it names neither
+            del names[key]
+        return names, {}, [Path(ln).name for ln in lines]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
             part.startswith(".") for part in p.relative_to(path).parts))  # hidden files and folders left out

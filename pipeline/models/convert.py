@@ -654,6 +654,8 @@ def checkpoint_normalization(path: str | os.PathLike) -> tuple[tuple[float, ...]
             pre = path / PREPROCESSOR_FILE
             if pre.is_file():
                 d = json.loads(pre.read_text())
+                if not d.get("do_normalize", True) or "image_mean" not in d or "image_std" not in d:
+                    return None  # it does not say (or does not normalise): the recipe's constants are taken
                 return tuple(map(float, d["image_mean"])), tuple(map(float, d["image_std"]))
             path = path / "model.safetensors"
         if path.suffix == ".safetensors" and path.is_file():

@@ -118,9 +118,10 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device | Non
     o = cfg.optim
     exempt = set() if o.decay_embeddings else set(getattr(model, "no_weight_decay", lambda: set())())
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
+    apart = o.head_lr_scale != 1.0  # the head in groups of its own only when its rate differs: the optimizer's
+    for name, p in model.named_parameters():  # groups (and so its checkpoints) keep their layout otherwise
         if p.requires_grad:
-            groups.setdefault((name.startswith(HEAD_PREFIX), name in exempt), []).append(p)
+            groups.setdefault((apart and name.startswith(HEAD_PREFIX), name in exempt), []).append(p)
     if not groups:
         raise ValueError("no parameter of the model trains (all frozen): check train.freeze")
     param_groups = [{"params": params, "weight_decay": 0.0 if no_decay else o.weight_decay,

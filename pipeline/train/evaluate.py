@@ -109,6 +109,22 @@ def check_classes(index: DatasetIndex, num_classes: int, classes: list[str] | No
 RUN_DATASET_FILE = "dataset.json"  # in a run directory: the dataset (name, version, classes) it trains on
 
 
+def recorded_dataset(run_dir: Path) -> dict[str, Any] | None:
+    """``dataset.json`` (dataset, version, classes) as the run's first start wrote it; None before that."""
+    path = run_dir / RUN_DATASET_FILE
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+        if not isinstance(recorded, dict) or not isinstance(recorded["classes"], list) \
+                or not isinstance(recorded.get("version", 0), int) or isinstance(recorded.get("version"), bool):
+            raise TypeError("not a mapping with a class list and an integer version")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvaluationError(f"{path}: not a dataset record ({type(e).__name__}: {e}); it is written at the run's "
+                          f"first start: restore it or start a new run") from None
+    return recorded
+
+
 def model_classes(model_path: str | Path, run_dir: str | Path | None = None) -> tuple[list[str] | None, str]:
     """The class names a model was trained on, and where they come from: the ``classes`` of its
     safetensors metadata (``jobs/export.py`` writes them), else its run directory's ``dataset.json``;

@@ -139,9 +139,12 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
                               f"launch a new run")
         cfg = load_resolved(run_dir / "config.yaml")
         if not cfg.data.version:  # launched before runs were pinned: the version its ranks recorded at first start
-            from pipeline.train.main import recorded_dataset
+            from pipeline.train.evaluate import EvaluationError, recorded_dataset
 
-            cfg.data.version = (recorded_dataset(run_dir) or {}).get("version", 0)
+            try:
+                cfg.data.version = (recorded_dataset(run_dir) or {}).get("version", 0)
+            except EvaluationError as e:
+                raise ConfigError(str(e)) from None
         if req.overrides or flags:  # only where to run may change on resume; the recipe stays
             layer = parse_overrides(req.overrides)
             bad = sorted(k for k in layer if k not in ("cluster", "runs_dir", "tracking"))
@@ -242,8 +245,8 @@ def check_data(cfg: RunConfig) -> str:
     except (ShardError, StorageError, OSError, ValueError, RecursionError) as e:
         if cfg.data.version:
             raise ConfigError(f"data.index={cfg.data.index!r} version {cfg.data.version} cannot be read: "
-                              f"{' '.join(str(e).split())}. A run is pinned to the version it started on: restore "
-                              f"it, or launch a new run on another version") from None
+                              f"{' '.join(str(e).split())}. Give a committed version (a resumed run is pinned to "
+                              f"the one it started on: restore it, or launch a new run)") from None
         raise ConfigError(f"data.index={cfg.data.index!r} cannot be read: {' '.join(str(e).split())}. Ingest the "
                           f"dataset first (python jobs/ingest.py --config configs/ingest/<dataset>.yaml) or fix "
                           f"data.index") from None
@@ -254,6 +257,9 @@ def check_data(cfg: RunConfig) -> str:
     if cfg.model.num_classes != len(index.classes):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but dataset {index.dataset} has "
                           f"{len(index.classes)} classes; set model.num_classes={len(index.classes)}")
+    if cfg.data.version and index.version != cfg.data.version:  # data.index names one index file: it wins silently
+        raise ConfigError(f"data.index={cfg.data.index!r} is dataset version {index.version}, and data.version="
+                          f"{cfg.data.version}: give the dataset root with data.version, or the index file alone")
     pinned = "" if cfg.data.version else f" (the newest: the run is pinned to it, data.version={index.version})"
     cfg.data.version = index.version  # a run reads one version for its whole life: resume and evaluation too
     return f"{index.dataset} v{index.version}{pinned}: " + ", ".join(

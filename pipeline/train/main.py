@@ -38,7 +38,7 @@ from pipeline.secrets import reveal_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
 from pipeline.train.engine import apply_freeze, init_distributed, make_engine
-from pipeline.train.evaluate import RUN_DATASET_FILE, test_protocol, validate
+from pipeline.train.evaluate import RUN_DATASET_FILE, recorded_dataset, test_protocol, validate
 from pipeline.train.export import export_model
 from pipeline.train.loop import LoopState, train_loop
 from pipeline.train.parallelize import prepare_model, recompute_fraction
@@ -431,22 +431,6 @@ def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     metrics = {} if report["top1"] is None else {"test_top1": report["top1"], "test_top5": report["top5"]}
     metrics.update({f"test_{k}": float(report[k]) for k in ("unlabelled", "skipped") if report.get(k)})
     return metrics
-
-
-def recorded_dataset(run_dir: Path) -> dict[str, Any] | None:
-    """``dataset.json`` (dataset, version, classes) as the run's first start wrote it; None before that."""
-    path = run_dir / RUN_DATASET_FILE
-    if not path.exists():
-        return None
-    try:
-        recorded = json.loads(path.read_text())
-        if not isinstance(recorded, dict) or not isinstance(recorded["classes"], list) \
-                or not isinstance(recorded.get("version", 0), int):
-            raise TypeError("not a mapping with a class list and an integer version")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{path}: not a dataset record ({type(e).__name__}: {e}); it is written at the run's "
-                          f"first start: restore it or start a new run") from None
-    return recorded
 
 
 def record_dataset(run_dir: Path, index, write: bool) -> None:

@@ -350,3 +350,7 @@ def test_a_run_stays_on_the_dataset_version_it_started_on(tmp_path, monkeypatch)
     assert load_resolved(run_dir / "config.yaml").data.version == 1
     with pytest.raises(ConfigError, match="started on test-colour v1, and this start reads v2"):
         record_dataset(run_dir, v2, write=False)
+    # an index file names its version: an explicit data.version that differs is refused, not silently replaced
+    with pytest.raises(ConfigError, match="is dataset version 1, and data.version=2"):
+        launch(request(tmp_path, str(root / "indexes" / "v000001.json"), "data.version=2", name="clash",
+                       local=False), out=lines.append)

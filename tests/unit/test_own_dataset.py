@@ -55,7 +55,7 @@ def test_a_manifest_in_csv_or_json_lines_gives_classes_splits_and_clips(tmp_path
     by_id = {e.video_id: e for e in m.entries}
     assert set(by_id) == {"walk_a", "run_b_000001_000003", "c", "walk_d", "run_b_000004_000006"}
     b = by_id["run_b_000001_000003"]
-    assert (b.label, b.split, b.start, b.end, b.filenames) == (0, "val", 1.0, 3.5, ("run/b.mp4", "b.mp4"))
+    assert (b.label, b.split, b.start, b.end, b.filenames) == (0, "val", 1.0, 3.5, ("run/b.mp4",))
     assert by_id["c"].label == -1 and by_id["c"].split == "test"  # unlabelled
     assert by_id["walk_d"].split == "train" and by_id["walk_d"].label_name == "walking"  # the default split
 
@@ -128,3 +128,19 @@ def test_the_folder_format_needs_no_annotations_and_the_others_still_do(tmp_path
     assert ingest_config(tmp_path, "folder").annotations == []
     with pytest.raises(ConfigError, match="missing required key"):
         ingest_config(tmp_path, "manifest")
+
+
+def test_a_manifest_path_never_falls_back_to_another_folders_file_of_that_name(tmp_path, serial):
+    """cats/a.mp4 is missing; a.mp4 and dogs/a.mp4 exist: the row is quarantined, never ingested as the dog."""
+    (tmp_path / "videos" / "dogs").mkdir(parents=True)
+    (tmp_path / "videos" / "a.mp4").write_bytes(video())
+    (tmp_path / "videos" / "dogs" / "a.mp4").write_bytes(video())
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,label\ncats/a.mp4,cat\ndogs/a.mp4,dog\n")
+    result = run_ingest(ingest_config(tmp_path, "manifest", f"annotations={manifest}"), progress=False)
+    assert set(result.quarantine) == {"cats_a"} and load_index(str(tmp_path / "out"))[0].num_samples("train") == 1
+    # a file list as the source: a manifest path matches the listed file that ends with it, and only that one
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{tmp_path / 'videos' / 'dogs' / 'a.mp4'}\n{tmp_path / 'videos' / 'a.mp4'}\n")
+    names, _, _ = ingest_run._source_index(str(listed))
+    assert names["dogs/a.mp4"] == str(tmp_path / "videos" / "dogs" / "a.mp4") and "cats/a.mp4" not in names

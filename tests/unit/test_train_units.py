@@ -202,6 +202,8 @@ def test_a_separate_head_learning_rate_and_a_frozen_backbone():
     cfg = load_recipe("smoke", ["optim.name=adamw", "optim.lr=0.001", "optim.head_lr_scale=10", "train.engine=torch",
                                 "train.zero_stage=0", "train.micro_batch=2", "train.global_batch=2"])
     model = create_model("timesformer_tiny", num_frames=2, num_classes=3)
+    plain = load_recipe("smoke", ["optim.name=adamw", "train.engine=torch", "train.zero_stage=0"])
+    assert len(build_optimizer(model, plain).param_groups) == 1  # the layout older checkpoints were saved with
     by_lr = {round(g["lr"], 9): {id(p) for p in g["params"]} for g in build_optimizer(model, cfg).param_groups}
     head = {id(model.head.weight), id(model.head.bias)}
     assert set(by_lr) == {0.001, 0.01} and by_lr[0.01] == head and head.isdisjoint(by_lr[0.001])
