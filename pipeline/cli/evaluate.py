@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.video import VideoDecodeError
     from pipeline.models.convert import load_safetensors
     from pipeline.train import checkpoint as ckpt
-    from pipeline.train.evaluate import EvaluationError, describe, model_classes, recorded_dataset, test_protocol
+    from pipeline.train.evaluate import EvaluationError, describe, model_classes, run_data_version, test_protocol
     from pipeline.train.export import export_model
 
     bad_input = (ConfigError, ShardError, StorageError, VideoDecodeError, EvaluationError, FileNotFoundError,
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         export_needed = False
         if src.is_dir():
             cfg = load_resolved(src / "config.yaml") if not args.recipe else load_recipe(args.recipe)
-            if not args.recipe and not cfg.data.version:  # launched before runs were pinned: what it trained on
-                cfg.data.version = (recorded_dataset(src) or {}).get("version", 0)
+            if not args.recipe:  # the version the run trained on (recorded at first start by runs before the pin)
+                cfg.data.version = run_data_version(cfg, src)
             model_path = src / "export" / "model.safetensors"
             if not model_path.exists():
                 if ckpt.latest_complete(src) is None:

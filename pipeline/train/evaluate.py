@@ -109,6 +109,12 @@ def check_classes(index: DatasetIndex, num_classes: int, classes: list[str] | No
 RUN_DATASET_FILE = "dataset.json"  # in a run directory: the dataset (name, version, classes) it trains on
 
 
+def run_data_version(cfg: Any, run_dir: Path) -> int:
+    """The dataset version a run reads: its config's (launch pins it), or for a run directory launched before
+    the pin (``data.version: 0``) the one its ranks recorded at first start; 0 (the newest) before that."""
+    return cfg.data.version or (recorded_dataset(run_dir) or {}).get("version", 0)
+
+
 def recorded_dataset(run_dir: Path) -> dict[str, Any] | None:
     """``dataset.json`` (dataset, version, classes) as the run's first start wrote it; None before that."""
     path = run_dir / RUN_DATASET_FILE
@@ -173,6 +179,7 @@ def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device
     loss_sum = top1 = top5 = count = unlabelled = bad = 0.0
     faults = FaultTally()
     problem = ""
+    norm = normalization_of(module)
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
@@ -186,7 +193,7 @@ def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device
         if "video" not in batch:  # a worker's final count of skipped samples, not a batch
             continue
         labels = torch.as_tensor(batch["label"])
-        logits = module(normalize_on_device(batch["video"], device, *normalization_of(module), dtype=dtype)).float()
+        logits = module(normalize_on_device(batch["video"], device, *norm, dtype=dtype)).float()
         wrong = (torch.ones_like(labels, dtype=torch.bool) if labels.is_floating_point() or labels.dtype == torch.bool
                  else (labels < UNLABELLED) | (labels >= logits.shape[-1]))
         if bool(wrong.any()):

@@ -139,10 +139,10 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
                               f"launch a new run")
         cfg = load_resolved(run_dir / "config.yaml")
         if not cfg.data.version:  # launched before runs were pinned: the version its ranks recorded at first start
-            from pipeline.train.evaluate import EvaluationError, recorded_dataset
+            from pipeline.train.evaluate import EvaluationError, run_data_version
 
             try:
-                cfg.data.version = (recorded_dataset(run_dir) or {}).get("version", 0)
+                cfg.data.version = run_data_version(cfg, run_dir)
             except EvaluationError as e:
                 raise ConfigError(str(e)) from None
         if req.overrides or flags:  # only where to run may change on resume; the recipe stays
@@ -236,7 +236,8 @@ def sbatch_script(cfg: RunConfig, nodes: int, run_dir: Path, code: Path | None =
 
 
 def check_data(cfg: RunConfig) -> str:
-    """Fail at launch (not on the cluster an hour later) when the dataset cannot be read."""
+    """Fail at launch (not on the cluster an hour later) when the dataset cannot be read; pin ``cfg.data.version``
+    to the version found (0 means the newest: the run then stays on it); a line describing the dataset."""
     from pipeline.data.shards import ShardError, load_index
     from pipeline.data.storage import StorageError
 
@@ -326,7 +327,7 @@ def check_init_normalization(cfg: RunConfig, path: Path) -> None:
     mean, std = recorded
     ours = (tuple(cfg.model.mean), tuple(cfg.model.std))
     if len(mean + std) != len(ours[0] + ours[1]) or any(
-            abs(a - b) > 1e-6 for a, b in zip(mean + std, ours[0] + ours[1], strict=False)):
+            abs(a - b) > 1e-6 for a, b in zip(mean + std, ours[0] + ours[1], strict=True)):
         fmt = ",".join
         raise ConfigError(
             f"model.init={str(path)!r} was trained on inputs normalised with mean {list(mean)} and std {list(std)}, "

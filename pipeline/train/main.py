@@ -38,7 +38,7 @@ from pipeline.secrets import reveal_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
 from pipeline.train.engine import apply_freeze, init_distributed, make_engine
-from pipeline.train.evaluate import RUN_DATASET_FILE, recorded_dataset, test_protocol, validate
+from pipeline.train.evaluate import RUN_DATASET_FILE, recorded_dataset, run_data_version, test_protocol, validate
 from pipeline.train.export import export_model
 from pipeline.train.loop import LoopState, train_loop
 from pipeline.train.parallelize import prepare_model, recompute_fraction
@@ -171,8 +171,7 @@ class Trainer:
         record_process(run_dir, denv)
         self.device = init_distributed(cfg, denv.rank, denv.world_size, denv.local_rank)
         self.plan = batch_plan(cfg, denv.world_size)
-        version = cfg.data.version or (recorded_dataset(run_dir) or {}).get("version")  # 0: pinned at first start
-        self.index, self.storage = load_index(cfg.data.index, version or None)
+        self.index, self.storage = load_index(cfg.data.index, run_data_version(cfg, run_dir) or None)
         record_dataset(run_dir, self.index, write=denv.is_main)
         train_clips = self.index.num_samples(cfg.data.train_split)
         self.per_epoch, self.total = steps_per_epoch(cfg, train_clips), total_steps(cfg, train_clips)
