@@ -40,6 +40,9 @@ class ConfigError(ValueError):
 # data.crop). A field left out (null) takes the variant's value; loading a recipe fills them in, so a resolved
 # config (the run directory's config.yaml, MLflow's params) names the whole model.
 MODEL_FROM_DATA = {"num_frames": "data.num_frames", "img_size": "data.crop"}
+# Model fields that null leaves to the dataset index, settled at launch (launch.check_data) and by a rank that
+# finds them unset (a config written in code): multi_label is the index's (several labels per video or one).
+MODEL_FROM_DATASET = ("multi_label",)
 
 
 def settable(source: type, name: str | None = None, *, optional: bool = False, exclude: Any = (),
@@ -67,8 +70,11 @@ def settable(source: type, name: str | None = None, *, optional: bool = False, e
 ModelConfig = settable(
     TimeSformerConfig, "ModelConfig", optional=True, exclude=MODEL_FROM_DATA,
     first=[("variant", str, field(default="timesformer_base")),  # pipeline.models.config.VARIANTS
-           # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors)
+           # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors): a path, s3://bucket/key
+           # or hf-hub:<org>/<name>[@revision], which launch resolves once to the local path the ranks read
            ("init", str, field(default="")),
+           # the s3:// or hf-hub: reference model.init was resolved from at launch ("": given as a path)
+           ("init_source", str, field(default="")),
            ("init_reset_head", bool, field(default=False))],  # fine-tuning on other classes: a fresh classifier
     doc="The run's model: a registered variant, its initial weights, and any TimeSformerConfig field (None: the "
         "variant's own).")
@@ -88,7 +94,7 @@ def fill_model(cfg: RunConfig, where: str = "resolved recipe", legacy: bool = Fa
                 setattr(m, name, None)
     base = {**TimeSformerConfig().to_dict(), **VARIANTS[m.variant].overrides}
     for name in (f.name for f in fields(TimeSformerConfig) if f.name not in MODEL_FROM_DATA):
-        if getattr(m, name) is None:
+        if getattr(m, name) is None and name not in MODEL_FROM_DATASET:
             setattr(m, name, base[name])
     for name in ("mean", "std"):  # one value for every channel (the original's) fits any channel count
         value = getattr(m, name)
@@ -179,6 +185,7 @@ class BudgetConfig:
 class TrackingConfig:
     uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite in the runs directory
     experiment: str = ""  # "" = the recipe name
+    register: bool = True  # at the end: the model in MLflow's model registry, under the recipe's name
 
 
 @dataclass

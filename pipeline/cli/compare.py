@@ -1,6 +1,8 @@
 """Compare training runs the way the paper does (Table 2): model, attention, frames x rate, resolution,
 parameters, TFLOPs per view x views, GPU-hours, top-1, top-5, clips/s; and a plot of accuracy against
-GPU-hours (validation curve per run, the test result as a star, budgets as dashed lines).
+GPU-hours (validation curve per run, the test result as a star, budgets as dashed lines). A multi-label
+run (model.multi_label) is scored by mAP instead of top-1/top-5; runs scored by different metrics get a
+table and a plot panel each (their numbers do not compare).
 
     python jobs/compare.py --experiment smoke
     python jobs/compare.py --experiment k400 --runs k400_base-2026... k400_attn_space_only-2026...

@@ -120,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data.video import VideoDecodeError
     from pipeline.models.convert import load_safetensors
     from pipeline.train import checkpoint as ckpt
-    from pipeline.train.evaluate import EvaluationError, describe, model_classes, run_data_version, test_protocol
+    from pipeline.train.evaluate import (
+        EvaluationError,
+        describe,
+        headline,
+        model_classes,
+        run_data_version,
+        test_protocol,
+    )
     from pipeline.train.export import export_model
 
     bad_input = (ConfigError, ShardError, StorageError, VideoDecodeError, EvaluationError, FileNotFoundError,
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     except bad_input as e:
         print(f"evaluate: {e}", file=sys.stderr)
         return 2
-    if report["top1"] is None:  # nothing was scored: an accuracy would be a made-up number
+    if headline(report)[1] is None:  # nothing was scored (top-1, or a multi-label model's mAP): no made-up number
         written = write_report(report, out, args.overwrite) if report["predictions"] else None
         print(f"evaluate: {describe(report)}\nevaluate: no labelled video was evaluated, so there is no accuracy "
               f"(the split's labels are unknown, --max-videos stopped first, or every video was skipped); "

@@ -16,7 +16,8 @@ Formats read (as the datasets publish them):
 Your own videos (``read_manifest_files``, ``read_folder``):
 
 * a manifest: CSV (``path,label[,start,end,split,id]``) or JSON Lines with the same fields; ``path``
-  relative to the ingest source;
+  relative to the ingest source; several labels per video (a multi-label dataset) as a JSON list or
+  ``labels`` field, or ``a|b`` in a CSV label cell;
 * a folder layout: ``<class>/<video>`` or ``<split>/<class>/<video>`` under the ingest source.
 
 A file that does not have what its format needs raises ``ValueError`` naming the file and the field.
@@ -35,8 +36,10 @@ from pathlib import Path
 class ManifestEntry:
     video_id: str  # stable id from the source dataset: the shard sample key
     filenames: tuple[str, ...]  # file names the source video may have, most specific first
-    label: int  # class index, -1 when the split is unlabelled
-    label_name: str
+    # class index, -1 when the split is unlabelled; in a multi-label dataset the sorted tuple of class indices
+    # (empty: none of the classes happens in the video), or -1 when unlabelled
+    label: int | tuple[int, ...]
+    label_name: str | tuple[str, ...]  # the class name(s), as ``label``
     split: str
     start: float | None = None  # seconds; None = from the beginning
     end: float | None = None  # seconds; None = to the end
@@ -47,6 +50,7 @@ class Manifest:
     dataset: str
     classes: list[str]
     entries: list[ManifestEntry] = field(default_factory=list)
+    multi_label: bool = False  # several labels per video: every labelled entry's label is a tuple
 
     def split(self, name: str) -> list[ManifestEntry]:
         return [e for e in self.entries if e.split == name]
@@ -172,16 +176,61 @@ def read_howto100m(videos_csv: str | Path, task_ids: str | Path, splits_csv: str
 # -- your own dataset ---------------------------------------------------------------------------------
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg")
-MANIFEST_FIELDS = ("path", "label", "start", "end", "split", "id")
+MANIFEST_FIELDS = ("path", "label", "labels", "start", "end", "split", "id")
+LABEL_SEPARATOR = "|"  # between the labels of one video in a label string (a CSV cell): "jumping|running"
 
 
-def read_manifest_files(paths: Iterable[str | Path], dataset: str, default_split: str = "train") -> Manifest:
+def _row_labels(row: dict, where: str, n: int) -> tuple[tuple[str, ...] | None, bool, bool]:
+    """The class names a manifest row gives: (names or None when it gives none, whether it gave them as a
+    label set (a JSON list, a ``labels`` field, or ``a|b``), whether they came from a label string)."""
+    given = {k: row[k] for k in ("label", "labels") if row.get(k) not in (None, "")}
+    if len(given) == 2:
+        raise ValueError(f"{where}:{n}: both 'label' and 'labels' are given: give the video's labels in one of them")
+    listed = "labels" in row  # a labels field or column says the dataset has label sets, even where it is empty
+    if not given:
+        return None, listed, False
+    key, value = next(iter(given.items()))
+    if isinstance(value, list):
+        names = []
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, (str, int)) or not str(item).strip():
+                raise ValueError(f"{where}:{n}: {key}={value!r}: expected a list of class names (non-empty strings)")
+            names.append(str(item).strip())
+        from_text = False
+        listed = True
+    else:
+        text = str(value).strip()
+        if ";" in text:
+            raise ValueError(f"{where}:{n}: {key}={text!r}: separate the labels of one video with "
+                             f"{LABEL_SEPARATOR!r} (a{LABEL_SEPARATOR}b; ';' is not a separator, nor allowed in a "
+                             f"class name written as text)")
+        names = [part.strip() for part in text.split(LABEL_SEPARATOR)]
+        if "" in names:
+            raise ValueError(f"{where}:{n}: {key}={text!r}: an empty label between {LABEL_SEPARATOR!r} separators")
+        from_text = True
+        listed = listed or len(names) > 1
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise ValueError(f"{where}:{n}: {key}={value!r}: label(s) {twice} given twice")
+    return tuple(names), listed, from_text
+
+
+def read_manifest_files(paths: Iterable[str | Path], dataset: str, default_split: str = "train",
+                        multi_label: bool = False) -> Manifest:
     """Your own dataset as a manifest: CSV files (a header row) or JSON Lines (``.jsonl``, one object per line)
     with ``path`` (the video's path relative to the ingest source, or its file name), ``label`` (a class name;
     empty or absent: unlabelled), and optionally ``start`` and ``end`` (seconds), ``split`` (default: the ingest
     config's ``split``) and ``id`` (default: the path without its suffix, plus the clip's bounds when given).
     Classes are the label names, sorted. A row that does not say what it needs is an error naming the file,
-    the line and the field; so is an id used twice."""
+    the line and the field; so is an id used twice.
+
+    Several labels per video make a multi-label dataset (as does ``multi_label``, the ingest config's
+    ``multi_label: true``): a JSON list (``"label": ["jumping", "running"]``, or a ``labels`` field), or in a
+    label string the names separated by ``|`` (``jumping|running``; ``;`` is refused, and in a multi-label
+    dataset so is ``,``: both are taken for a mistaken separator). Each entry's label is then the sorted tuple of
+    its class indices. ``[]`` is a video where none of the classes happens; a row without a label is one too
+    when other rows of its split have labels, and unlabelled (-1, predicted but not scored) when no row of its
+    split has any (a test split without answers)."""
     rows: list[tuple[str, int, dict]] = []
     for path in paths:
         path = Path(path)
@@ -202,7 +251,7 @@ def read_manifest_files(paths: Iterable[str | Path], dataset: str, default_split
                 reader = csv.DictReader(f)
                 _require(reader.fieldnames or [], ("path",), str(path))
                 rows.extend((str(path), n, row) for n, row in enumerate(reader, start=2))
-    entries: list[tuple[str, int, str, str, str, float | None, float | None, str]] = []
+    entries: list[tuple[str, int, str, str, tuple[str, ...] | None, bool, float | None, float | None, str]] = []
     for where, n, row in rows:
         if None in row:  # csv.DictReader's key for the values past the header's columns
             raise ValueError(f"{where}:{n}: more values than the header has columns")
@@ -213,8 +262,8 @@ def read_manifest_files(paths: Iterable[str | Path], dataset: str, default_split
         rel = str(row.get("path") or "").strip()
         if not rel or rel.startswith("/") or ".." in Path(rel).parts:
             raise ValueError(f"{where}:{n}: path={rel!r}: expected the video's path relative to the ingest source")
-        label = row.get("label")
-        label = "" if label is None else str(label).strip()
+        names, listed, from_text = _row_labels(row, where, n)
+        multi_label = multi_label or listed
         bounds = []
         for key in ("start", "end"):
             value = row.get(key)
@@ -232,18 +281,35 @@ def read_manifest_files(paths: Iterable[str | Path], dataset: str, default_split
         base = str(row.get("id") or "").strip() or rel.rsplit(".", 1)[0]
         if row.get("id") in (None, "") and (start is not None or end is not None):
             base += f"_{int(start or 0):06d}_{int(end) if end is not None else 0:06d}"
-        entries.append((where, n, _safe_key(base), rel, label, start, end, split))
-    names = sorted({e[4] for e in entries if e[4]})
-    index = {name: i for i, name in enumerate(names)}
-    manifest = Manifest(dataset, names)
+        entries.append((where, n, _safe_key(base), rel, names, from_text, start, end, split))
+    if multi_label:
+        for where, n, _, _, names, from_text, *_ in entries:
+            if from_text and any("," in name for name in names):
+                raise ValueError(f"{where}:{n}: label {LABEL_SEPARATOR.join(names)!r}: in a multi-label dataset the "
+                                 f"labels of one video are separated by {LABEL_SEPARATOR!r} (a{LABEL_SEPARATOR}b), not "
+                                 f"','; a class name with a comma can be given in a JSON list (a .jsonl manifest)")
+    names_all = sorted({name for e in entries if e[4] for name in e[4]})
+    index = {name: i for i, name in enumerate(names_all)}
+    labelled_splits = {e[8] for e in entries if e[4] is not None}
+    manifest = Manifest(dataset, names_all, multi_label=multi_label)
     seen: dict[str, str] = {}
-    for where, n, vid, rel, label, start, end, split in entries:
+    for where, n, vid, rel, names, _, start, end, split in entries:
         if vid in seen:
             raise ValueError(f"{where}:{n}: id {vid!r} is used twice (first at {seen[vid]}); give each row its own "
                              f"'id' (two clips of one video: their start and end make them differ)")
         seen[vid] = f"{where}:{n}"
+        label: int | tuple[int, ...]
+        label_name: str | tuple[str, ...]
+        if not multi_label:
+            label_name = names[0] if names else ""
+            label = index.get(label_name, -1)
+        elif names is None and split not in labelled_splits:
+            label, label_name = -1, ""  # a split without answers: predicted, not scored
+        else:
+            label = tuple(sorted(index[name] for name in names or ()))
+            label_name = tuple(names_all[i] for i in label)
         # the path as given, never its bare file name: another folder's file of that name is another video
-        manifest.entries.append(ManifestEntry(vid, (rel,), index.get(label, -1), label, split, start, end))
+        manifest.entries.append(ManifestEntry(vid, (rel,), label, label_name, split, start, end))
     return manifest
 
 

@@ -18,6 +18,11 @@ process boundary; ``FaultTally`` sums them and holds the ceiling (``DataQualityE
 pipelines hold their last item back so the counts of a pass's end travel on it; a worker that has counts
 but no item left to carry them ends with a marker, ``{"faults": ...}`` alone (no ``video``/``views``).
 
+Labels: a class index per clip (batch ``label`` ``(B,)``, int64), or in a multi-label dataset
+(``DatasetIndex.multi_label``) a multi-hot float vector over the classes (batch ``label`` ``(B, classes)``;
+an unlabelled video's row is all -1). A label that is not what the dataset's kind needs (an index out of
+range, a list in a single-label dataset, a bare index in a multi-label one) is a counted ``bad_label`` skip.
+
 Node and worker splitting are explicit (rank and world size are arguments, not environment guesses).
 Every random choice in training comes from a generator seeded by (seed, rank, worker, start step), so
 a run resumed at step s draws new data instead of replaying the first epoch, and a given
@@ -402,10 +407,11 @@ def shard_samples(counter: FaultCounter):
     return stage
 
 
-def check_meta(raw: bytes, num_classes: int, train: bool) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
+def check_meta(raw: bytes, num_classes: int, train: bool,
+               multi_label: bool = False) -> tuple[dict[str, Any] | None, tuple[str, str] | None]:
     """A sample's metadata, or the reason and detail why it cannot be used. Labels are integers in
-    [0, num_classes); -1 (unlabelled, as ingest writes for test rows) only in evaluation. Durations are
-    finite seconds in (0, MAX_DURATION_S]."""
+    [0, num_classes) (``multi_label``: lists of distinct such integers, possibly empty); -1 (unlabelled, as
+    ingest writes for test rows) only in evaluation. Durations are finite seconds in (0, MAX_DURATION_S]."""
     try:
         meta = json.loads(raw)
     except RecursionError:
@@ -416,7 +422,13 @@ def check_meta(raw: bytes, num_classes: int, train: bool) -> tuple[dict[str, Any
         return None, ("bad_json", f"a JSON {type(meta).__name__}, not an object")
     label = meta.get("label")
     low = 0 if train else -1
-    if not isinstance(label, int) or isinstance(label, bool) or not low <= label < num_classes:
+    if multi_label:
+        if not (label == -1 and not train and _is_index(label)) and not (
+                isinstance(label, list) and all(_is_index(i) and 0 <= i < num_classes for i in label)
+                and len(set(label)) == len(label)):
+            return None, ("bad_label", f"label {label!r}: expected a list of distinct class indices in "
+                          f"[0, {num_classes}) (a multi-label dataset)" + ("" if train else ", or -1 (unlabelled)"))
+    elif not _is_index(label) or not low <= label < num_classes:
         return None, ("bad_label", f"label {label!r}: expected an integer in [{low}, {num_classes})"
                       + (" (-1, unlabelled, is for evaluation only)" if train and label == -1 else ""))
     duration = meta.get("duration")
@@ -426,15 +438,32 @@ def check_meta(raw: bytes, num_classes: int, train: bool) -> tuple[dict[str, Any
     return meta, None
 
 
-def parse_meta(counter: FaultCounter, num_classes: int, train: bool):
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def multi_hot(label: list[int] | int, num_classes: int) -> torch.Tensor:
+    """A multi-label sample's label as the float vector the loss and the metric take: 1 at its classes, 0
+    elsewhere; all -1 for an unlabelled video (label -1)."""
+    if isinstance(label, int):
+        return torch.full((num_classes,), -1.0)
+    out = torch.zeros(num_classes)
+    out[list(label)] = 1.0
+    return out
+
+
+def parse_meta(counter: FaultCounter, num_classes: int, train: bool, multi_label: bool = False):
     """Stage: parse and check each sample's metadata (cheap, before the shuffle buffer and the resume
-    skip, so a broken one never takes a place in a batch's numbering)."""
+    skip, so a broken one never takes a place in a batch's numbering). ``multi_label``: the label becomes
+    its multi-hot vector (``multi_hot``)."""
     def stage(src):
         for sample in src:
-            meta, problem = check_meta(sample["json"], num_classes, train)
+            meta, problem = check_meta(sample["json"], num_classes, train, multi_label)
             if problem is not None:
                 counter.skip(sample["__url__"], sample["__key__"], *problem)
                 continue
+            if multi_label:
+                meta = {**meta, "label": multi_hot(meta["label"], num_classes)}
             yield {"__key__": sample["__key__"], "__url__": sample["__url__"], "mp4": sample["mp4"], "meta": meta}
     return stage
 
@@ -567,7 +596,8 @@ def view_loader(index: DatasetIndex, storage: Storage, split: str, *, clip: Clip
     counter = FaultCounter()
     pipeline = wds.DataPipeline(my_shards([s.url for s in shards], rank, world_size),
                                 open_shards(storage, index, counter), shard_samples(counter),
-                                parse_meta(counter, clip.num_classes or len(index.classes), train=False),
+                                parse_meta(counter, clip.num_classes or len(index.classes), train=False,
+                                           multi_label=index.multi_label),
                                 to_views(clip, protocol, temporal_clips, spatial_crops, counter, index_limits(index)),
                                 attach_faults(counter, hold_last=True))
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
@@ -575,8 +605,10 @@ def view_loader(index: DatasetIndex, storage: Storage, split: str, *, clip: Clip
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    labels = [s["label"] for s in samples]
     return {"video": torch.stack([s["video"] for s in samples]),  # (B, C, T, H, W)
-            "label": torch.tensor([s["label"] for s in samples]),
+            # (B,) class indices, or (B, classes) multi-hot vectors in a multi-label dataset
+            "label": torch.stack(labels) if labels and isinstance(labels[0], torch.Tensor) else torch.tensor(labels),
             "key": [s["key"] for s in samples],
             "short": torch.tensor([s["short"] for s in samples])}
 
@@ -594,7 +626,8 @@ def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: b
     Training streams are endless unless ``batches_per_worker`` gives an epoch length. ``skip_batches``
     resumes the stream of (seed, rank, start_step) that many batches in: the same batches follow as if
     it had never stopped (with the same number of DataLoader workers). Batches are dicts: ``video``
-    ``(B, C, T, H, W)``, ``label`` ``(B,)`` (-1: unlabelled, evaluation only), ``key``, ``short`` and
+    ``(B, C, T, H, W)``, ``label`` ``(B,)`` (-1: unlabelled, evaluation only; a multi-label dataset:
+    ``(B, classes)`` multi-hot, an unlabelled row all -1), ``key``, ``short`` and
     ``faults`` (module docstring; in evaluation a dict with only ``faults`` is a worker's final count).
     A training worker that skips ``stall_samples`` samples in a row raises ``DataQualityError``.
     ``verify=False`` is for benchmarks/bench_loader.py only."""
@@ -609,7 +642,7 @@ def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: b
     limits = index_limits(index)
     counter = FaultCounter(stall_samples if train else 0)
     read = [open_shards(storage, index, counter, verify), shard_samples(counter),
-            parse_meta(counter, num_classes, train)]
+            parse_meta(counter, num_classes, train, index.multi_label)]
     if train:
         stages = [resampled_shards(urls, seed, rank, start_step, skip_batches), *read,
                   seeded_shuffle(shuffle_buffer, seed, rank, start_step, skip_batches),

@@ -1,14 +1,17 @@
 """The shard sample and dataset index formats (shared/DESIGN.md, "Contracts worth keeping stable").
 
 A shard is a WebDataset tar: for each sample ``<key>.mp4`` (the clip) and ``<key>.json`` (label index
-and name, dataset, split, source uri, duration, fps, frame count, source checksum). Tars are written
+and name, dataset, split, source uri, duration, fps, frame count, source checksum). In a multi-label dataset
+``label`` is the list of the video's class indices (possibly empty) and ``label_name`` the list of their names;
+-1 (an integer) still means unlabelled. Single-label samples are written exactly as before. Tars are written
 deterministically (sorted by nothing but the order given, zero mtimes, fixed owner), so the same
 samples make the same bytes and the same sha256.
 
 A dataset index is one JSON object per committed version: dataset, version, classes, preprocessing
 parameters and every shard with its url (relative to the dataset root), split, sample count, bytes,
-sha256 and sample keys. Index objects are written once, create-if-absent, and never rewritten; the
-newest version under ``indexes/`` is the dataset. Readers only ever see committed indexes.
+sha256 and sample keys; ``multi_label: true`` for a dataset with several labels per video (absent, as in
+every index written before, for one label per video). Index objects are written once, create-if-absent,
+and never rewritten; the newest version under ``indexes/`` is the dataset. Readers only ever see committed indexes.
 """
 
 from __future__ import annotations
@@ -131,6 +134,9 @@ class DatasetIndex:
     # video an ingest was allowed to keep (limits.max_seconds raised for long sources) is not refused in
     # training. Empty in indexes written before: the defaults.
     decode_limits: dict[str, Any] = field(default_factory=dict)
+    # several labels per video (samples' ``label`` is a list of class indices); written only when true, so a
+    # single-label index is the same JSON as before and older readers still load it
+    multi_label: bool = False
 
     def split(self, name: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == name]
@@ -139,7 +145,10 @@ class DatasetIndex:
         return sum(s.samples for s in self.shards if split is None or s.split == split)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        d = asdict(self)
+        if not self.multi_label:
+            del d["multi_label"]
+        return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "index", *, expected_version: int | None = None) -> DatasetIndex:
@@ -165,7 +174,7 @@ class DatasetIndex:
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _INDEX_FIELDS = {"dataset": str, "version": int, "classes": list, "preprocessing": dict, "shards": list,
                  "created": (int, float), "format": str, "source_checksums": dict, "quarantine": dict,
-                 "decode_limits": dict}
+                 "decode_limits": dict, "multi_label": bool}
 
 
 def _is_int(v: Any) -> bool:
@@ -193,9 +202,9 @@ def _check_index(d: Any, where: str) -> None:
     if missing:
         raise ShardError(f"{where}: not a dataset index (missing fields {missing})")
     for name, types in _INDEX_FIELDS.items():
-        if name in d and (not isinstance(d[name], types) or isinstance(d[name], bool)):
-            raise bad(name, d[name], {str: "a string", int: "an integer", list: "a list", dict: "an object"}
-                      .get(types, "a number"))
+        if name in d and (not isinstance(d[name], types) or (isinstance(d[name], bool) and types is not bool)):
+            raise bad(name, d[name], {str: "a string", int: "an integer", list: "a list", dict: "an object",
+                                      bool: "true or false"}.get(types, "a number"))
     if not d["dataset"]:
         raise bad("dataset", d["dataset"], "a non-empty name")
     if d["version"] < 1:
@@ -240,6 +249,18 @@ def _check_index(d: Any, where: str) -> None:
             raise bad(f"{f}.keys", keys, "a list of sample keys (strings)")
         if keys and len(keys) != s["samples"]:
             raise bad(f"{f}.samples", s["samples"], f"the number of its keys ({len(keys)})")
+
+
+def settle_multi_label(requested: bool | None, index: DatasetIndex) -> bool:
+    """The ``model.multi_label`` a run on ``index`` trains with: the index's when ``requested`` is None (left
+    to the dataset); a request that contradicts the dataset is a ``ValueError`` saying what to set: a softmax
+    head cannot learn label sets, nor a sigmoid head be scored by top-1 against one class per video."""
+    if requested is None or requested == index.multi_label:
+        return index.multi_label
+    kind = "several labels per video (multi-label)" if index.multi_label else "one label per video"
+    raise ValueError(f"model.multi_label={str(requested).lower()} but dataset {index.dataset} v{index.version} "
+                     f"has {kind}: set model.multi_label={str(index.multi_label).lower()}, or leave it out (null: "
+                     f"the dataset's)")
 
 
 def index_key(version: int) -> str:

@@ -7,7 +7,9 @@ groups of ``samples_per_shard``; a shard's name is a hash of its members' ids, s
 preprocessing parameters, so rebuilding an unchanged group gives the same name (and the worker the same
 bytes). Incremental: a shard of the last version whose members are all still present, unchanged, is
 kept as it is; new videos, changed ones (another source checksum) and the survivors of shards that lost
-a member are planned into new shards; deleted videos simply leave the next version.
+a member are planned into new shards; deleted videos simply leave the next version. Shards hold class
+indices, so when the class list (or single- against multi-label) differs from the last version's, no shard
+is kept: every video is planned again with its new label indices.
 
 Quarantined videos: a ``content`` failure (the file is bad) is not retried while its source checksum,
 and the decode limit that refused it (if one did), are unchanged; a ``transient`` failure (a read error,
@@ -92,10 +94,13 @@ def _mix(video_id: str) -> str:
 
 
 def make_plan(sources: list[Source], preprocessing: dict[str, Any], samples_per_shard: int,
-              last: DatasetIndex | None = None, *, limits: Any = None) -> Plan:
+              last: DatasetIndex | None = None, *, limits: Any = None,
+              labels: tuple[list[str], bool] | None = None) -> Plan:
     """Plan the next version from all current sources and (optionally) the last committed index. Videos
     the last version quarantined for their content are not retried while their source (and the decode
-    limit that refused them, under ``limits``) is unchanged; transient failures are retried."""
+    limit that refused them, under ``limits``) is unchanged; transient failures are retried. ``labels``:
+    the new version's (classes, multi_label); when it differs from the last version's, its shards' label
+    indices mean other classes and none is kept (None: not compared)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}: expected >= 1")
     ids = [s.entry.video_id for s in sources]
@@ -105,7 +110,8 @@ def make_plan(sources: list[Source], preprocessing: dict[str, Any], samples_per_
     by_id = {s.entry.video_id: s for s in sources}
     plan = Plan()
     pending: set[str] = set(by_id)
-    if last is not None and last.preprocessing == preprocessing:
+    same_labels = labels is None or last is None or (list(labels[0]), labels[1]) == (last.classes, last.multi_label)
+    if last is not None and last.preprocessing == preprocessing and same_labels:
         old = last.source_checksums
         pending -= {k for k, q in last.quarantine.items() if k in by_id and is_permanent(q, by_id[k].sha256, limits)}
         for shard in last.shards:

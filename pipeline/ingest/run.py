@@ -78,6 +78,9 @@ class IngestConfig:
     source: str = ""  # source videos: a directory, an s3:// prefix, or a .txt file list
     output: str = ""  # dataset root: s3://bucket/prefix or a local directory
     split: str = "train"  # for formats whose files are per split (ssv2, diving48)
+    # several labels per video (format manifest): also when every row happens to have one; a manifest row with
+    # a list of labels (or a|b) makes the dataset multi-label without it
+    multi_label: bool = False
     samples_per_shard: int = 64
     transcode: TranscodeConfig = field(default_factory=TranscodeConfig)
     # decode limits (pipeline.data.video.DecodeLimits): a video over one is quarantined with the limit named
@@ -150,6 +153,9 @@ def validate_ingest(cfg: IngestConfig, origin: dict[str, str] | None = None) -> 
         raise fail("format", cfg.format, f"one of {', '.join(FORMATS)}")
     if not cfg.split:
         raise fail("split", cfg.split, "a split name (train, validation, ...)")
+    if cfg.multi_label and cfg.format != "manifest":
+        raise fail("multi_label", cfg.multi_label, f"false for format {cfg.format} (one label per video); label "
+                   f"sets are read from a manifest (format manifest: a JSON list of labels, or a|b in a CSV cell)")
     counts = {"samples_per_shard": (cfg.samples_per_shard, 1), "max_in_flight": (cfg.max_in_flight, 0),
               "transcode.short_side": (cfg.transcode.short_side, 2), "transcode.crf": (cfg.transcode.crf, 0),
               "transcode.keyframe_interval": (cfg.transcode.keyframe_interval, 1),
@@ -197,7 +203,7 @@ def read_manifest(cfg: IngestConfig) -> Manifest:
     if cfg.format == "howto100m":
         return read_howto100m(a[0], a[1], a[2] if len(a) > 2 else None)
     if cfg.format == "manifest":
-        return read_manifest_files(a, cfg.dataset, cfg.split)
+        return read_manifest_files(a, cfg.dataset, cfg.split, multi_label=cfg.multi_label)
     raise ValueError(f"format={cfg.format!r}: expected one of {', '.join(FORMATS)}")
 
 
@@ -478,7 +484,8 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
 
     def plan_now() -> tuple[DatasetIndex | None, Plan]:
         last = load_index(cfg.output)[0] if index_versions(storage) else None
-        return last, make_plan(sources, preprocessing, cfg.samples_per_shard, last, limits=limits)
+        return last, make_plan(sources, preprocessing, cfg.samples_per_shard, last, limits=limits,
+                               labels=(manifest.classes, manifest.multi_label))
 
     if dry_run:
         _, plan = plan_now()
@@ -516,7 +523,8 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
         checksums = {s.entry.video_id: s.sha256 for s in sources if s.entry.video_id in in_shards}
         version = (last.version + 1) if last is not None else 1
         index = DatasetIndex(cfg.dataset, version, manifest.classes, preprocessing, shards,
-                             source_checksums=checksums, quarantine=quarantine, decode_limits=asdict(limits))
+                             source_checksums=checksums, quarantine=quarantine, decode_limits=asdict(limits),
+                             multi_label=manifest.multi_label)
         commit_index(storage, index)  # last: readers see the new version only now
         storage.put_bytes(f"reports/v{version:06d}-quarantine.json", json.dumps(quarantine, indent=1).encode())
         result.version, result.quarantine = version, quarantine

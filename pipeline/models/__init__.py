@@ -13,7 +13,8 @@ _HOME = {
     "load_safetensors": "convert", "save_safetensors": "convert",
     "flops_per_view": "flops", "parameter_count": "flops",
     "ATTENTION_TYPES": "config", "VARIANTS": "config", "TimeSformerConfig": "config", "variant_config": "config",
-    "TimeSformer": "timesformer", "apply_activation_checkpointing": "timesformer", "create_model": "timesformer",
+    "TimeSformer": "timesformer", "apply_activation_checkpointing": "timesformer", "create_model": "factory",
+    "SourceError": "hub", "resolve_source": "hub",
 }
 __all__ = list(_HOME)
 

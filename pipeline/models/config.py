@@ -62,6 +62,9 @@ class TimeSformerConfig:
     # 0.5 / 0.5). Training, evaluation, export and prediction read them from here.
     mean: tuple[float, ...] = DEFAULT_MEAN
     std: tuple[float, ...] = DEFAULT_STD
+    # Several labels per video (Charades-like datasets): independent sigmoid scores trained with binary
+    # cross-entropy and scored by mAP; False: one label per video, softmax, cross-entropy and top-1.
+    multi_label: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -94,6 +97,8 @@ class TimeSformerConfig:
         for name in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise bad(name, "a probability in [0, 1)")
+        if not isinstance(self.multi_label, bool):
+            raise bad("multi_label", "true or false")
         if self.mlp_ratio <= 0:
             raise bad("mlp_ratio", "a positive number")
         if not 0.0 <= self.time_embed_init_std <= 1.0:
@@ -152,13 +157,24 @@ def check_local_global_shape(num_frames: int, grid: tuple[int, int], where: str)
 class Variant:
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    # The weights ``create_model(name, pretrained=True)`` starts from (a model source: hf-hub:, s3:// or a path,
+    # pipeline.models.hub); "" where there are none.
+    pretrained: str = ""
 
+
+# The paper's ImageNet start (ImageNet-21k, fine-tuned on 1k: the original's jx_vit_base_p16_224-80ecf9dd.pth)
+IMAGENET_VIT = "hf-hub:timm/vit_base_patch16_224.orig_in21k_ft_in1k"
 
 VARIANTS: dict[str, Variant] = {
     "timesformer_base": Variant("TimeSformer 8x224, ViT-B/16, divided space-time (paper Table 5)",
-                                dict(num_frames=8, img_size=224)),
-    "timesformer_hr": Variant("TimeSformer-HR 16x448, ViT-B/16", dict(num_frames=16, img_size=448)),
-    "timesformer_l": Variant("TimeSformer-L 96x224, ViT-B/16", dict(num_frames=96, img_size=224)),
+                                dict(num_frames=8, img_size=224),
+                                pretrained="hf-hub:facebook/timesformer-base-finetuned-k400"),
+    "timesformer_hr": Variant("TimeSformer-HR 16x448, ViT-B/16", dict(num_frames=16, img_size=448),
+                              pretrained="hf-hub:facebook/timesformer-hr-finetuned-k400"),
+    # facebook/ publishes no TimeSformer-L (a third-party conversion exists: fcakyon/timesformer-large-finetuned-k400,
+    # see docs/model.md); the default is the paper's start, the ImageNet ViT inflated to 96 frames
+    "timesformer_l": Variant("TimeSformer-L 96x224, ViT-B/16", dict(num_frames=96, img_size=224),
+                             pretrained=IMAGENET_VIT),
     "timesformer_tiny": Variant(
         "tiny test/demo model: 4 frames of 32x32, 8x8 patches, 2 blocks of width 64",
         dict(num_frames=4, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10,

@@ -446,6 +446,8 @@ def hf_config_dict(cfg: TimeSformerConfig) -> dict[str, Any]:
     # transformers 5.x types drop_path_rate as int and rejects 0.1; its default (0) is no drop path.
     if cfg.drop_path_rate:
         out["drop_path_rate"] = cfg.drop_path_rate
+    if cfg.multi_label:  # transformers' own name for sigmoid scores and a BCE loss (its pipelines read it)
+        out["problem_type"] = "multi_label_classification"
     return out
 
 
@@ -462,6 +464,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> TimeSformerConfig:
         drop_path_rate=float(hf.get("drop_path_rate", 0.0)), norm_eps=hf.get("layer_norm_eps", 1e-6),
         drop_rate=float(hf.get("hidden_dropout_prob", 0.0)),
         attn_drop_rate=float(hf.get("attention_probs_dropout_prob", 0.0)),
+        multi_label=hf.get("problem_type") == "multi_label_classification",
     )
 
 
@@ -585,11 +588,16 @@ def detect_format(state: Mapping[str, Any]) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The contents of a checkpoint file (a safetensors file, or a directory holding ``model.safetensors``,
-    or a ``torch.save`` file read weights-only with the foreign config stand-ins), as a dict."""
+    """The contents of a checkpoint file (a safetensors file, or a directory holding ``model.safetensors`` or
+    ``pytorch_model.bin``, or a ``torch.save`` file read weights-only with the foreign config stand-ins), as a
+    dict. An ``hf-hub:`` or ``s3://`` source is fetched first (``pipeline.models.hub.resolve_source``)."""
+    from pipeline.models.hub import is_reference, resolve_source, weights_in
+
+    if isinstance(path, str) and is_reference(path):
+        path = resolve_source(path)
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = weights_in(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     if path.suffix == ".safetensors":
@@ -646,7 +654,8 @@ def hf_preprocessor_dict(cfg: TimeSformerConfig) -> dict[str, Any]:
 
 def checkpoint_normalization(path: str | os.PathLike) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The input normalisation a checkpoint says its weights were trained with, where it says so: our
-    safetensors (its metadata's model config) or a Hugging Face directory (its preprocessor config); None for
+    safetensors (its metadata's model config), a Hugging Face directory (its preprocessor config) or a timm
+    model directory (its ``config.json``: ``pretrained_cfg.mean/std``, or top-level ``mean/std``); None for
     formats that do not record it (a .pth state dict). Reads headers and JSON only."""
     path = Path(path)
     try:
@@ -657,6 +666,12 @@ def checkpoint_normalization(path: str | os.PathLike) -> tuple[tuple[float, ...]
                 if not d.get("do_normalize", True) or "image_mean" not in d or "image_std" not in d:
                     return None  # it does not say (or does not normalise): the recipe's constants are taken
                 return tuple(map(float, d["image_mean"])), tuple(map(float, d["image_std"]))
+            timm = path / "config.json"
+            if timm.is_file():  # timm's hub config; a Hugging Face model config has neither key
+                d = json.loads(timm.read_text())
+                for where in (d.get("pretrained_cfg"), d):
+                    if isinstance(where, dict) and "mean" in where and "std" in where:
+                        return tuple(map(float, where["mean"])), tuple(map(float, where["std"]))
             path = path / "model.safetensors"
         if path.suffix == ".safetensors" and path.is_file():
             from safetensors import safe_open

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.models.timesformer import TimeSformerConfig, check_local_global_shape
+from pipeline.models.config import TimeSformerConfig, check_local_global_shape
 
 LAYERNORM_FLOPS_PER_ELEMENT = 5  # fvcore: mean, variance, normalise, scale, shift
 

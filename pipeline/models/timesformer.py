@@ -3,11 +3,12 @@
 Bertasius, Wang, Torresani, "Is Space-Time Attention All You Need for Video Understanding?", ICML 2021.
 
 Anatomy (as timm's vision_transformer): ``Attention``, ``Mlp``, ``Block``, ``TimeSformer``, then the
-registered variants and ``create_model``. Faithful to the original code where it matters for weights
-and numbers: ViT-B/16, pre-LN with eps 1e-6, qkv bias, one CLS token, one spatial position embedding
-shared by all frames, a separate time embedding on patch tokens only, temporal attention first with
-the CLS token excluded, a zero-initialised ``temporal_fc`` after it, the CLS token replicated into every
-frame for spatial attention and its per-frame outputs averaged, linear drop-path schedule.
+registered variants (``pipeline.models.factory.create_model`` builds one). Faithful to the original code
+where it matters for weights and numbers: ViT-B/16, pre-LN with eps 1e-6, qkv bias, one CLS token, one
+spatial position embedding shared by all frames, a separate time embedding on patch tokens only, temporal
+attention first with the CLS token excluded, a zero-initialised ``temporal_fc`` after it, the CLS token
+replicated into every frame for spatial attention and its per-frame outputs averaged, linear drop-path
+schedule.
 
 Layouts. Input is ``(B, C, T, H, W)``. Inside, the token sequence is ``[CLS] + (t h w)`` (frame-major);
 the original and Hugging Face use ``(h w t)``. Token order changes no weight and no logit, only how
@@ -549,17 +550,12 @@ def model_config(cfg: Any) -> TimeSformerConfig:
     return variant_config(m.variant, **{**own, "num_frames": cfg.data.num_frames, "img_size": cfg.data.crop})
 
 
-def create_model(name: str, **overrides: Any) -> TimeSformer:
-    """Build a registered variant: ``create_model("timesformer_l", num_classes=600)``."""
-    return TimeSformer(variant_config(name, **overrides))
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 __all__ = [
     "ATTENTION_TYPES", "POS_EMBED_TYPES", "VARIANTS", "TimeSformer", "TimeSformerConfig", "Block", "Attention",
-    "apply_activation_checkpointing", "parse_checkpoint_policy", "create_model", "variant_config", "model_config",
+    "apply_activation_checkpointing", "parse_checkpoint_policy", "variant_config", "model_config",
     "resize_pos_embed", "resize_time_embed", "count_parameters",
 ]

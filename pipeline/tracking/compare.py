@@ -3,7 +3,11 @@ CSV, Markdown) and a plot of accuracy against GPU-hours, one curve per run, with
 
 Each run's MLflow status is a column: a run that did not finish (FAILED, KILLED, or still RUNNING, which
 is also what a job killed without a word leaves) has partial numbers, so it is marked in the table and
-drawn dotted in the plot; ``fetch(finished_only=True)`` leaves such runs out."""
+drawn dotted in the plot; ``fetch(finished_only=True)`` leaves such runs out.
+
+The accuracy column is each run's headline test metric: top-1 (with top-5) for a single-label model, mAP for a
+multi-label one (``model.multi_label``; its curve is ``val_map``). Numbers of different metrics are never put in
+one column or on one axis: runs scored by different metrics get a table (and a plot panel) each."""
 
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ from typing import Any
 COLUMNS = [("run", "run"), ("dataset", "dataset"), ("model", "model"), ("attention", "attention"),
            ("clip", "frames x rate"), ("resolution", "res"), ("params_m", "params (M)"),
            ("tflops_views", "TFLOPs x views"),
-           ("gpu_hours", "GPU-h"), ("top1", "top-1"), ("top5", "top-5"), ("clips_per_s", "clips/s"),
+           ("gpu_hours", "GPU-h"), ("score", "top-1"), ("top5", "top-5"), ("clips_per_s", "clips/s"),
            ("status", "status")]
 FINISHED = "FINISHED"
+# a run's headline metric: its column title, its plot axis, and what kind of model it scores
+METRICS = {"top1": ("top-1", "top-1 (%)", "single-label"), "map": ("mAP", "mAP (%)", "multi-label")}
 
 
 @dataclass
@@ -40,8 +46,15 @@ class RunSummary:
     clips_per_s: float | None
     budget: float | None
     status: str
-    curve: list[tuple[float, float]] = field(default_factory=list)  # (gpu_hours, val_top1)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (gpu_hours, val_top1 or val_map)
     dataset: str = "?"  # "<name> v<version>" the run trained on (its ``dataset`` tag)
+    metric: str = "top1"  # the headline metric: top1, or map for a multi-label model (METRICS)
+    map: float | None = None  # test mAP (%) of a multi-label model
+
+    @property
+    def score(self) -> float | None:
+        """The headline test number: top-1, or mAP for a multi-label model."""
+        return self.map if self.metric == "map" else self.top1
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -54,7 +67,9 @@ def summarize(client, run) -> RunSummary:
         int(params.get("test.temporal_clips", 1)) * int(params.get("test.spatial_crops", 1)))
     gflops = float(tags["gflops_per_view"]) if "gflops_per_view" in tags else None
     hours = _history(client, run.info.run_id, "gpu_hours")
-    val = _history(client, run.info.run_id, "val_top1")
+    multi = params.get("model.multi_label") == "True" or "test_map" in metrics  # a multi-label model: mAP
+    metric = "map" if multi else "top1"
+    val = _history(client, run.info.run_id, f"val_{metric}")
     curve = sorted((hours[s], v) for s, v in val.items() if s in hours)
     speed = [m.value for m in client.get_metric_history(run.info.run_id, "clips_per_s")]
     budget = float(params.get("budget.gpu_hours", 0) or 0)
@@ -67,7 +82,8 @@ def summarize(client, run) -> RunSummary:
         gpu_hours=metrics.get("gpu_hours"), gpu_hours_unit=tags.get("gpu_hours_unit", "gpu"),
         top1=metrics.get("test_top1"), top5=metrics.get("test_top5"),
         clips_per_s=sum(speed) / len(speed) if speed else None, budget=budget or None,
-        status=run.info.status, curve=curve, dataset=tags.get("dataset", "?"))
+        status=run.info.status, curve=curve, dataset=tags.get("dataset", "?"), metric=metric,
+        map=metrics.get("test_map"))
 
 
 class MixedDatasetsError(ValueError):
@@ -136,17 +152,44 @@ def _cell(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
-def rows(summaries: list[RunSummary]) -> list[list[str]]:
-    return [[_cell(getattr(s, key)) for key, _ in COLUMNS] for s in summaries]
+def by_metric(summaries: list[RunSummary]) -> list[tuple[str, list[RunSummary]]]:
+    """The runs grouped by headline metric (in the order the metrics first appear): one table each."""
+    groups: dict[str, list[RunSummary]] = {}
+    for s in summaries:
+        groups.setdefault(s.metric, []).append(s)
+    return list(groups.items()) or [("top1", [])]
+
+
+def columns(metric: str) -> list[tuple[str, str]]:
+    """The table's columns for runs scored by ``metric``: the accuracy column titled by it (top-5 only with
+    top-1)."""
+    return [(key, METRICS[metric][0] if key == "score" else title) for key, title in COLUMNS
+            if key != "top5" or metric == "top1"]
+
+
+def rows(summaries: list[RunSummary], metric: str = "top1") -> list[list[str]]:
+    return [[_cell(getattr(s, key)) for key, _ in columns(metric)] for s in summaries]
+
+
+def _mixed_note(groups: list[tuple[str, list[RunSummary]]]) -> str:
+    return ("runs scored by different metrics are in separate tables: "
+            + " and ".join(f"{METRICS[m][0]} ({METRICS[m][2]} models)" for m, _ in groups) + " do not compare")
 
 
 def table_text(summaries: list[RunSummary]) -> str:
-    header = [title for _, title in COLUMNS]
-    body = rows(summaries)
-    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+    groups = by_metric(summaries)
+    lines: list[str] = []
+    for metric, group in groups:
+        if len(groups) > 1:
+            lines += ([""] if lines else []) + [f"{METRICS[metric][0]} ({METRICS[metric][2]} models):"]
+        header = [title for _, title in columns(metric)]
+        body = rows(group, metric)
+        widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+        lines += ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+                  "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body]
+    if len(groups) > 1:
+        lines.append(f"({_mixed_note(groups)})")
     units = {s.gpu_hours_unit for s in summaries}
     if units - {"gpu"}:
         lines.append(f"(GPU-h counts {' / '.join(sorted(units))}-hours: runs on CPU count processes)")
@@ -156,51 +199,66 @@ def table_text(summaries: list[RunSummary]) -> str:
     return "\n".join(lines)
 
 
+CSV_KEYS = ["top1" if key == "score" else key for key, _ in COLUMNS]  # every number its own column (map below)
+
+
 def table_csv(summaries: list[RunSummary]) -> str:
+    """Every run in one CSV, every number in its own column (top1, top5, map) and the headline ``metric``."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run_id"] + [key for key, _ in COLUMNS] + ["gpu_hours_unit", "budget"])
+    writer.writerow(["run_id"] + CSV_KEYS + ["metric", "map", "gpu_hours_unit", "budget"])
     for s in summaries:
-        writer.writerow([s.run_id] + [getattr(s, key) for key, _ in COLUMNS] + [s.gpu_hours_unit, s.budget])
+        writer.writerow([s.run_id] + [getattr(s, key) for key in CSV_KEYS] + [s.metric, s.map, s.gpu_hours_unit,
+                                                                              s.budget])
     return out.getvalue()
 
 
 def table_markdown(summaries: list[RunSummary]) -> str:
-    header = [title for _, title in COLUMNS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(summaries)]
-    note = unfinished_note(summaries)
-    return "\n".join(lines) + "\n" + (f"\n*{note}*\n" if note else "")
+    groups = by_metric(summaries)
+    blocks = []
+    for metric, group in groups:
+        header = [title for _, title in columns(metric)]
+        lines = [f"**{METRICS[metric][0]}** ({METRICS[metric][2]} models)\n"] if len(groups) > 1 else []
+        lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows(group, metric)]
+        blocks.append("\n".join(lines))
+    notes = [_mixed_note(groups)] if len(groups) > 1 else []
+    notes += [n for n in [unfinished_note(summaries)] if n]
+    return "\n\n".join(blocks) + "\n" + "".join(f"\n*{n}*\n" for n in notes)
 
 
 def plot(summaries: list[RunSummary], path: Path, title: str) -> Path:
-    """Validation top-1 against GPU-hours, a curve per run; the final test top-1 as a star; budgets dashed."""
+    """The validation metric against GPU-hours, a curve per run; the final test number as a star; budgets
+    dashed. Runs scored by different metrics (top-1, mAP) get a panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, s in enumerate(summaries):
-        colour = f"C{i % 10}"
-        finished = s.status == FINISHED
-        label = f"{s.run} ({s.attention})" + ("" if finished else f" [{s.status}]")
-        style = dict(ls="-" if finished else ":", alpha=1.0 if finished else 0.6)
-        if s.curve:
-            ax.plot([h for h, _ in s.curve], [a for _, a in s.curve], marker="o", color=colour, ms=3,
-                    label=label, **style)
-        if s.top1 is not None and s.gpu_hours is not None:
-            ax.plot([s.gpu_hours], [s.top1], "*", color=colour, ms=14, alpha=style["alpha"],
-                    label=None if s.curve else label)
-        if s.budget:
-            ax.axvline(s.budget, color=colour, ls="--", lw=1)
-    units = sorted({s.gpu_hours_unit for s in summaries})
-    ax.set_xlabel(f"{' / '.join(units)}-hours")
-    ax.set_ylabel("top-1 (%)  - validation curve, * test protocol")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if summaries:
-        ax.legend(fontsize=8)
+    groups = by_metric(summaries)
+    fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 5), squeeze=False)
+    colours = {id(s): f"C{i % 10}" for i, s in enumerate(summaries)}
+    for ax, (metric, group) in zip(axes[0], groups, strict=True):
+        for s in group:
+            colour = colours[id(s)]
+            finished = s.status == FINISHED
+            label = f"{s.run} ({s.attention})" + ("" if finished else f" [{s.status}]")
+            style = dict(ls="-" if finished else ":", alpha=1.0 if finished else 0.6)
+            if s.curve:
+                ax.plot([h for h, _ in s.curve], [a for _, a in s.curve], marker="o", color=colour, ms=3,
+                        label=label, **style)
+            if s.score is not None and s.gpu_hours is not None:
+                ax.plot([s.gpu_hours], [s.score], "*", color=colour, ms=14, alpha=style["alpha"],
+                        label=None if s.curve else label)
+            if s.budget:
+                ax.axvline(s.budget, color=colour, ls="--", lw=1)
+        units = sorted({s.gpu_hours_unit for s in group})
+        ax.set_xlabel(f"{' / '.join(units)}-hours")
+        ax.set_ylabel(f"{METRICS[metric][1]}  - validation curve, * test protocol")
+        ax.set_title(title if len(groups) == 1 else f"{title} ({METRICS[metric][2]})")
+        ax.grid(alpha=0.3)
+        if group:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

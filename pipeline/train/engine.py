@@ -8,6 +8,10 @@ The loop talks to a declared interface (``Engine``: ``train_micro_batch``, ``lr`
 * ``TorchEngine``: plain PyTorch (DDP when there are several ranks, autocast for bf16/fp16): the
   baseline of the DeepSpeed-overhead benchmark, and a stand-in where DeepSpeed is not wanted.
 
+The loss is the model's (``classification_loss``): cross-entropy over the classes, or for a multi-label model
+(``TimeSformerConfig.multi_label``) binary cross-entropy on each class's logit against the multi-hot label; in
+float32 either way, whatever the training precision.
+
 The DeepSpeed JSON is a function of the resolved config and the world size (``deepspeed_config``); the
 launcher writes it into the run directory, never edited by hand.
 
@@ -108,6 +112,32 @@ def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
     if t.zero_stage == 3:
         ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return ds
+
+
+def is_multi_label(model: nn.Module) -> bool:
+    """Whether a model scores each class on its own (sigmoid; ``TimeSformerConfig.multi_label``), found through
+    the wrappers training puts around it (each keeps the model as ``.module``); False for a model without one."""
+    for _ in range(4):
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and hasattr(cfg, "multi_label"):
+            return bool(cfg.multi_label)
+        model = getattr(model, "module", None)
+        if model is None:
+            break
+    return False
+
+
+def classification_loss(logits: torch.Tensor, label: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """The training loss of a batch, in float32 (under bf16/fp16 autocast too): cross-entropy against class
+    indices ``(B,)``, or for a multi-label model binary cross-entropy with logits against multi-hot labels
+    ``(B, classes)``, averaged over clips and classes."""
+    logits = logits.float()
+    if not multi_label:
+        return F.cross_entropy(logits, label)
+    if label.shape != logits.shape:
+        raise ValueError(f"a multi-label model takes multi-hot labels of shape {tuple(logits.shape)} (clips, "
+                         f"classes), got {tuple(label.shape)}: train it on a multi-label dataset")
+    return F.binary_cross_entropy_with_logits(logits, label.float())
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
@@ -228,6 +258,7 @@ class DeepSpeedEngine:
 
         self.cfg, self.plan, self.model_factory = cfg, plan, model_factory
         self.norm = normalization_of(model)  # the model's own input normalisation
+        self.multi_label = is_multi_label(model)  # the loss: BCE per class, or cross-entropy
         self.ds_config = ds_config or deepspeed_config(cfg, plan)
         optimizer = build_optimizer(model, cfg, device)
         scheduler = build_scheduler(optimizer, cfg, per_epoch)
@@ -266,7 +297,7 @@ class DeepSpeedEngine:
             self.engine.train()
         logits = self.engine(normalize_on_device(video, self.device, *self.norm, dtype=self.dtype))
         # non-blocking: a blocking copy would make the host wait for the device's whole queue
-        loss = F.cross_entropy(logits.float(), label.to(self.device, non_blocking=True))
+        loss = classification_loss(logits, label.to(self.device, non_blocking=True), self.multi_label)
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()
@@ -315,6 +346,7 @@ class TorchEngine:
                  device: torch.device) -> None:
         self.cfg, self.plan, self.device = cfg, plan, device
         self.norm = normalization_of(model)  # the model's own input normalisation
+        self.multi_label = is_multi_label(model)  # the loss: BCE per class, or cross-entropy
         self.raw = model.to(device)
         distributed = group_rank_world()[1] > 1
         self.model = nn.parallel.DistributedDataParallel(self.raw) if distributed else self.raw
@@ -355,7 +387,7 @@ class TorchEngine:
         with sync:
             with autocast:
                 logits = self.model(normalize_on_device(video, self.device, *self.norm))
-            loss = F.cross_entropy(logits.float(), label.to(self.device, non_blocking=True))
+            loss = classification_loss(logits, label.to(self.device, non_blocking=True), self.multi_label)
             self.scaler.scale(loss / self.plan.grad_accum).backward()
         if boundary:
             self.scaler.unscale_(self.optimizer)

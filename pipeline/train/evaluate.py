@@ -6,6 +6,13 @@
   clips x 3 spatial crops; the long-video protocol: every non-overlapping clip covering the video);
   video-level top-1/top-5, per-class accuracy and a confusion matrix, gathered on rank 0.
 
+A multi-label model (``TimeSformerConfig.multi_label``, on a multi-label dataset) is scored by mAP instead
+of top-1/top-5: the mean over the classes with at least one positive video of each class's average precision
+(``average_precision``, in percent), on sigmoid scores (the test protocol averages them over a video's views);
+validation reports ``val_map`` and ``val_loss`` (binary cross-entropy), the test report ``map`` and
+``per_class_ap``. A model whose kind differs from the dataset's (single- against multi-label) is refused
+before the pass.
+
 Videos without a label (label -1: ingest writes it for rows of a test list that has no answers) are
 predicted but never scored: they are counted as ``unlabelled`` and left out of accuracy and of the
 confusion matrix. A label that the model cannot predict (>= its number of classes) is refused: before
@@ -19,9 +26,11 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,6 +40,7 @@ from pipeline.data.shards import DatasetIndex, ShardError
 from pipeline.data.transforms import normalize_on_device
 from pipeline.distributed import group_rank_world
 from pipeline.models.config import normalization_of
+from pipeline.train.engine import is_multi_label
 
 log = logging.getLogger(__name__)
 UNLABELLED = -1  # the label ingest writes for a video whose class is unknown (a test split without answers)
@@ -51,6 +61,39 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     k = min(k, logits.shape[-1])
     return int((logits.topk(k, dim=-1).indices == labels[:, None]).any(-1).sum())
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """The average precision of one class over N videos (``scores``: its score per video; ``positive``: whether
+    the video has the class), in [0, 1]; None when no video has it. Videos are ranked by score; each distinct
+    score is a threshold, and AP is the sum over thresholds of (recall gained there) x (precision there):
+    with distinct scores, the mean over the positives of the precision at the rank of each; a group of tied
+    scores counts as one step (as scikit-learn's ``average_precision_score``)."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positive = np.asarray(positive).reshape(-1).astype(bool)
+    total = int(positive.sum())
+    if total == 0:
+        return None
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, hits = scores[order], positive[order]
+    tp = np.cumsum(hits)
+    last_of_tie = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]  # the end of each distinct score
+    tp = tp[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / total
+    return float(np.sum(recall_gain * precision))
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> tuple[float | None, dict[int, float]]:
+    """mAP in percent over the classes with at least one positive (``targets``: 0/1, videos x classes), and
+    each such class's AP in percent; (None, {}) when no class has a positive."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    per_class = {}
+    for c in range(targets.shape[1] if targets.ndim == 2 else 0):
+        ap = average_precision(scores[:, c], targets[:, c] > 0)
+        if ap is not None:
+            per_class[c] = 100 * ap
+    return (sum(per_class.values()) / len(per_class) if per_class else None), per_class
 
 
 def _bad_label_shards(faults: dict[str, Any] | None) -> list[str]:
@@ -159,8 +202,22 @@ def model_classes(model_path: str | Path, run_dir: str | Path | None = None) -> 
     return classes, f"{len(classes)} from {where}"
 
 
+def _label_set_problem(label: Any, num_classes: int) -> str | None:
+    """Why a multi-label video's label (its multi-hot vector, or all -1: unlabelled) cannot be scored, or None."""
+    if not isinstance(label, torch.Tensor) or label.dim() != 1 or not label.is_floating_point():
+        return (f"label {label!r} is a class index, not a label set: the dataset is single-label and the model "
+                f"multi-label")
+    if label.numel() != num_classes:
+        return f"its label set covers {label.numel()} classes and the model predicts {num_classes}"
+    if bool((label == UNLABELLED).all()) or bool(((label == 0) | (label == 1)).all()):
+        return None
+    return f"label set {label.tolist()[:10]} is not a multi-hot vector"
+
+
 def _label_problem(label: Any, num_classes: int) -> str | None:
     """Why a label cannot be scored, or None: an integer in [0, num_classes) or UNLABELLED only."""
+    if isinstance(label, torch.Tensor) and label.dim() == 1 and label.is_floating_point():
+        return "its label is a label set (a multi-label dataset) and the model is single-label"
     if isinstance(label, torch.Tensor) and label.numel() == 1:
         label = label.item()
     if isinstance(label, bool) or not isinstance(label, int):
@@ -170,16 +227,30 @@ def _label_problem(label: Any, num_classes: int) -> str | None:
     return f"label {label} is outside the model's classes 0..{num_classes - 1} (and is not {UNLABELLED}, unlabelled)"
 
 
+def _gather_rows(part: Any) -> list[Any]:
+    """Every rank's ``part`` (rank order) on every rank; just ``[part]`` without a process group."""
+    world = group_rank_world()[1]
+    if world == 1:
+        return [part]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, part)
+    return gathered
+
+
 @torch.no_grad()
 def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device,
              max_batches: int = 0) -> dict[str, float]:
-    """Clip-level loss / top-1 / top-5 over one exact pass of ``loader`` (this rank's part), summed over ranks.
+    """Clip-level loss / top-1 / top-5 over one exact pass of ``loader`` (this rank's part), summed over ranks;
+    for a multi-label model, loss (binary cross-entropy) and mAP (``val_map``, over every rank's clips).
     Unlabelled clips are left out (counted as ``val_unlabelled``); a clip whose label the model cannot
     predict stops the pass on every rank with a ``ShardError`` naming it."""
     loss_sum = top1 = top5 = count = unlabelled = bad = 0.0
     faults = FaultTally()
     problem = ""
     norm = normalization_of(module)
+    multi = is_multi_label(module)
+    scores: list[np.ndarray] = []  # multi-label: sigmoid scores and multi-hot labels of the scored clips
+    targets: list[np.ndarray] = []
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
@@ -194,24 +265,44 @@ def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device
             continue
         labels = torch.as_tensor(batch["label"])
         logits = module(normalize_on_device(batch["video"], device, *norm, dtype=dtype)).float()
-        wrong = (torch.ones_like(labels, dtype=torch.bool) if labels.is_floating_point() or labels.dtype == torch.bool
-                 else (labels < UNLABELLED) | (labels >= logits.shape[-1]))
+        if multi:
+            shaped = labels.dim() == 2 and labels.is_floating_point() and labels.shape[-1] == logits.shape[-1]
+            unscored = (labels == UNLABELLED).all(-1) if shaped else torch.zeros(len(labels), dtype=torch.bool)
+            wrong = (~unscored & ~((labels == 0) | (labels == 1)).all(-1)) if shaped else ~unscored
+        elif labels.is_floating_point() or labels.dtype == torch.bool:
+            wrong = torch.ones(len(labels), dtype=torch.bool)
+        else:
+            wrong = (labels < UNLABELLED) | (labels >= logits.shape[-1])
         if bool(wrong.any()):
             j = int(wrong.nonzero()[0])
             key = batch["key"][j] if "key" in batch else f"#{j} of batch {i}"
-            problem = (f"validation clip {key}: label {labels[j].item()!r} is not one of the model's classes "
-                       f"0..{logits.shape[-1] - 1} (nor {UNLABELLED}, unlabelled); the shard holding it does not "
-                       f"belong to this dataset (or the model to it)")
+            if multi:
+                got = labels[j].tolist() if labels.dim() == 2 else labels[j].item()
+                problem = (f"validation clip {key}: label {str(got)[:80]} is not a multi-hot vector over the model's "
+                           f"{logits.shape[-1]} classes: the model is multi-label and the shard holding the clip is "
+                           f"not (a single-label dataset, or one with another class list)")
+            elif labels.dim() == 2:
+                problem = (f"validation clip {key}: its label is a label set (a multi-label dataset) and the model is "
+                           f"single-label: train with model.multi_label=true (or leave it null: the dataset's)")
+            else:
+                problem = (f"validation clip {key}: label {labels[j].item()!r} is not one of the model's classes "
+                           f"0..{logits.shape[-1] - 1} (nor {UNLABELLED}, unlabelled); the shard holding it does not "
+                           f"belong to this dataset (or the model to it)")
             bad = 1.0
             continue  # the other ranks learn of it at the sum below, then every rank raises
-        scored = labels != UNLABELLED
+        scored = ~unscored if multi else labels != UNLABELLED
         unlabelled += float((~scored).sum())
         if not bool(scored.any()):
             continue
         logits, labels = logits[scored], labels[scored].to(device)
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        top1 += topk_correct(logits, labels, 1)
-        top5 += topk_correct(logits, labels, 5)
+        if multi:
+            loss_sum += float(F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(-1).sum())
+            scores.append(torch.sigmoid(logits).cpu().numpy())
+            targets.append(labels.cpu().numpy())
+        else:
+            loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+            top1 += topk_correct(logits, labels, 1)
+            top5 += topk_correct(logits, labels, 5)
         count += len(labels)
     loss_sum, top1, top5, count, unlabelled, skipped, bad = _all_sum(
         [loss_sum, top1, top5, count, unlabelled, faults.skipped, bad], device)
@@ -219,10 +310,19 @@ def validate(module: nn.Module, dtype: torch.dtype, loader, device: torch.device
         raise ShardError(problem or f"validation: {int(bad)} other rank(s) found a clip whose label the model "
                                     f"cannot predict (their logs name it)")
     extra = {k: v for k, v in (("val_unlabelled", unlabelled), ("val_skipped", skipped)) if v}
+    if multi:  # AP ranks every clip of every rank: the scores come together (every rank computes the same mAP)
+        parts = [p for p in _gather_rows((np.concatenate(scores), np.concatenate(targets)) if scores else None) if p]
+        mean_ap = mean_average_precision(np.concatenate([p[0] for p in parts]),
+                                         np.concatenate([p[1] for p in parts]))[0] if parts else None
     if count == 0:
         if unlabelled:
             log.warning("validation: all %d clips are unlabelled: no accuracy", int(unlabelled))
         return {"val_clips": 0.0, **extra}
+    if multi:
+        if mean_ap is None:
+            log.warning("validation: none of the %d labelled clips has a positive class: no mAP", int(count))
+            return {"val_loss": loss_sum / count, "val_clips": count, **extra}
+        return {"val_loss": loss_sum / count, "val_map": mean_ap, "val_clips": count, **extra}
     return {"val_loss": loss_sum / count, "val_top1": 100 * top1 / count, "val_top5": 100 * top5 / count,
             "val_clips": count, **extra}
 
@@ -237,13 +337,25 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
     Checked before the pass: ``max_videos`` (0 = all), and the dataset's classes against the model's
     (``classes``: the model's class names, when known). The report's ``videos``, ``top1`` and ``top5``
     count labelled videos only; ``unlabelled`` and ``skipped`` (samples the loader could not read) say
-    what was left out. With no labelled video, ``top1`` and ``top5`` are None: there is no accuracy."""
+    what was left out. With no labelled video, ``top1`` and ``top5`` are None: there is no accuracy. A
+    multi-label model's report has ``map`` (and ``per_class_ap``) instead, on its sigmoid scores averaged over
+    each video's views; ``headline`` gives a report's one number either way."""
     if not isinstance(max_videos, int) or max_videos < 0:
         raise EvaluationError(f"max_videos={max_videos!r}: expected a count >= 0 (0 = every video)")
     rank, world = group_rank_world()
     num_classes = model_num_classes(module)
     if num_classes is not None:
         check_classes(index, num_classes, classes)
+    multi = is_multi_label(module) if num_classes is not None else index.multi_label  # no config: the data's
+    if multi != index.multi_label:
+        raise EvaluationError(
+            f"the model is {'multi' if multi else 'single'}-label and dataset {index.dataset} v{index.version} is "
+            f"{'multi' if index.multi_label else 'single'}-label: "
+            + ("its sigmoid scores cannot be scored by top-1 against one class per video" if multi else
+               "its softmax over the classes was not trained to find every class of a video")
+            + "; evaluate it on the dataset kind it was trained on, or fine-tune it on this one")
+    label_problem = _label_set_problem if multi else _label_problem
+    to_scores = torch.sigmoid if multi else partial(F.softmax, dim=-1)  # per class, or over the classes
     norm = normalization_of(module)  # the model's constants, whether clips are normalised here or on the device
     clip = dataclasses.replace(clip, mean=norm[0], std=norm[1])
     loader = view_loader(index, storage, split, clip=clip, protocol=protocol, temporal_clips=temporal_clips,
@@ -272,21 +384,24 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
         if item.get("views") is None:  # a worker's final count of skipped samples, not a video
             continue
         views, label = item["views"], item["label"]
-        if num_classes is not None and (wrong := _label_problem(label, num_classes)) is not None:
+        if num_classes is not None and (wrong := label_problem(label, num_classes)) is not None:
             problem = _video_problem(index, split, item["key"], wrong)
             continue  # no score can be right or wrong against it: the model runs no more
         chunks = [normalize_on_device(views[j:j + batch_size], device, *norm, dtype=dtype)
                   for j in range(0, len(views), batch_size)]
-        probs = torch.cat([F.softmax(module(chunk).float(), -1) for chunk in chunks])
+        probs = torch.cat([to_scores(module(chunk).float()) for chunk in chunks])
         mean = probs.mean(0)
         if num_classes is None:  # a module without a config: its output says
             num_classes = mean.numel()
-            if (wrong := _label_problem(label, num_classes)) is not None:
+            if (wrong := label_problem(label, num_classes)) is not None:
                 problem = _video_problem(index, split, item["key"], wrong)
                 continue
-        rows.append({"key": item["key"], "label": int(label), "pred": int(mean.argmax()),
-                     "top5": mean.topk(min(5, mean.numel())).indices.tolist(), "views": len(views),
-                     "clips": item["clips"], "score": float(mean.max())})
+        row = {"key": item["key"], "label": int(label) if not multi else _label_set(label),
+               "pred": int(mean.argmax()), "top5": mean.topk(min(5, mean.numel())).indices.tolist(),
+               "views": len(views), "clips": item["clips"], "score": float(mean.max())}
+        if multi:  # every class's score: average precision ranks the videos by each
+            row["scores"] = mean.tolist()
+        rows.append(row)
         views_seen += len(views)
         if bar is not None:
             bar.update(1)
@@ -308,19 +423,43 @@ def test_protocol(module: nn.Module, dtype: torch.dtype, index: DatasetIndex, st
         return None
     return summarize(gathered, index=index, split=split, protocol=protocol, num_classes=num_classes,
                      views_per_video=(temporal_clips * spatial_crops) if protocol == "multi_view" else None,
-                     seconds=time.time() - t0, views_seen=views_seen)
+                     seconds=time.time() - t0, views_seen=views_seen, multi_label=multi)
+
+
+def _label_set(label: torch.Tensor) -> list[int] | int:
+    """A multi-hot label as the list of its classes (a report row's ``label``), or UNLABELLED."""
+    if bool((label == UNLABELLED).all()):
+        return UNLABELLED
+    return label.nonzero().flatten().tolist()
 
 
 def summarize(parts: list[dict[str, Any]], *, index: DatasetIndex, split: str, protocol: str,
               num_classes: int | None, views_per_video: int | None, seconds: float,
-              views_seen: int) -> dict[str, Any]:
+              views_seen: int, multi_label: bool = False) -> dict[str, Any]:
     """The report of a test pass from every rank's rows: accuracy and the confusion matrix over labelled
-    videos only."""
+    videos only (``multi_label``: mAP and each class's AP)."""
     rows = sorted((r for p in parts for r in p["rows"]), key=lambda r: r["key"])
     faults = FaultTally()
     for p in parts:
         faults.add(p["faults"])
     scored = [r for r in rows if r["label"] != UNLABELLED]
+    common = {
+        "protocol": protocol, "split": split, "dataset": index.dataset, "version": index.version,
+        "videos": len(scored), "unlabelled": len(rows) - len(scored), "skipped": faults.skipped, "read": faults.read,
+        "skipped_by_reason": faults.by_reason,
+        "skipped_by_shard": {u: dict(c) for u, c in sorted(faults.by_shard.items())},
+        "index_videos": index.num_samples(split), "views_per_video": views_per_video,
+    }
+    if multi_label:
+        width = num_classes or (len(rows[0]["scores"]) if rows else 0)
+        targets = np.zeros((len(scored), width))
+        for i, r in enumerate(scored):
+            targets[i, r["label"]] = 1.0
+        mean_ap, per_class = mean_average_precision(
+            np.array([r["scores"] for r in scored]).reshape(len(scored), width), targets)
+        return {**common, "metric": "map", "map": mean_ap, "per_class_ap": per_class,
+                "classes_scored": len(per_class), "top1": None, "top5": None, "per_class_top1": None,
+                "confusion": None, "predictions": rows, "seconds_rank0": seconds, "views_rank0": views_seen}
     if num_classes is None:  # a model without a config: as many classes as any row shows
         num_classes = 1 + max([r["label"] for r in scored] + [r["pred"] for r in rows] + [0])
     confusion = [[0] * num_classes for _ in range(num_classes)]
@@ -329,11 +468,7 @@ def summarize(parts: list[dict[str, Any]], *, index: DatasetIndex, split: str, p
     per_class = {c: (100 * confusion[c][c] / sum(confusion[c])) for c in range(num_classes) if sum(confusion[c])}
     n = len(scored)
     return {
-        "protocol": protocol, "split": split, "dataset": index.dataset, "version": index.version,
-        "videos": n, "unlabelled": len(rows) - n, "skipped": faults.skipped, "read": faults.read,
-        "skipped_by_reason": faults.by_reason,
-        "skipped_by_shard": {u: dict(c) for u, c in sorted(faults.by_shard.items())},
-        "index_videos": index.num_samples(split), "views_per_video": views_per_video,
+        **common, "metric": "top1",
         "top1": 100 * sum(r["pred"] == r["label"] for r in scored) / n if n else None,
         "top5": 100 * sum(r["label"] in r["top5"] for r in scored) / n if n else None,
         "per_class_top1": per_class, "confusion": confusion, "predictions": rows,
@@ -341,13 +476,32 @@ def summarize(parts: list[dict[str, Any]], *, index: DatasetIndex, split: str, p
     }
 
 
+def headline(report: dict[str, Any]) -> tuple[str, float | None]:
+    """A test report's one number and its name: ``("top1", %)``, or ``("map", %)`` for a multi-label model
+    (reports written before ``metric`` existed are top-1); the number is None when nothing was scored."""
+    if report.get("metric") == "map":
+        return "map", report.get("map")
+    return "top1", report.get("top1")
+
+
+def accuracy_metrics(report: dict[str, Any]) -> dict[str, float | None]:
+    """A test report's accuracy as the run's metrics: ``test_top1`` and ``test_top5``, or ``test_map``."""
+    if headline(report)[0] == "map":
+        return {"test_map": report.get("map")}
+    return {"test_top1": report.get("top1"), "test_top5": report.get("top5")}
+
+
 def describe(report: dict[str, Any]) -> str:
     """One line on what a report counts and what it left out, for people."""
     views = report["views_per_video"] or "all covering clips x crops"
     head = (f"{report['videos']} labelled videos of {report.get('dataset', '?')} v{report.get('version', '?')} "
             f"{report['split']} ({report['protocol']}, {views} views)")
-    if report["top1"] is None:
-        head += ": no accuracy (nothing labelled was evaluated)"
+    metric, value = headline(report)
+    if value is None:
+        head += (": no accuracy (nothing labelled was evaluated)" if not report["videos"] else
+                 ": no mAP (no class has a positive video)")
+    elif metric == "map":
+        head += f": mAP {value:.2f}% (mean AP over the {report['classes_scored']} classes with a positive video)"
     else:
         head += f": top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%"
     left_out = []

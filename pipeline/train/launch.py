@@ -37,6 +37,7 @@ from pipeline.config import (
     parse_overrides,
 )
 from pipeline.config import validate as validate_config
+from pipeline.models.hub import SourceError, is_reference, resolve_source
 from pipeline.secrets import (
     SecretUnavailableError,
     has_credentials,
@@ -165,8 +166,8 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
     # local paths are read by the ranks, whose working directory may differ: fix them to absolute here
     if cfg.data.index and "://" not in cfg.data.index:
         cfg.data.index = str(Path(cfg.data.index).resolve())
-    if cfg.model.init and "://" not in cfg.model.init:
-        cfg.model.init = str(Path(cfg.model.init).resolve())
+    if cfg.model.init and "://" not in cfg.model.init and not is_reference(cfg.model.init):
+        cfg.model.init = str(Path(cfg.model.init).resolve())  # an hf-hub:/s3:// source is resolved by check_init
     name = req.name or cfg.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     # a new run directory: the full rule, whether the name came from --name, the recipe's name: or its file
     check_run_name(name, "--name" if req.name else "name" if cfg.name else
@@ -237,8 +238,9 @@ def sbatch_script(cfg: RunConfig, nodes: int, run_dir: Path, code: Path | None =
 
 def check_data(cfg: RunConfig) -> str:
     """Fail at launch (not on the cluster an hour later) when the dataset cannot be read; pin ``cfg.data.version``
-    to the version found (0 means the newest: the run then stays on it); a line describing the dataset."""
-    from pipeline.data.shards import ShardError, load_index
+    to the version found (0 means the newest: the run then stays on it) and ``cfg.model.multi_label`` to the
+    dataset's kind (null: the index's; a contradiction is refused); a line describing the dataset."""
+    from pipeline.data.shards import ShardError, load_index, settle_multi_label
     from pipeline.data.storage import StorageError
 
     try:
@@ -258,6 +260,10 @@ def check_data(cfg: RunConfig) -> str:
     if cfg.model.num_classes != len(index.classes):
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but dataset {index.dataset} has "
                           f"{len(index.classes)} classes; set model.num_classes={len(index.classes)}")
+    try:  # null: the dataset's kind (several labels per video or one); a recipe that says otherwise is refused
+        cfg.model.multi_label = settle_multi_label(cfg.model.multi_label, index)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.data.version and index.version != cfg.data.version:  # data.index names one index file: it wins silently
         raise ConfigError(f"data.index={cfg.data.index!r} is dataset version {index.version}, and data.version="
                           f"{cfg.data.version}: give the dataset root with data.version, or the index file alone")
@@ -272,25 +278,55 @@ def check_data(cfg: RunConfig) -> str:
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
+def init_cache_dir(cfg: RunConfig) -> Path:
+    """Where launch downloads an ``s3://`` model.init: beside the run directories, which every rank sees."""
+    runs = Path(cfg.runs_dir) if Path(cfg.runs_dir).is_absolute() else Path.cwd() / cfg.runs_dir
+    return runs / ".init-cache"
+
+
+def resolve_init(cfg: RunConfig) -> str:
+    """Resolve an ``hf-hub:`` or ``s3://`` model.init once, here on the submitting host, to the local path the
+    ranks load; ``cfg.model.init`` becomes that path and ``cfg.model.init_source`` keeps the reference (both land
+    in config.yaml, and in MLflow's params as model.init / model.init_source). On --resume the recorded path is
+    used while it exists, and fetched again from model.init_source when the cache was emptied. Returns a
+    "<reference> -> " prefix for the launch output ("" when nothing was resolved)."""
+    init, source = cfg.model.init, cfg.model.init_source
+    if is_reference(init):
+        source = init
+    elif not (source and init and not Path(init).exists()):
+        return ""
+    try:
+        path = resolve_source(source, cache_dir=init_cache_dir(cfg))
+    except SourceError as e:
+        raise ConfigError(f"model.init={source!r} cannot be resolved: {e}") from None
+    cfg.model.init, cfg.model.init_source = str(path.resolve()), source
+    return f"{source} -> "
+
+
 def check_init(cfg: RunConfig) -> str:
-    """Fail at launch when ``model.init`` cannot be what the ranks load: a missing file, a URI (the ranks
-    read a path), a file that is neither safetensors nor a torch checkpoint. Reads headers only (the
-    safetensors header, a zip directory, a magic number): nothing is unpickled here."""
+    """Fail at launch when ``model.init`` cannot be what the ranks load: a source that cannot be resolved (see
+    ``resolve_init``), a missing file, another URI scheme, a file that is neither safetensors nor a torch
+    checkpoint, weights recorded with other input normalisation than the run's. Reads headers only (the
+    safetensors header, a zip directory, a magic number, JSON configs): nothing is unpickled here."""
     import zipfile
 
-    init = cfg.model.init
-    if not init:
+    from pipeline.models.hub import weights_in
+
+    if not cfg.model.init:
         return "random initialisation"
+    resolved = resolve_init(cfg)
+    init = cfg.model.init
     if "://" in init:
         raise ConfigError(f"model.init={init!r}: the ranks load a path (a file or a directory on a file system "
-                          f"they see); copy the checkpoint there and give its path")
+                          f"they see), an s3://bucket/key (downloaded at launch) or hf-hub:<org>/<name>; copy the "
+                          f"checkpoint there and give its path")
     path = Path(init)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = weights_in(path)
     if not path.is_file():
         raise ConfigError(f"model.init={init!r}: no such checkpoint (expected a .safetensors/.pth/.pyth file or a "
-                          f"directory with model.safetensors)")
-    check_init_normalization(cfg, Path(init))
+                          f"directory with model.safetensors or pytorch_model.bin)")
+    norm = check_init_normalization(cfg, Path(init))
     try:
         if path.suffix == ".safetensors":
             from safetensors import safe_open
@@ -299,40 +335,43 @@ def check_init(cfg: RunConfig) -> str:
                 keys = len(list(f.keys()))
             if not keys:
                 raise ValueError("it holds no tensors")
-            return f"{path} (safetensors, {keys} tensors)"
+            return f"{resolved}{path} (safetensors, {keys} tensors{norm})"
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_TORCH_MAGIC))
         if head == _LEGACY_TORCH_MAGIC:
-            return f"{path} (torch checkpoint, legacy format)"
+            return f"{resolved}{path} (torch checkpoint, legacy format{norm})"
         with zipfile.ZipFile(path) as z:  # torch.save's format: a zip holding <name>/data.pkl
             if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist()):
                 raise ValueError("a zip file without data.pkl is not a torch checkpoint")
-        return f"{path} (torch checkpoint)"
+        return f"{resolved}{path} (torch checkpoint{norm})"
     except Exception as e:  # noqa: BLE001 -- OSError, BadZipFile, safetensors' own error type: all one answer
         raise ConfigError(f"model.init={init!r}: {path} is not a readable checkpoint ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:300]})") from None
 
 
-def check_init_normalization(cfg: RunConfig, path: Path) -> None:
+def check_init_normalization(cfg: RunConfig, path: Path) -> str:
     """Refuse to start from weights trained on other input normalisation than the run's: fine-tuning would feed
-    them inputs shifted and scaled from what they learnt on, with nothing to say so."""
+    them inputs shifted and scaled from what they learnt on, with nothing to say so. Returns what the weights
+    record, for the launch output ("" when they record nothing)."""
     from pipeline.models.convert import checkpoint_normalization
 
+    shown = f"{cfg.model.init_source} ({path})" if cfg.model.init_source else str(path)
     try:
         recorded = checkpoint_normalization(path)
     except ValueError as e:
-        raise ConfigError(f"model.init={str(path)!r}: {e}") from None
+        raise ConfigError(f"model.init={shown!r}: {e}") from None
     if recorded is None:  # a format that does not say (a .pth): the recipe's model.mean/std are taken as given
-        return
+        return ""
     mean, std = recorded
     ours = (tuple(cfg.model.mean), tuple(cfg.model.std))
     if len(mean + std) != len(ours[0] + ours[1]) or any(
             abs(a - b) > 1e-6 for a, b in zip(mean + std, ours[0] + ours[1], strict=True)):
         fmt = ",".join
         raise ConfigError(
-            f"model.init={str(path)!r} was trained on inputs normalised with mean {list(mean)} and std {list(std)}, "
+            f"model.init={shown!r} was trained on inputs normalised with mean {list(mean)} and std {list(std)}, "
             f"and this run normalises with model.mean={list(ours[0])} model.std={list(ours[1])}: set "
             f"model.mean=[{fmt(map(str, mean))}] model.std=[{fmt(map(str, std))}] to fine-tune it as it was trained")
+    return f"; trained on inputs normalised with mean {list(mean)} std {list(std)}, as this run"
 
 
 def stored_config(cfg: RunConfig, tracking_uri: str) -> tuple[RunConfig, dict[str, str], str]:
@@ -472,6 +511,9 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
             checks[what] = f"NOT READABLE from here ({e})"
     data = checks["data"]
     stored.data.version = cfg.data.version  # pinned by check_data when the recipe said 0 (the newest)
+    stored.model.multi_label = cfg.model.multi_label  # the dataset's kind, settled by check_data (null: the index's)
+    # resolved by check_init: the ranks load the local path; the reference it came from is kept beside it
+    stored.model.init, stored.model.init_source = cfg.model.init, cfg.model.init_source
     if not req.local and not req.dry_run:
         check_slurm()
     git = git_state()
@@ -495,7 +537,8 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
                             "gpus_per_node": cfg.cluster.gpus_per_node, "world_size": world,
                             "batch": plan.describe(), "executor": executor_kind, "data": data}
     if req.dry_run:
-        out(f"[dry run] nothing is written or submitted\nrecipe      {cfg.recipe}: {stored.description}")
+        out(f"[dry run] nothing is written or submitted (an hf-hub:/s3:// model.init is fetched into its cache, "
+            f"as launch would)\nrecipe      {cfg.recipe}: {stored.description}")
         out(f"run dir     {run_dir}\nworld       {nodes} node(s) x {cfg.cluster.gpus_per_node} = {world} rank(s); "
             f"{plan.describe()}\ndata        {data}\ninit        {checks['init']}\nexecutor    {executor_kind}")
         out(f"code        {code_note}")

@@ -30,7 +30,7 @@ import torch
 
 from pipeline.config import ConfigError, RunConfig, batch_plan, load_resolved, steps_per_epoch, total_steps
 from pipeline.data.loader import clip_config, make_loader
-from pipeline.data.shards import load_index, sha256_of
+from pipeline.data.shards import load_index, settle_multi_label, sha256_of
 from pipeline.distributed import DistEnv
 from pipeline.models.convert import load_checkpoint
 from pipeline.models.timesformer import TimeSformer, model_config
@@ -38,7 +38,15 @@ from pipeline.secrets import reveal_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
 from pipeline.train.engine import apply_freeze, init_distributed, make_engine
-from pipeline.train.evaluate import RUN_DATASET_FILE, recorded_dataset, run_data_version, test_protocol, validate
+from pipeline.train.evaluate import (
+    RUN_DATASET_FILE,
+    accuracy_metrics,
+    headline,
+    recorded_dataset,
+    run_data_version,
+    test_protocol,
+    validate,
+)
 from pipeline.train.export import export_model
 from pipeline.train.loop import LoopState, train_loop
 from pipeline.train.parallelize import prepare_model, recompute_fraction
@@ -172,6 +180,7 @@ class Trainer:
         self.device = init_distributed(cfg, denv.rank, denv.world_size, denv.local_rank)
         self.plan = batch_plan(cfg, denv.world_size)
         self.index, self.storage = load_index(cfg.data.index, run_data_version(cfg, run_dir) or None)
+        cfg.model.multi_label = settle_multi_label(cfg.model.multi_label, self.index)  # launch set it; null: the data's
         record_dataset(run_dir, self.index, write=denv.is_main)
         train_clips = self.index.num_samples(cfg.data.train_split)
         self.per_epoch, self.total = steps_per_epoch(cfg, train_clips), total_steps(cfg, train_clips)
@@ -301,7 +310,8 @@ class Trainer:
 
     def finish(self, outcome: str) -> dict[str, Any]:
         """After a stop signal's checkpoint: requeue or stop (``exit_code`` set). Otherwise (done, or the
-        budget ended it): the final test protocol, the report and the consolidated model."""
+        budget ended it): the final test protocol, the report and the consolidated model, registered in MLflow's
+        model registry (``pipeline.tracking.registry``)."""
         cfg, denv, sinks, account = self.cfg, self.denv, self.sinks, self.account
         step = self.engine.global_step
         result: dict[str, Any] = {"rank": denv.rank, "outcome": outcome, "step": step, "resumed_from": self.resumed,
@@ -324,6 +334,11 @@ class Trainer:
             sinks.close("FINISHED")
             self.end.decided = True  # finished: what may still fail below (result.json, the barrier) does not undo it
             result.update(export=str(export), gpu_hours=account.hours, run_dir=str(self.run_dir))
+            # the model in MLflow's registry (tracking.register); a registry that fails is a warning, not a failure
+            from pipeline.tracking.registry import register_run_model
+
+            registered = register_run_model(self.run_dir, cfg, export, index=self.index, step=step)
+            result["registered_model"] = registered["model_uri"] if registered else None
             (self.run_dir / "result.json").write_text(json.dumps(result, indent=1))
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
@@ -347,7 +362,7 @@ class Trainer:
         out.write_text(json.dumps(report, indent=1))
         sinks.log_metrics({**report_metrics(report), "gpu_hours": self.account.hours}, step)
         sinks.log_artifact(out, "eval")
-        if report["top1"] is None:  # an unlabelled test split: predictions, and no made-up accuracy
+        if headline(report)[1] is None:  # an unlabelled test split: predictions, and no made-up accuracy
             log.error("test split %r: no labelled video (%d unlabelled, %d skipped), so no test accuracy; "
                       "the predictions are in %s", cfg.data.test_split, report["unlabelled"], report["skipped"], out)
             sinks.set_tags({"test": "no labelled videos"})
@@ -360,7 +375,7 @@ class Trainer:
         image = confusion_image(report, self.index.classes, out.with_name("confusion.png"))
         if image is not None:
             sinks.log_artifact(image, "eval")
-        return {"test_top1": report["top1"], "test_top5": report["top5"], "test_videos": report["videos"],
+        return {**accuracy_metrics(report), "test_videos": report["videos"],
                 "test_unlabelled": report["unlabelled"], "test_skipped": report["skipped"]}
 
     def _stop_for_now(self, reason: str) -> dict[str, Any]:
@@ -427,7 +442,7 @@ def launch_record(run_dir: Path) -> dict[str, Any]:
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:
     """The test protocol's numbers for MLflow: accuracy only when something labelled was scored; what
     was left out (unlabelled, skipped videos) when anything was."""
-    metrics = {} if report["top1"] is None else {"test_top1": report["top1"], "test_top5": report["top5"]}
+    metrics = {k: v for k, v in accuracy_metrics(report).items() if v is not None}  # test_top1/5, or test_map
     metrics.update({f"test_{k}": float(report[k]) for k in ("unlabelled", "skipped") if report.get(k)})
     return metrics
 
@@ -502,6 +517,8 @@ def resume(engine, run_dir: Path, world_size: int) -> int:
 
 def confusion_image(report: dict[str, Any], classes: list[str], path: Path) -> Path | None:
     """The test confusion matrix as a PNG (rows: true class, columns: predicted), for people to look at."""
+    if report.get("confusion") is None:  # a multi-label model's report has per-class AP, no confusion matrix
+        return None
     try:
         import matplotlib
 

@@ -27,7 +27,7 @@ from pipeline.data.shards import (
 )
 from pipeline.data.storage import open_storage
 from pipeline.data.synthetic import COLOUR_CLASSES, SyntheticSpec, make_video
-from pipeline.models.timesformer import create_model
+from pipeline.models.factory import create_model
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import evaluate as ev
 from pipeline.train.engine import TorchEngine

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, batch_plan, load_recipe
-from pipeline.models.timesformer import TimeSformer, create_model, variant_config
+from pipeline.models.factory import create_model
+from pipeline.models.timesformer import TimeSformer, variant_config
 from pipeline.train import loop
 from pipeline.train.engine import TorchEngine
 from pipeline.train.loop import StepChecks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.models.factory import create_model
 from pipeline.models.flops import parameter_count
 from pipeline.models.timesformer import (
     ATTENTION_TYPES,
@@ -15,7 +16,6 @@ from pipeline.models.timesformer import (
     TimeSformerConfig,
     apply_activation_checkpointing,
     count_parameters,
-    create_model,
     parse_checkpoint_policy,
     resize_pos_embed,
     resize_time_embed,

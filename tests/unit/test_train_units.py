@@ -4,6 +4,7 @@ the launcher's dry run and refusals, the engines' optimizer setup."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from pipeline.config import ConfigError, batch_plan, load_recipe
 from pipeline.distributed import DistEnv, expand_nodelist, group_rank_world, job_port
-from pipeline.models.timesformer import create_model
+from pipeline.models.factory import create_model
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
 from pipeline.train.engine import TorchEngine, build_optimizer
@@ -76,17 +77,27 @@ def test_time_limits_in_slurm_forms():
     assert parse_time("10:30") == 11  # MM:SS rounds up
 
 
-def launch_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def launch_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "jobs" / "launch.py"), *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=120)
+                          cwd=cwd, timeout=120, env=env)
 
 
 def test_dry_run_prints_everything_and_writes_nothing(tmp_path):
+    # the recipe starts from the ImageNet ViT on the Hub: an offline hub cache holds a (tiny) stand-in under its
+    # name, so the dry run resolves it with the real code, as a launch on a machine with that cache would
+    from tests.hub_cache import put_timm_vit
+
+    snap = put_timm_vit(tmp_path / "hf-cache", "timm/vit_base_patch16_224.orig_in21k_ft_in1k", tmp_path)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf-cache"), "HF_HUB_OFFLINE": "1"}
     p = launch_cli("--nodes", "4", "--recipe", "k400_long", "--partition", "a100", "--time", "1-00:00:00",
                    "--dry-run", "--runs-dir", str(tmp_path / "runs"), "--cluster",
-                   str(REPO / "configs/clusters/example_gpu.yaml"), cwd=tmp_path)
+                   str(REPO / "configs/clusters/example_gpu.yaml"), cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr
     out = p.stdout
+    assert (f"init        hf-hub:timm/vit_base_patch16_224.orig_in21k_ft_in1k -> {snap.resolve()}/model.safetensors "
+            f"(safetensors") in out and "normalised with mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5]" in out
+    assert f"init: {snap.resolve()}" in out  # the ranks' path in config.yaml, the reference beside it
+    assert "init_source: hf-hub:timm/vit_base_patch16_224.orig_in21k_ft_in1k" in out
     assert "32 rank(s); global batch 64 = micro batch 2 x accumulation 1 x 32 rank(s)" in out
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=a100", "#SBATCH --time=1440", "#SBATCH --signal=USR2@180", "#SBATCH --requeue",

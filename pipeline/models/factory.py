@@ -1,0 +1,64 @@
+"""Building a registered variant, with or without its default weights: the one place that knows both the
+architecture (``timesformer``) and where weights come from (``hub``, ``convert``), so neither imports the other."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.models.config import VARIANTS, variant_config
+from pipeline.models.timesformer import TimeSformer
+
+
+def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> TimeSformer:
+    """Build a registered variant: ``create_model("timesformer_l", num_classes=600)``.
+
+    ``pretrained=True`` starts from the variant's default weights (``VARIANTS[name].pretrained``), the timm way;
+    a string names another source (``hf-hub:<org>/<name>``, ``s3://...``, a path). The source is fetched once
+    (``pipeline.models.hub``, huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` reads the cache only) and loaded
+    strictly (an image ViT is inflated); the model's ``mean``/``std`` are the source's where it records them
+    (a ``mean``/``std`` override that contradicts it is refused), and its class count too unless ``num_classes``
+    says otherwise, in which case the head starts fresh."""
+    probe = variant_config(name, **overrides)  # an unknown variant or a bad override: said before any download
+    if not pretrained:
+        return TimeSformer(probe)
+    from pipeline.models.convert import (
+        checkpoint_normalization,
+        detect_format,
+        from_official,
+        load_checkpoint,
+        read_checkpoint,
+    )
+    from pipeline.models.hub import resolve_source
+
+    source = pretrained if isinstance(pretrained, str) else VARIANTS[name].pretrained
+    if not source:
+        raise ValueError(f"variant {name!r} has no default weights (pretrained=True); give a source, "
+                         f"create_model({name!r}, pretrained='hf-hub:<org>/<name>' or a path), or build it "
+                         f"and use load_checkpoint")
+    path = resolve_source(source)
+    recorded = checkpoint_normalization(path)
+    if recorded is not None:
+        asked = [k for k in ("mean", "std") if k in overrides]
+        if asked and any(abs(a - b) > 1e-6 for a, b in zip(probe.mean + probe.std, recorded[0] + recorded[1],
+                                                             strict=False)):
+            raise ValueError(f"{source} was trained on inputs normalised with mean {list(recorded[0])} and std "
+                             f"{list(recorded[1])}; the {'/'.join(asked)} given differ(s): leave them out (the model "
+                             f"takes the source's) or start from other weights")
+        overrides = {**overrides, "mean": recorded[0], "std": recorded[1]}
+    state = read_checkpoint(path)
+    fmt = detect_format(state)
+    head = {"hf": state.get("classifier.weight"), "ours": state.get("head.weight"),
+            "timm_vit": state.get("head.weight"),
+            "official": from_official(state).get("head.weight") if fmt == "official" else None}.get(fmt)
+    theirs = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.ndim == 2 else None
+    # a video model's classes are kept; an image model's (ImageNet's 1000) never become the variant's
+    if theirs is not None and "num_classes" not in overrides and fmt != "timm_vit":
+        overrides = {**overrides, "num_classes": theirs}
+    model = TimeSformer(variant_config(name, **overrides))
+    reset = theirs is not None and theirs != model.cfg.num_classes
+    try:
+        return load_checkpoint(model, state, reset_head=reset)
+    except ValueError as e:
+        raise type(e)(f"{source} ({path}): {e}") from None
