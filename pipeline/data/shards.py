@@ -141,6 +141,11 @@ class DatasetIndex:
     def split(self, name: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == name]
 
+    def split_digest(self, name: str) -> str:
+        """A split's identity: the sha256 of its shards' sha256s, 16 hex digits (the MLflow dataset input's
+        digest, the model card's and the registry's). The same shards give the same digest wherever they are."""
+        return sha256_of("".join(s.sha256 for s in self.split(name)).encode())[:16]
+
     def num_samples(self, split: str | None = None) -> int:
         return sum(s.samples for s in self.shards if split is None or s.split == split)
 

@@ -472,9 +472,12 @@ def config_from_hf(hf: Mapping[str, Any]) -> TimeSformerConfig:
 # safetensors
 
 
-def save_safetensors(model: TimeSformer, path: str | os.PathLike, classes: list[str] | None = None) -> Path:
+def save_safetensors(model: TimeSformer, path: str | os.PathLike, classes: list[str] | None = None,
+                     protocol: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` with the config in its metadata, so ``load_safetensors`` can rebuild it,
-    and the class names when given (evaluation compares them with a dataset's: ``classes`` key, a JSON list)."""
+    the class names when given (evaluation compares them with a dataset's: ``classes`` key, a JSON list) and
+    the test protocol it was trained for (``test_protocol``: frames, sampling rate, clips x crops; predict
+    uses it for a model without its run)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -485,6 +488,8 @@ def save_safetensors(model: TimeSformer, path: str | os.PathLike, classes: list[
     metadata = {"format": "pt", "timesformer_config": json.dumps(model.cfg.to_dict())}
     if classes is not None:
         metadata["classes"] = json.dumps(list(classes))
+    if protocol is not None:
+        metadata["test_protocol"] = json.dumps(protocol)
     save_file(state, str(path), metadata=metadata)
     return path
 

@@ -183,7 +183,30 @@ def _load_safetensors(path: Path, shown: str) -> LoadedModel:
     except (ValueError, EvaluationError) as e:
         raise PredictError(str(e)) from None
     names, note = _named(classes, model.cfg.num_classes, str(path))
-    return LoadedModel(model, names, paper_protocol(model.cfg), f"{shown}", note or where)
+    return LoadedModel(model, names, recorded_protocol(path, model.cfg), f"{shown}", note or where)
+
+
+def recorded_protocol(path: Path, cfg: TimeSformerConfig) -> Protocol:
+    """The test protocol an export records (``jobs/export.py`` writes its recipe's), else the paper's for the
+    model's size (an export made before models carried it)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get("test_protocol")
+    if text is None:
+        return paper_protocol(cfg)
+    names = {f.name for f in dataclasses.fields(Protocol)} - {"source"}
+    try:
+        d = json.loads(text)
+        protocol = Protocol(**{k: v for k, v in d.items() if k in names}, source=f"recorded with {path.name}")
+    except (ValueError, TypeError) as e:
+        raise PredictError(f"{path}: metadata 'test_protocol' is not a protocol ({e}); re-export the model, or give "
+                           f"--views and --sampling-rate") from None
+    if (protocol.num_frames, protocol.crop) != (cfg.num_frames, cfg.img_size):
+        raise PredictError(f"{path}: its recorded test protocol ({protocol.num_frames} frames, {protocol.crop}px) does "
+                           f"not fit the model ({cfg.num_frames} frames, {cfg.img_size}px); re-export the model")
+    protocol.check()
+    return protocol
 
 
 def _load_run_dir(run: Path) -> LoadedModel:
@@ -217,10 +240,9 @@ def _load_run_dir(run: Path) -> LoadedModel:
         raise PredictError(f"{run}: its newest checkpoint does not fit the model of its config.yaml "
                            f"({' '.join(str(e).split())[:300]})") from None
     names, note = _named(classes, model.cfg.num_classes, str(run))
-    d, t = cfg.data, cfg.test
-    protocol = Protocol(num_frames=d.num_frames, sampling_rate=d.sampling_rate, crop=d.crop,
-                        temporal_clips=t.temporal_clips, spatial_crops=t.spatial_crops, mode=t.protocol,
-                        sampler=d.sampler, ref_fps=d.ref_fps, source=f"the recipe of {run.name}")
+    from pipeline.train.export import recipe_protocol
+
+    protocol = Protocol(**recipe_protocol(cfg), source=f"the recipe of {run.name}")
     return LoadedModel(model, names, protocol, what, note or where)
 
 

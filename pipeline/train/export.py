@@ -18,6 +18,15 @@ from pipeline.train.engine import consolidated_state_dict
 from pipeline.train.evaluate import RUN_DATASET_FILE
 
 
+def recipe_protocol(cfg: RunConfig) -> dict[str, Any]:
+    """How the recipe samples a video for its test protocol: what ``pipeline.predict.Protocol`` takes, and what
+    an exported model records (so a model without its run is predicted on as it was tested)."""
+    d, t = cfg.data, cfg.test
+    return {"num_frames": d.num_frames, "sampling_rate": d.sampling_rate, "crop": d.crop,
+            "temporal_clips": t.temporal_clips, "spatial_crops": t.spatial_crops, "mode": t.protocol,
+            "sampler": d.sampler, "ref_fps": d.ref_fps}
+
+
 def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Path | None = None,
                  classes: list[str] | None = None) -> Path:
     """The consolidated fp32 model of a checkpoint (default: the newest complete) as model.safetensors,
@@ -36,7 +45,8 @@ def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Pat
             classes = json.loads(record.read_text())["classes"]
     if classes is not None and len(classes) != model.cfg.num_classes:
         classes = None  # names that do not fit the head are not this model's: leave them out
-    return save_safetensors(model, out or (run_dir / "export" / "model.safetensors"), classes=classes)
+    return save_safetensors(model, out or (run_dir / "export" / "model.safetensors"), classes=classes,
+                            protocol=recipe_protocol(cfg))
 
 
 class PushError(RuntimeError):

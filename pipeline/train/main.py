@@ -30,7 +30,7 @@ import torch
 
 from pipeline.config import ConfigError, RunConfig, batch_plan, load_resolved, steps_per_epoch, total_steps
 from pipeline.data.loader import clip_config, make_loader
-from pipeline.data.shards import load_index, settle_multi_label, sha256_of
+from pipeline.data.shards import load_index, settle_multi_label
 from pipeline.distributed import DistEnv
 from pipeline.models.convert import load_checkpoint
 from pipeline.models.timesformer import TimeSformer, model_config
@@ -247,7 +247,7 @@ class Trainer:
                            ("test", cfg.data.test_split)):
             uses.setdefault(split, []).append(use)
         for split, used_for in uses.items():
-            digest = sha256_of("".join(s.sha256 for s in index.split(split)).encode())[:16]
+            digest = index.split_digest(split)
             self.sinks.log_dataset(f"{index.dataset}-v{index.version}/{split}", digest, cfg.data.index,
                                    "+".join(used_for), {"split": split, "version": str(index.version),
                                                         "samples": str(index.num_samples(split))})

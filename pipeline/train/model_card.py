@@ -19,7 +19,6 @@ from typing import Any
 
 import yaml
 
-from pipeline.data.shards import sha256_of
 from pipeline.models.timesformer import TimeSformerConfig
 
 CARD_FILE = "README.md"
@@ -29,7 +28,7 @@ SHOWN_CLASSES = 50  # class names listed in the card; the rest are in config.jso
 def split_digest(index: Any, split: str) -> str:
     """The digest of a dataset split as the run logs it to MLflow (``Trainer._log_datasets``): the sha256 of
     its shards' sha256s, 16 hex digits. The same shards give the same digest, whatever their location."""
-    return sha256_of("".join(s.sha256 for s in index.split(split)).encode())[:16]
+    return index.split_digest(split)
 
 
 def run_facts(run_dir: str | Path, cfg: Any, index: Any = None) -> dict[str, Any]:

@@ -237,6 +237,25 @@ def test_a_run_directory_predicts_with_its_checkpoint_recipe_protocol_and_classe
         assert torch.equal(a, b)
 
 
+def test_an_export_carries_its_recipe_protocol_to_predict_and_an_older_one_gets_the_papers(run_dir, tmp_path):
+    # the smoke recipe samples 4 frames every 8 at 30 fps and tests 2 clips x 3 crops; the paper's default for a
+    # 4-frame model would be another rate and 1 clip: a bare export must be predicted on as its run tested it
+    from pipeline.config import load_resolved
+    from pipeline.predict.model import paper_protocol
+    from pipeline.train.export import export_model
+
+    run, _ = run_dir
+    cfg = load_resolved(run / "config.yaml")
+    cfg.data.sampling_rate = 5  # a rate no default gives
+    exported = export_model(run, cfg, out=tmp_path / "bare" / "model.safetensors")
+    protocol = load_model(str(exported)).protocol
+    assert (protocol.num_frames, protocol.sampling_rate, protocol.temporal_clips, protocol.spatial_crops) == (
+        4, 5, 2, 3) and "recorded with model.safetensors" in protocol.source
+    older = save_safetensors(load_model(str(exported)).model, tmp_path / "old.safetensors", classes=CLASSES)
+    paper = paper_protocol(load_model(str(older)).model.cfg)
+    assert load_model(str(older)).protocol == paper and paper.sampling_rate != 5
+
+
 def test_a_hub_reference_predicts_like_transformers(tmp_path, monkeypatch, clips):
     from tests.hub_cache import hf_timesformer, put_hf_timesformer
 
