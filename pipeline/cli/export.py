@@ -110,7 +110,7 @@ def _export_bare(path: Path, args: argparse.Namespace) -> int:
 
 
 def _write_hf(path: Path, hf_dir: Path, args: argparse.Namespace, **run) -> int:
-    from pipeline.train.export import PushError, export_hf, push_to_hub
+    from pipeline.train.export import PushError, export_hf, push_to_hub, pushed_files
 
     try:
         out = export_hf(path, hf_dir, repo_id=args.push_to_hub, **run)
@@ -125,7 +125,7 @@ def _write_hf(path: Path, hf_dir: Path, args: argparse.Namespace, **run) -> int:
     except PushError as e:
         print(f"export: {e}", file=sys.stderr)
         return 3
-    print(f"pushed {out} to https://huggingface.co/{args.push_to_hub} ({url})")
+    print(f"pushed {', '.join(pushed_files(out))} of {out} to https://huggingface.co/{args.push_to_hub} ({url})")
     return 0
 
 

@@ -10,7 +10,11 @@ are reprocessed; deleted ones leave the next version. Videos that fail are liste
 reports/v<version>-quarantine.json next to the index: "content" failures (the file is bad or over a
 decode limit, ``limits.*``) stay there until the file changes; "transient" ones (a read error, a dead
 worker) are tried again by the next run. Exit codes: 0 done or nothing to do, 1 nothing could be
-committed (every shard failed), 2 bad configuration or input, 3 another run holds the dataset's lease.
+committed (every shard failed, or this run lost its lease), 2 bad configuration or input, 3 skipped: another
+run holds the dataset's lease (a scheduled run overlapping a running one: not a failure). The lease is renewed
+while a run works, so a run may last longer than ``lease_seconds``; a run whose lease was taken over commits
+nothing. Local sources whose size and modification time are unchanged are not read again (a checksum cache in
+the dataset root); infra/schedule/ has cron, scrontab and systemd schedules (docs/ingestion.md, "Scheduling").
 """
 
 from __future__ import annotations

@@ -24,8 +24,9 @@ data.sampling_rate); for a model alone, the paper's: 1 clip in the middle of the
 original's sampling rate for its frame count (8x32, 16x16, 96x4). --views and --sampling-rate override it.
 
 Resuming: with an existing --out (and --features), inputs already there are skipped; inputs that failed are
-tried again. --overwrite starts over. Broken inputs (unreadable, corrupt, no frames) get an error row and do
-not stop the others. Exit codes: 0 every input predicted, 1 some inputs failed (their rows say why), 2
+tried again. Outputs of another model (or of other weights under the same name: their sha256 is recorded) or
+protocol are refused, not mixed. --overwrite starts over. Broken inputs (unreadable, corrupt, no frames) get an
+error row and do not stop the others. Exit codes: 0 every input predicted, 1 some inputs failed (their rows say why), 2
 nothing ran (a bad MODEL, no inputs, a bad option or output).
 """
 
@@ -62,7 +63,8 @@ def parser() -> argparse.ArgumentParser:
                                             "when it exists")
     p.add_argument("--features", type=Path, metavar="FILE.safetensors",
                    help="also write each input's feature (the final-norm CLS token the classifier reads, averaged "
-                        "over the views): input id -> [D] float32; resumed when it exists")
+                        "over the views): tensors features [N, D] float32 and ids; written in parts while it runs, "
+                        "merged at the end; resumed when it or its parts exist")
     p.add_argument("--explain", type=Path, metavar="DIR", help="write an attention figure (PNG) per input into DIR")
     p.add_argument("--topk", type=positive, default=5, help="classes per input (default 5)")
     p.add_argument("--threshold", type=probability, default=0.5,

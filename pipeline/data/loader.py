@@ -9,7 +9,9 @@ evaluation  this rank's shards -> this worker's shards -> open, verify -> sample
             exactly once per pass
 
 Trust: every shard is checked against the dataset index (size and sha256, in the one pass that reads
-it) before anything from it moves on; a mismatch is a ``ShardError`` that stops the run. A broken sample
+it) before anything from it moves on; a mismatch is a ``ShardError`` that stops the run. A sample the index
+marks as dropped (a tombstone: its video left the dataset after the shard was written) is passed over,
+neither read nor counted as a fault. A broken sample
 (no clip or metadata, bad JSON, a label or duration out of range, a link or directory in the tar, a clip
 that does not decode) is skipped and counted per shard and reason, and logged at a limited rate. Every
 batch (or evaluation item) carries ``"faults"``: what its DataLoader worker read and skipped since its
@@ -294,8 +296,8 @@ def open_shards(storage: Storage, index: DatasetIndex, counter: FaultCounter, ve
                 stream = _MemoryStream(read_verified(storage, infos[url], index))
             else:  # tarfile reads in 10 KiB blocks: a large buffer turns that into few big reads
                 stream = io.BufferedReader(open_resuming(storage, url), buffer_size=4 << 20)
-            try:
-                yield {**item, "uri": storage.uri(url), "stream": stream}
+            try:  # with the shard's tombstones: samples that left the dataset (shard_samples passes over them)
+                yield {**item, "uri": storage.uri(url), "stream": stream, "dropped": infos[url].dropped}
             finally:
                 stream.close()
     return stage
@@ -367,8 +369,12 @@ def _plain_file(member: tarfile.TarInfo) -> bool:
 def shard_samples(counter: FaultCounter):
     """Stage: the samples of each shard (consecutive tar members sharing a key), each counted as read.
     A sample with a member that is not a regular file (a link, a directory), without its .mp4 or its
-    .json, or with a member twice, is skipped and counted; a shard that is not a tar is a ShardError."""
-    def finish(uri: str, key: str, parts: dict[str, bytes], problems: list[str]):
+    .json, or with a member twice, is skipped and counted; a shard that is not a tar is a ShardError.
+    A sample the index lists in the shard's ``dropped`` (``item["dropped"]``: its video left the dataset
+    after the shard was written) is passed over: neither read nor skipped, as if the tar did not hold it."""
+    def finish(uri: str, key: str, parts: dict[str, bytes], problems: list[str], dropped: frozenset[str]):
+        if key in dropped:
+            return None
         counter.read()
         if problems:
             counter.skip(uri, key, "not_a_file", "; ".join(problems))
@@ -382,6 +388,7 @@ def shard_samples(counter: FaultCounter):
     def stage(src):
         for item in src:
             uri = item["uri"]
+            dropped = frozenset(item.get("dropped") or ())
             key, parts, problems = None, {}, []
             try:
                 with tarfile.open(fileobj=item["stream"], mode="r|") as tar:
@@ -389,17 +396,17 @@ def shard_samples(counter: FaultCounter):
                         m = _NAME_RE.match(member.name)
                         name_key, ext = (m.group(1), m.group(2)) if m else (member.name, "")
                         if name_key != key:
-                            if key is not None and (sample := finish(uri, key, parts, problems)) is not None:
+                            if key is not None and (sample := finish(uri, key, parts, problems, dropped)) is not None:
                                 yield sample
                             key, parts, problems = name_key, {}, []
                         if not _plain_file(member):
                             problems.append(f"{member.name} is a {_member_kind(member)}, not a regular file")
                         elif ext in parts:
                             problems.append(f"{member.name} appears twice")
-                        else:
+                        elif name_key not in dropped:  # a tombstoned sample's bytes are not even copied
                             parts[ext] = tar.extractfile(member).read()
                         tar.members = []  # a stream has no random access: keep no list of members
-                if key is not None and (sample := finish(uri, key, parts, problems)) is not None:
+                if key is not None and (sample := finish(uri, key, parts, problems, dropped)) is not None:
                     yield sample
             except tarfile.TarError as e:
                 raise ShardError(f"shard {uri}: not a readable tar ({e}) although it matches its index: the "
@@ -584,6 +591,15 @@ def to_views(cfg: ClipConfig, protocol: str, temporal_clips: int, spatial_crops:
     return stage
 
 
+def loading_view(index: DatasetIndex, split: str) -> DatasetIndex:
+    """What a pipeline's stages (and so every DataLoader worker) hold of the index: ``split``'s shards with
+    their size, sha256 and tombstones, without their member lists, and none of the per-video checksums and
+    quarantine the ingest keeps. At HowTo100M's 1.2M videos the full index is ~330 MB in memory; this view is
+    a few MB (benchmarks/bench_plan_scale.py, docs/performance.md "Planning and indexes at scale")."""
+    shards = [ShardInfo(s.url, s.split, s.samples, s.bytes, s.sha256, [], s.dropped) for s in index.split(split)]
+    return dataclasses.replace(index, shards=shards, source_checksums={}, quarantine={})
+
+
 def view_loader(index: DatasetIndex, storage: Storage, split: str, *, clip: ClipConfig, protocol: str,
                 temporal_clips: int, spatial_crops: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 2) -> torch.utils.data.DataLoader:
@@ -593,6 +609,7 @@ def view_loader(index: DatasetIndex, storage: Storage, split: str, *, clip: Clip
     shards = index.split(split)
     if not shards:
         raise ValueError(f"dataset {index.dataset} v{index.version} has no shards for split {split!r}")
+    index = loading_view(index, split)
     counter = FaultCounter()
     pipeline = wds.DataPipeline(my_shards([s.url for s in shards], rank, world_size),
                                 open_shards(storage, index, counter), shard_samples(counter),
@@ -637,6 +654,7 @@ def clip_pipeline(index: DatasetIndex, storage: Storage, split: str, *, train: b
                          f"(splits: {sorted({s.split for s in index.shards})})")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
+    index = loading_view(index, split)
     urls = [s.url for s in shards]
     num_classes = clip.num_classes or len(index.classes)
     limits = index_limits(index)

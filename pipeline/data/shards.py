@@ -10,8 +10,12 @@ samples make the same bytes and the same sha256.
 A dataset index is one JSON object per committed version: dataset, version, classes, preprocessing
 parameters and every shard with its url (relative to the dataset root), split, sample count, bytes,
 sha256 and sample keys; ``multi_label: true`` for a dataset with several labels per video (absent, as in
-every index written before, for one label per video). Index objects are written once, create-if-absent,
-and never rewritten; the newest version under ``indexes/`` is the dataset. Readers only ever see committed indexes.
+every index written before, for one label per video). A shard's ``dropped`` lists the keys of its samples
+that left the dataset after it was written (their videos were deleted, changed or moved; shards are never
+rewritten, so the tar still holds them): readers skip them and every count leaves them out. It is written
+only when not empty, so an index without tombstones is the same JSON as before. Index objects are written
+once, create-if-absent, and never rewritten; the newest version under ``indexes/`` is the dataset. Readers
+only ever see committed indexes.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import re
 import tarfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, BinaryIO
 
 from pipeline.data.storage import ObjectMissingError, Storage, open_storage
@@ -113,10 +117,31 @@ def put_shard(storage: Storage, url: str, split: str, samples: Iterable[ShardSam
 class ShardInfo:
     url: str  # relative to the dataset root
     split: str
-    samples: int
+    samples: int  # what the tar holds (verified against it), tombstoned samples included
     bytes: int
     sha256: str
     keys: list[str] = field(default_factory=list)
+    # tombstones: keys of samples that are no longer part of the dataset (readers skip them, counts leave them
+    # out); a subset of ``keys``, in their order
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def live(self) -> int:
+        """The samples of this shard that are part of the dataset: what every count uses."""
+        return self.samples - len(self.dropped)
+
+    def live_keys(self) -> list[str]:
+        if not self.dropped:
+            return self.keys
+        gone = set(self.dropped)
+        return [k for k in self.keys if k not in gone]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"url": self.url, "split": self.split, "samples": self.samples, "bytes": self.bytes,
+             "sha256": self.sha256, "keys": self.keys}
+        if self.dropped:
+            d["dropped"] = self.dropped
+        return d
 
 
 @dataclass
@@ -143,14 +168,19 @@ class DatasetIndex:
 
     def split_digest(self, name: str) -> str:
         """A split's identity: the sha256 of its shards' sha256s, 16 hex digits (the MLflow dataset input's
-        digest, the model card's and the registry's). The same shards give the same digest wherever they are."""
-        return sha256_of("".join(s.sha256 for s in self.split(name)).encode())[:16]
+        digest, the model card's and the registry's). The same shards give the same digest wherever they are.
+        The tombstones of a shard count too (its sha256 and the dropped keys): another set of live samples is
+        another split; a split without tombstones has the digest it had before they existed."""
+        parts = (s.sha256 + ("-" + ",".join(s.dropped) if s.dropped else "") for s in self.split(name))
+        return sha256_of("".join(parts).encode())[:16]
 
     def num_samples(self, split: str | None = None) -> int:
-        return sum(s.samples for s in self.shards if split is None or s.split == split)
+        """Samples of the dataset (of ``split``): tombstoned ones left out."""
+        return sum(s.live for s in self.shards if split is None or s.split == split)
 
     def to_json(self) -> str:
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["shards"] = [s.to_dict() for s in self.shards]
         if not self.multi_label:
             del d["multi_label"]
         return json.dumps(d, indent=1, sort_keys=True)
@@ -254,6 +284,13 @@ def _check_index(d: Any, where: str) -> None:
             raise bad(f"{f}.keys", keys, "a list of sample keys (strings)")
         if keys and len(keys) != s["samples"]:
             raise bad(f"{f}.samples", s["samples"], f"the number of its keys ({len(keys)})")
+        if "dropped" in s:
+            dropped = s["dropped"]
+            if not isinstance(dropped, list) or not all(isinstance(k, str) for k in dropped):
+                raise bad(f"{f}.dropped", dropped, "a list of sample keys (strings)")
+            members = set(keys)
+            if dropped and (not keys or len(set(dropped)) != len(dropped) or not members.issuperset(dropped)):
+                raise bad(f"{f}.dropped", dropped, "distinct keys of the shard's own samples (its keys)")
 
 
 def settle_multi_label(requested: bool | None, index: DatasetIndex) -> bool:

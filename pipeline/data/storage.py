@@ -8,6 +8,13 @@ atomic: an object is either there complete or not at all (S3 PUT semantics; loca
 file renamed into place, created with the process umask like any other file). Errors name the URI and
 say what to do (``StorageError``).
 
+Conditional writes (``put_bytes(..., if_match=version)``, ``delete(..., if_match=version)``, with the version
+from ``get_versioned``) replace or remove an object only if it is still the one that was read, for small
+mutable objects such as the ingest lease: S3's ``If-Match`` on the ETag (AWS and SeaweedFS honour it on PUT
+and DELETE); locally, the SHA-256 of the content compared and the file replaced under an exclusive
+``flock`` on a hidden ``.<name>.lock`` next to it. A write that finds another version raises
+``ObjectChangedError``.
+
 Long reads (shards) go through ``open_resuming``: a connection reset or another transient error in the
 middle of a body is retried from the byte reached (S3: a ranged GET; locally: reopen and seek), so a
 passing network fault neither kills a DataLoader worker nor changes a byte of what is read.
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import http.client
 import io
 import logging
@@ -38,6 +46,10 @@ class ObjectMissingError(StorageError, FileNotFoundError):
     """The object does not exist."""
 
 
+class ObjectChangedError(StorageError):
+    """A conditional write or delete found the object changed (or gone) since the version it was given."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str  # relative to the storage root
@@ -50,13 +62,14 @@ class Storage(Protocol):
 
     def uri(self, key: str) -> str: ...
     def check(self) -> None: ...
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str: ...
+    def get_versioned(self, key: str) -> tuple[bytes, str]: ...
     def put_file(self, key: str, path: str | os.PathLike) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def open(self, key: str, offset: int = 0) -> BinaryIO: ...
     def exists(self, key: str) -> bool: ...
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
-    def delete(self, key: str) -> None: ...
+    def delete(self, key: str, *, if_match: str | None = None) -> None: ...
 
 
 def split_s3_uri(uri: str, *, need_key: bool = False) -> tuple[str, str]:
@@ -112,14 +125,45 @@ class LocalStorage:
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"{self.root}: not writable; choose another output directory")
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
-        self._write(key, io.BytesIO(data), if_absent)
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Writes the object and returns its version (the SHA-256 of ``data``). ``if_absent``: only if there is
+        none (else ``StorageError`` "already exists"); ``if_match``: only if the object is still at that
+        version (else ``ObjectChangedError``)."""
+        self._write(key, io.BytesIO(data), if_absent, if_match)
+        return hashlib.sha256(data).hexdigest()
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and its version, for a later ``if_match``."""
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         with open(path, "rb") as f:
             self._write(key, f, False)
 
-    def _write(self, key: str, src: BinaryIO, if_absent: bool) -> None:
+    @contextlib.contextmanager
+    def _locked(self, dest: Path):
+        """An exclusive ``flock`` on ``.<name>.lock`` next to ``dest``: conditional writes and deletes of one
+        object take turns (a plain create-if-absent needs none: a hard link is atomic)."""
+        import fcntl
+
+        fd = os.open(dest.parent / f".{dest.name}.lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _check_version(self, dest: Path, if_match: str) -> None:
+        try:
+            current = hashlib.sha256(dest.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            raise ObjectChangedError(f"{dest}: gone since it was read (expected version {if_match[:12]})") from None
+        if current != if_match:
+            raise ObjectChangedError(f"{dest}: changed since it was read (version {current[:12]}, expected "
+                                     f"{if_match[:12]})")
+
+    def _write(self, key: str, src: BinaryIO, if_absent: bool, if_match: str | None = None) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Not mkstemp: it creates 0600 files, which teammates on a shared file system cannot read. Mode
@@ -144,6 +188,10 @@ class LocalStorage:
                     os.link(tmp, dest)  # atomic create-if-absent
                 except FileExistsError:
                     raise StorageError(f"{dest}: already exists (objects here are never rewritten)") from None
+            elif if_match is not None:
+                with self._locked(dest):
+                    self._check_version(dest, if_match)
+                    os.replace(tmp, dest)
             else:
                 os.replace(tmp, dest)
         finally:
@@ -177,8 +225,16 @@ class LocalStorage:
                     out.append(ObjectInfo(key, p.stat().st_size))
         return out
 
-    def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Removes the object (nothing if it is not there); ``if_match``: only if it is still at that version
+        (else ``ObjectChangedError``)."""
+        path = self._path(key)
+        if if_match is None:
+            path.unlink(missing_ok=True)
+            return
+        with self._locked(path):
+            self._check_version(path, if_match)
+            path.unlink()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -251,14 +307,35 @@ class S3Storage:
                 e.response["Error"]["Code"] = "NoSuchBucket"
             raise self._explain(e, "", "use the bucket") from e
 
-    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False) -> None:
+    def put_bytes(self, key: str, data: bytes, *, if_absent: bool = False, if_match: str | None = None) -> str:
+        """Writes the object and returns its version (the ETag). ``if_absent``: only if there is none
+        (``If-None-Match: *``, else ``StorageError`` "already exists"); ``if_match``: only if its ETag is
+        still that one (``If-Match``, else ``ObjectChangedError``)."""
+        extra = {"IfNoneMatch": "*"} if if_absent else {"IfMatch": if_match} if if_match is not None else {}
         try:
-            if if_absent:
-                self.client.put_object(Bucket=self.bucket, Key=join(self.prefix, key), Body=data, IfNoneMatch="*")
-            else:
-                self.client.put_object(Bucket=self.bucket, Key=join(self.prefix, key), Body=data)
+            return self.client.put_object(Bucket=self.bucket, Key=join(self.prefix, key), Body=data, **extra)["ETag"]
         except Exception as e:
-            raise self._explain(e, key, "write") from e
+            raise self._conditional(e, key, if_match) or self._explain(e, key, "write") from e
+
+    def get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The object's bytes and its ETag, for a later ``if_match``."""
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=join(self.prefix, key))
+            return r["Body"].read(), r["ETag"]
+        except Exception as e:
+            raise self._explain(e, key, "read") from e
+
+    def _conditional(self, e: Exception, key: str, if_match: str | None) -> StorageError | None:
+        """An ``If-Match`` that did not hold (412; a missing object also answers 412, or 404 on some servers)."""
+        from botocore.exceptions import ClientError
+
+        if if_match is None or not isinstance(e, ClientError):
+            return None
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("PreconditionFailed", "412", "NoSuchKey", "404", "NotFound"):
+            return ObjectChangedError(f"{self.uri(key)}: changed or gone since it was read (expected ETag "
+                                      f"{if_match})")
+        return None
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         from boto3.s3.transfer import TransferConfig
@@ -308,11 +385,14 @@ class S3Storage:
             raise self._explain(e, prefix, "list") from e
         return sorted(out, key=lambda o: o.key)
 
-    def delete(self, key: str) -> None:
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Removes the object; ``if_match``: only if its ETag is still that one (``If-Match``, else
+        ``ObjectChangedError``)."""
+        extra = {"IfMatch": if_match} if if_match is not None else {}
         try:
-            self.client.delete_object(Bucket=self.bucket, Key=join(self.prefix, key))
+            self.client.delete_object(Bucket=self.bucket, Key=join(self.prefix, key), **extra)
         except Exception as e:
-            raise self._explain(e, key, "delete") from e
+            raise self._conditional(e, key, if_match) or self._explain(e, key, "delete") from e
 
 
 # ---------------------------------------------------------------------------------------------------

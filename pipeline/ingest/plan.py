@@ -5,11 +5,16 @@ Same inputs, same shards: videos are ordered by split, then by a hash of their i
 often sorted by label, and shards of one class would defeat the loader's shuffle buffer), and cut into
 groups of ``samples_per_shard``; a shard's name is a hash of its members' ids, source checksums and the
 preprocessing parameters, so rebuilding an unchanged group gives the same name (and the worker the same
-bytes). Incremental: a shard of the last version whose members are all still present, unchanged, is
-kept as it is; new videos, changed ones (another source checksum) and the survivors of shards that lost
-a member are planned into new shards; deleted videos simply leave the next version. Shards hold class
-indices, so when the class list (or single- against multi-label) differs from the last version's, no shard
-is kept: every video is planned again with its new label indices.
+bytes). Incremental: shards are immutable and a shard of the last version stays in the next one while it
+holds a member that is still present and unchanged. A member deleted from the sources, changed (another
+source checksum) or moved to another split is dropped from it: the index lists it in the shard's
+``dropped`` (a tombstone; the loader skips it and the counts leave it out) and a changed or moved video is
+planned into a new shard, with the new videos. When a shard's live fraction (members not dropped, of the
+members its tar holds) falls below ``compact_below``, its survivors are repacked: a copy shard
+(``ShardPlan.copy_from``) takes their already-transcoded samples, bytes as they are, from the verified old
+shard (never transcoded again), and the old shard leaves the index; so does a shard with no member left.
+Shards hold class indices, so when the class list (or single- against multi-label) differs from the last
+version's, no shard is kept or copied: every video is planned again with its new label indices.
 
 Quarantined videos: a ``content`` failure (the file is bad) is not retried while its source checksum,
 and the decode limit that refused it (if one did), are unchanged; a ``transient`` failure (a read error,
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pipeline.data.datasets import ManifestEntry
@@ -44,27 +49,41 @@ class ShardPlan:
     name: str  # shards/<split>/<name>.tar
     split: str
     sources: list[Source]
+    # a compaction: the samples are copied, bytes as they are, from these shards of the last version (each
+    # with the keys to take, in order), verified against their index entries; nothing is transcoded
+    copy_from: list[tuple[ShardInfo, list[str]]] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"shards/{self.split}/{self.name}.tar"
 
+    @property
+    def is_copy(self) -> bool:
+        return bool(self.copy_from)
+
 
 @dataclass
 class Plan:
-    keep: list[ShardInfo] = field(default_factory=list)  # shards of the last version, reused as they are
-    build: list[ShardPlan] = field(default_factory=list)  # shards to make
+    # shards of the last version that stay (the same objects; ``dropped`` updated where members left)
+    keep: list[ShardInfo] = field(default_factory=list)
+    build: list[ShardPlan] = field(default_factory=list)  # shards to make: transcoded, or copied (compaction)
     removed: list[str] = field(default_factory=list)  # video ids of the last version that are gone
     changed: list[str] = field(default_factory=list)  # video ids whose source changed
+    dropped: int = 0  # members of the last version's shards dropped by this plan (deleted, changed, moved)
+    compacted: list[str] = field(default_factory=list)  # urls of last-version shards repacked by copy shards
 
     @property
     def is_noop(self) -> bool:
-        return not self.build and not self.removed
+        return not self.build and not self.removed and not self.dropped
 
     def summary(self) -> dict[str, Any]:
-        return {"keep_shards": len(self.keep), "build_shards": len(self.build),
-                "build_videos": sum(len(s.sources) for s in self.build), "removed_videos": len(self.removed),
-                "changed_videos": len(self.changed)}
+        made = [s for s in self.build if not s.is_copy]
+        copies = [s for s in self.build if s.is_copy]
+        return {"keep_shards": len(self.keep), "build_shards": len(made),
+                "build_videos": sum(len(s.sources) for s in made), "removed_videos": len(self.removed),
+                "changed_videos": len(self.changed), "dropped_videos": self.dropped,
+                "compacted_shards": len(self.compacted), "copy_shards": len(copies),
+                "copy_videos": sum(len(s.sources) for s in copies)}
 
 
 def shard_name(sources: list[Source], preprocessing: dict[str, Any]) -> str:
@@ -95,39 +114,97 @@ def _mix(video_id: str) -> str:
 
 def make_plan(sources: list[Source], preprocessing: dict[str, Any], samples_per_shard: int,
               last: DatasetIndex | None = None, *, limits: Any = None,
-              labels: tuple[list[str], bool] | None = None) -> Plan:
+              labels: tuple[list[str], bool] | None = None, compact_below: float = 0.5) -> Plan:
     """Plan the next version from all current sources and (optionally) the last committed index. Videos
     the last version quarantined for their content are not retried while their source (and the decode
     limit that refused them, under ``limits``) is unchanged; transient failures are retried. ``labels``:
     the new version's (classes, multi_label); when it differs from the last version's, its shards' label
-    indices mean other classes and none is kept (None: not compared)."""
+    indices mean other classes and none is kept (None: not compared). ``compact_below``: a kept shard whose
+    live members fall below this fraction of its samples is repacked by copying (0: never)."""
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard={samples_per_shard}: expected >= 1")
-    ids = [s.entry.video_id for s in sources]
-    if len(ids) != len(set(ids)):
-        dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
-        raise ValueError(f"duplicate video ids in the manifest: {dup}")
+    if not 0 <= compact_below <= 1:
+        raise ValueError(f"compact_below={compact_below}: expected a fraction in [0, 1]")
     by_id = {s.entry.video_id: s for s in sources}
+    if len(by_id) != len(sources):
+        seen: set[str] = set()
+        dup = sorted({i for s in sources if (i := s.entry.video_id) in seen or seen.add(i)})[:5]
+        raise ValueError(f"duplicate video ids in the manifest: {dup}")
     plan = Plan()
     pending: set[str] = set(by_id)
     same_labels = labels is None or last is None or (list(labels[0]), labels[1]) == (last.classes, last.multi_label)
+    copies: list[tuple[ShardInfo, list[str]]] = []
     if last is not None and last.preprocessing == preprocessing and same_labels:
-        old = last.source_checksums
-        pending -= {k for k, q in last.quarantine.items() if k in by_id and is_permanent(q, by_id[k].sha256, limits)}
-        for shard in last.shards:
-            members = shard.keys
-            intact = all(k in by_id and by_id[k].sha256 == old.get(k) and by_id[k].entry.split == shard.split
-                         for k in members)
-            if intact:
-                plan.keep.append(shard)
-                pending -= set(members)
-        last_ids = {k for shard in last.shards for k in shard.keys}
-        plan.removed = sorted(last_ids - set(by_id))
-        plan.changed = sorted(k for k in last_ids & set(by_id) if old.get(k) != by_id[k].sha256)
+        copies = _diff(plan, last, by_id, pending, limits, compact_below)
     todo = sorted((by_id[i] for i in pending), key=lambda s: (s.entry.split, _mix(s.entry.video_id)))
     for split in sorted({s.entry.split for s in todo}):
         group = [s for s in todo if s.entry.split == split]
         for i in range(0, len(group), samples_per_shard):
             members = group[i:i + samples_per_shard]
             plan.build.append(ShardPlan(shard_name(members, preprocessing), split, members))
+    _plan_copies(plan, copies, by_id, preprocessing, samples_per_shard)
     return plan
+
+
+def _diff(plan: Plan, last: DatasetIndex, by_id: dict[str, Source], pending: set[str], limits: Any,
+          compact_below: float) -> list[tuple[ShardInfo, list[str]]]:
+    """Against the last version: which of its shards stay (with which members dropped), which are repacked
+    (``plan.compacted``; returned with their survivors), and which videos are gone or changed.
+    A survivor is a live member whose source is present with the checksum and split it was ingested with;
+    survivors leave ``pending``, everything else in ``pending`` is transcoded."""
+    old = last.source_checksums
+    pending -= {k for k, q in last.quarantine.items() if k in by_id and is_permanent(q, by_id[k].sha256, limits)}
+    last_live: set[str] = set()
+    copies: list[tuple[ShardInfo, list[str]]] = []
+    for shard in last.shards:
+        if not shard.keys:  # an index without member lists (none the ingest wrote): nothing to compare
+            plan.keep.append(shard)
+            continue
+        gone = set(shard.dropped)
+        survivors = []
+        for k in shard.keys:
+            if k in gone:
+                continue
+            last_live.add(k)
+            s = by_id.get(k)
+            if s is not None and s.sha256 == old.get(k) and s.entry.split == shard.split:
+                survivors.append(k)
+        if not survivors:  # nothing left: the shard leaves the index
+            plan.dropped += len(shard.keys) - len(gone)
+            continue
+        pending.difference_update(survivors)
+        newly = len(shard.keys) - len(gone) - len(survivors)
+        plan.dropped += newly
+        if len(survivors) < compact_below * shard.samples:
+            plan.compacted.append(shard.url)
+            copies.append((shard, survivors))
+        elif newly:
+            alive = set(survivors)
+            plan.keep.append(replace(shard, dropped=[k for k in shard.keys if k not in alive]))
+        else:
+            plan.keep.append(shard)
+    plan.removed = sorted(k for k in last_live if k not in by_id)
+    plan.changed = sorted(k for k in last_live if k in by_id and old.get(k) != by_id[k].sha256)
+    return copies
+
+
+def _plan_copies(plan: Plan, copies: list[tuple[ShardInfo, list[str]]], by_id: dict[str, Source],
+                 preprocessing: dict[str, Any], samples_per_shard: int) -> None:
+    """The survivors of repacked shards, in their shards' order, cut into copy shards of up to
+    ``samples_per_shard`` per split (several sparse shards become one). A copy shard's name covers its
+    members (ids, checksums, entries), the preprocessing and the shards it copies from."""
+    by_split: dict[str, list[tuple[ShardInfo, str]]] = {}
+    for shard, keys in copies:
+        by_split.setdefault(shard.split, []).extend((shard, k) for k in keys)
+    for split in sorted(by_split):
+        items = by_split[split]
+        for i in range(0, len(items), samples_per_shard):
+            chunk = items[i:i + samples_per_shard]
+            copy_from: list[tuple[ShardInfo, list[str]]] = []
+            for shard, k in chunk:
+                if not copy_from or copy_from[-1][0] is not shard:
+                    copy_from.append((shard, []))
+                copy_from[-1][1].append(k)
+            members = [by_id[k] for _, k in chunk]
+            name = shard_name(members, {**preprocessing, "copied_from": [s.sha256 for s, _ in copy_from]})
+            plan.build.append(ShardPlan(name, split, members, copy_from))

@@ -42,7 +42,7 @@ from pipeline.data.shards import (
     load_index,
     sha256_of,
 )
-from pipeline.data.storage import Storage, StorageError, open_storage
+from pipeline.data.storage import ObjectChangedError, ObjectMissingError, Storage, StorageError, open_storage
 from pipeline.data.video import DecodeLimits
 from pipeline.ingest.plan import TRANSIENT, Plan, Source, is_permanent, make_plan
 from pipeline.ingest.worker import (
@@ -87,6 +87,9 @@ class IngestConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     max_in_flight: int = 0  # shards at once; 0 = twice the cluster's CPUs
     lease_seconds: float = 6 * 3600
+    # a shard whose live samples (not dropped: deleted, changed or moved videos) fall below this fraction is
+    # repacked by copying its survivors' transcoded bytes into a new shard (0: never)
+    compact_below: float = 0.5
 
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(**asdict(self.limits))
@@ -165,6 +168,8 @@ def validate_ingest(cfg: IngestConfig, origin: dict[str, str] | None = None) -> 
             raise fail(key, value, f"an integer >= {least}")
     if not (math.isfinite(cfg.lease_seconds) and cfg.lease_seconds > 0):
         raise fail("lease_seconds", cfg.lease_seconds, "a positive number of seconds")
+    if not (math.isfinite(cfg.compact_below) and 0 <= cfg.compact_below <= 1):
+        raise fail("compact_below", cfg.compact_below, "a fraction in [0, 1] (0: never compact)")
     fps = cfg.transcode.fps
     if not (math.isfinite(fps) and 0 < fps <= 1000):
         raise fail("transcode.fps", fps, "a frame rate > 0 and <= 1000 frames per second")
@@ -240,24 +245,125 @@ def _source_index(source: str) -> tuple[dict[str, str], dict[str, str], list[str
             del names[key]
         return names, {}, [Path(ln).name for ln in lines]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts))  # hidden files and folders left out
-        names = {p.relative_to(path).as_posix(): str(p) for p in files}
-        names.update({p.name: str(p) for p in files if p.parent == path})
-        return names, {}, [p.relative_to(path).as_posix() for p in files]
+        base = str(path)
+        rels = sorted(_walk_files(base), key=lambda r: r.split("/"))  # the order of sorted Paths
+        names = {r: f"{base}/{r}" for r in rels}
+        names.update({r: f"{base}/{r}" for r in rels if "/" not in r})  # directly under it: the name
+        return names, {}, rels
     raise ValueError(f"source {source}: expected a directory, an s3:// prefix or a .txt file list")
 
 
-def _checksum(location: str, listed: dict[str, str]) -> str:
+SOURCES_CACHE_KEY = "sources-cache.json.gz"
+
+
+class SourceCache:
+    """The checksums of local source files, keyed by path and checked against the file's size and
+    modification time (``mtime_ns``), the way object stores detect change: a file whose size and mtime are
+    those recorded is not read again; a new file, or one whose size or mtime changed, is hashed in full
+    (``sha256_file``) and recorded. S3 sources need none of it (their listing's ETag and size are the
+    checksum).
+
+    Kept in the dataset root (``sources-cache.json.gz``, next to the indexes) so every host that runs the
+    schedule shares it, and written under the lease at the end of a run, with the files this run saw (a
+    source deleted since drops out). It is a cache: unreadable or missing, every file is hashed once more. A
+    file modified less than ``RACY_S`` seconds before it was hashed is not recorded (a write in the same
+    mtime tick could follow unseen); it is hashed again by the next run. It assumes, as the ingest config
+    does, that one path names the same file on every host running the schedule."""
+
+    RACY_S = 2.0
+
+    def __init__(self, files: dict[str, list] | None = None) -> None:
+        self.old: dict[str, list] = files or {}  # path -> [size, mtime_ns, checksum], as loaded
+        self.new: dict[str, list] = {}  # what this run saw
+        self.hits = 0
+        self.hashed = 0
+
+    @classmethod
+    def load(cls, storage: Storage) -> SourceCache:
+        try:
+            data = storage.get_bytes(SOURCES_CACHE_KEY)
+        except ObjectMissingError:
+            return cls()
+        except StorageError as e:
+            log.warning("%s: cannot read the source checksum cache (%s); local sources are hashed again",
+                        storage.uri(SOURCES_CACHE_KEY), e)
+            return cls()
+        try:
+            import gc
+            import gzip
+
+            gc.disable()  # a million small lists: the cyclic collector would rescan them while they are made
+            try:
+                doc = json.loads(gzip.decompress(data))
+            finally:
+                gc.enable()
+            files = doc["files"]
+            if doc.get("format") != 1 or not isinstance(files, dict):
+                raise ValueError(f"format {doc.get('format')!r}")
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s: not a source checksum cache this pipeline can read (%s); ignored, local sources "
+                        "are hashed again and the cache rewritten", storage.uri(SOURCES_CACHE_KEY), e)
+            return cls()
+        return cls(files)
+
+    def checksum(self, path: str) -> str:
+        st = os.stat(path)
+        known = self.old.get(path)
+        if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+            self.new[path] = known
+            self.hits += 1
+            return known[2]
+        started = time.time_ns()
+        digest = sha256_file(path)
+        self.hashed += 1
+        after = os.stat(path)
+        if ((after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+                and st.st_mtime_ns < started - int(self.RACY_S * 1e9)):
+            self.new[path] = [st.st_size, st.st_mtime_ns, digest]
+        return digest
+
+    def save(self, storage: Storage) -> None:
+        """Write the cache if this run's view differs from the loaded one; a failure is a warning (the next
+        run hashes what it cannot look up)."""
+        if self.new == self.old:
+            return
+        import gzip
+
+        try:
+            doc = json.dumps({"format": 1, "files": self.new}, separators=(",", ":")).encode()
+            storage.put_bytes(SOURCES_CACHE_KEY, gzip.compress(doc, compresslevel=1, mtime=0))
+        except StorageError as e:
+            log.warning("could not write the source checksum cache: %s", e)
+
+
+def _walk_files(base: str, prefix: str = ""):
+    """Relative paths of the files under ``base`` (symbolic links to files included, linked folders not
+    entered), hidden files and folders left out: ``os.scandir``, which knows most entries' types without a
+    stat per file (a source of a million files is walked by every scheduled run)."""
+    with os.scandir(base if not prefix else f"{base}/{prefix}") as it:
+        for entry in it:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from _walk_files(base, f"{prefix}{entry.name}/")
+            elif entry.is_file():
+                yield f"{prefix}{entry.name}"
+
+
+def _checksum(location: str, listed: dict[str, str], cache: SourceCache | None = None) -> str:
     if listed.get(location):
         return listed[location]  # S3: ETag + size change whenever the object does
     if location.startswith("s3://"):
         return "sha256:" + sha256_of(read_source(location))
+    if cache is not None:
+        return cache.checksum(location)  # size + mtime unchanged: the recorded checksum, no bytes read
     return sha256_file(location)
 
 
-def resolve_sources(manifest: Manifest, source: str) -> tuple[list[Source], dict[str, dict[str, str]]]:
-    """Each manifest entry's file and checksum; entries without a file go to the quarantine."""
+def resolve_sources(manifest: Manifest, source: str,
+                    cache: SourceCache | None = None) -> tuple[list[Source], dict[str, dict[str, str]]]:
+    """Each manifest entry's file and checksum; entries without a file go to the quarantine. With a
+    ``cache``, a local file whose size and mtime are unchanged is not read (``SourceCache``)."""
     names, listed, _ = _source_index(source)
     sources, missing = [], {}
     for e in manifest.entries:
@@ -267,11 +373,11 @@ def resolve_sources(manifest: Manifest, source: str) -> tuple[list[Source], dict
             missing[e.video_id] = {"sha256": "", "reason": f"source file not found in {source} (tried {tried})",
                                    "kind": TRANSIENT}
             continue
-        if not location.startswith("s3://") and not Path(location).exists():
+        if not location.startswith("s3://") and not os.path.exists(location):
             missing[e.video_id] = {"sha256": "", "reason": f"{location}: listed but does not exist", "kind": TRANSIENT}
             continue
         try:
-            checksum = with_retries(lambda loc=location: _checksum(loc, listed))
+            checksum = with_retries(lambda loc=location: _checksum(loc, listed, cache))
         except (OSError, StorageError) as err:  # one unreadable source must not stop the run: retried next time
             reason = f"{location}: cannot read it for its checksum ({type(err).__name__}: {err})"
             missing[e.video_id] = {"sha256": "", "kind": TRANSIENT, "reason": reason}
@@ -284,27 +390,59 @@ def resolve_sources(manifest: Manifest, source: str) -> tuple[list[Source], dict
 
 
 def acquire_lease(storage: Storage, seconds: float) -> dict[str, Any]:
-    lease = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "started": time.time(),
-             "expires": time.time() + seconds}
-    for _ in range(2):
+    """Take the dataset's lease (``lease.json``, created only if absent) for ``seconds``, or raise
+    ``LeaseHeldError`` naming who holds it since when. A lease past its expiry, or taken on this host by a
+    process that is gone, is removed (only if it is still the one that was read) and taken over. The
+    returned dict carries the stored version for ``renew_lease`` and ``release_lease``."""
+    now = time.time()
+    lease = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "started": now,
+             "expires": now + seconds}
+    for _ in range(3):
         try:
-            storage.put_bytes(LEASE_KEY, json.dumps(lease).encode(), if_absent=True)
+            lease["version"] = storage.put_bytes(LEASE_KEY, _lease_doc(lease), if_absent=True)
             return lease
         except StorageError as e:
             if "already exists" not in str(e):
                 raise
-            held = json.loads(storage.get_bytes(LEASE_KEY))
-            if held.get("expires", 0) > time.time() and not _holder_is_dead(held):
-                raise LeaseHeldError(
-                    f"another ingest run holds {storage.uri(LEASE_KEY)} (owner {held.get('owner')}, started "
-                    f"{time.ctime(held.get('started', 0))}, expires {time.ctime(held['expires'])}); "
-                    f"this run exits without changes. Delete the lease only if that run is dead.") from None
-            storage.delete(LEASE_KEY)  # expired: the run that held it is gone
-    raise LeaseHeldError(f"{storage.uri(LEASE_KEY)}: could not take the lease")
+        try:
+            data, version = storage.get_versioned(LEASE_KEY)
+        except ObjectMissingError:
+            continue  # released in between: try again
+        held = _parse_lease(data, storage.uri(LEASE_KEY))
+        if held.get("expires", 0) > time.time() and not _holder_is_dead(held):
+            raise LeaseHeldError(
+                f"skipped: another ingest run holds the dataset lease {storage.uri(LEASE_KEY)} since "
+                f"{_when(held.get('started', 0))} ({held.get('owner')}; last renewed "
+                f"{_when(held.get('renewed', held.get('started', 0)))}, expires {_when(held['expires'])}); this run "
+                f"exits without changes (exit code 3). Delete the lease only if that run is dead.")
+        log.warning("taking over the lease of %s (%s)", held.get("owner"),
+                    "expired" if held.get("expires", 0) <= time.time() else "its process is gone")
+        with contextlib.suppress(ObjectChangedError):  # changed meanwhile (renewed, taken): look again
+            storage.delete(LEASE_KEY, if_match=version)
+    raise LeaseHeldError(f"skipped: {storage.uri(LEASE_KEY)}: could not take the dataset lease (other runs are "
+                         f"taking it at the same time); this run exits without changes (exit code 3)")
 
 
 class LeaseHeldError(RuntimeError):
-    pass
+    """Another run holds the dataset's lease: this run is skipped (the CLI's exit code 3)."""
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
+
+
+def _lease_doc(lease: dict[str, Any]) -> bytes:
+    return json.dumps({k: v for k, v in lease.items() if k != "version"}).encode()
+
+
+def _parse_lease(data: bytes, where: str) -> dict[str, Any]:
+    try:
+        held = json.loads(data)
+        float(held["expires"])
+        return held
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{where}: not a lease this pipeline wrote ({data[:80]!r}); if no ingest is running, "
+                         f"delete it") from None
 
 
 def _holder_is_dead(held: dict[str, Any]) -> bool:
@@ -322,13 +460,99 @@ def _holder_is_dead(held: dict[str, Any]) -> bool:
     return False
 
 
-def release_lease(storage: Storage, lease: dict[str, Any]) -> None:
+def renew_lease(storage: Storage, lease: dict[str, Any], seconds: float) -> None:
+    """Push the lease's expiry to ``seconds`` from now, by a conditional write: only if the stored lease is
+    still the version this run wrote. ``LeaseLostError`` when it is not (another run took it over after it
+    expired, or someone deleted it): the caller must not commit."""
+    now = time.time()
+    renewed = {**lease, "renewed": now, "expires": now + seconds}
     try:
-        held = json.loads(storage.get_bytes(LEASE_KEY))
-    except StorageError:
+        version = storage.put_bytes(LEASE_KEY, _lease_doc(renewed), if_match=lease["version"])
+    except ObjectChangedError:
+        try:
+            other = json.loads(storage.get_bytes(LEASE_KEY)).get("owner", "?")
+            by = f"it is now held by {other}"
+        except (StorageError, ValueError, AttributeError):
+            by = "it was removed"
+        raise LeaseLostError(f"{storage.uri(LEASE_KEY)}: this run ({lease['owner']}) lost the dataset lease, "
+                             f"{by}; nothing is committed by this run (the shards it uploaded are reused by the "
+                             f"next one)") from None
+    lease.update(renewed, version=version)
+
+
+class LeaseKeeper:
+    """Renews a held lease every ``seconds / 3`` in a background thread while the run works, so a run longer
+    than the lease keeps it (the lease still expires ``seconds`` after a run dies). A lease found taken over
+    stops the renewals and is reported by ``confirm``, which the run calls (and which renews once more)
+    right before it commits; a renewal that fails for a passing storage error is tried again at the next
+    tick, and counts as lost once the lease has expired."""
+
+    def __init__(self, storage: Storage, lease: dict[str, Any], seconds: float) -> None:
+        import threading
+
+        self.storage, self.lease, self.seconds = storage, lease, seconds
+        self.lost: LeaseLostError | None = None
+        self.renewals = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ingest-lease", daemon=True)
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def _renew(self) -> None:
+        with self._lock:
+            if self.lost is not None:
+                raise self.lost
+            try:
+                renew_lease(self.storage, self.lease, self.seconds)
+                self.renewals += 1
+            except LeaseLostError as e:
+                self.lost = e
+                raise
+            except StorageError as e:
+                if time.time() >= self.lease["expires"]:
+                    self.lost = LeaseLostError(f"{self.storage.uri(LEASE_KEY)}: the dataset lease expired before "
+                                               f"it could be renewed ({e}); nothing is committed by this run")
+                    raise self.lost from e
+                raise
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            try:
+                self._renew()
+            except LeaseLostError as e:
+                log.error("%s", e)
+                return
+            except StorageError as e:
+                log.warning("could not renew the dataset lease (tried again in %.0fs): %s", self.seconds / 3, e)
+
+    def confirm(self) -> None:
+        """Raise ``LeaseLostError`` unless this run still holds the lease (renewing it once more)."""
+        self._renew()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+def release_lease(storage: Storage, lease: dict[str, Any]) -> None:
+    """Remove the lease if it is still this run's (a lease another run took over is left to that run)."""
+    try:
+        data, version = storage.get_versioned(LEASE_KEY)
+        held = json.loads(data)
+    except (StorageError, ValueError):
         return
-    if held.get("owner") == lease["owner"]:
-        storage.delete(LEASE_KEY)
+    if isinstance(held, dict) and held.get("owner") == lease["owner"]:
+        try:
+            storage.delete(LEASE_KEY, if_match=version)
+        except ObjectChangedError:
+            pass  # taken over in between: that run's now
+        except StorageError as e:  # a server without conditional DELETE: the lease was ours a moment ago
+            log.warning("conditional delete of the lease refused (%s); deleting it unconditionally", e)
+            storage.delete(LEASE_KEY)
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -351,6 +575,10 @@ class IngestResult:
 
 class IngestError(RuntimeError):
     """The run could not commit anything (every shard task failed): the message says why."""
+
+
+class LeaseLostError(IngestError):
+    """This run's lease was taken over (or could not be renewed before it expired): it commits nothing."""
 
 
 def start_local_ray(**kwargs: Any) -> None:
@@ -383,6 +611,36 @@ def start_local_ray(**kwargs: Any) -> None:
                            "interface (give --ray-address for a cluster)")
 
 
+def build_shard_task(*args: Any) -> dict[str, Any]:
+    """``build_shard`` as a Ray task; its stats say where Ray ran it (``ray_node``): the node id Ray gives the
+    executing worker, that node's labels (``slurm_node`` under infra/slurm/ray-cluster.sbatch), host and pid.
+    Ray's own record, per shard, at no cost: a multi-node run shows where its work went (reports/v*-tasks.json)."""
+    import ray
+
+    result = build_shard(*args)
+    ctx = ray.get_runtime_context()
+    labels = {k: v for k, v in ctx.get_node_labels().items() if not k.startswith("ray.io/")}
+    result["stats"]["ray_node"] = {"node_id": ctx.get_node_id(), "labels": labels, "host": socket.gethostname(),
+                                   "pid": os.getpid()}
+    return result
+
+
+def task_report(built: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where each built shard ran (from its task's ``ray_node``) and how many shards each Ray node built;
+    shards whose task failed after Ray's retries are listed apart."""
+    shards, per_node, failed = {}, {}, []
+    for r in built:
+        if r["stats"].get("task_failed"):
+            failed.extend(sorted(r["quarantine"]))
+            continue
+        where = r["stats"].get("ray_node") or {"node_id": "", "labels": {}}  # none: built outside Ray
+        name = where["labels"].get("slurm_node") or where["node_id"][:12] or "unknown"
+        per_node[name] = per_node.get(name, 0) + 1
+        if r["shard"] is not None:
+            shards[r["shard"].url] = {"videos": r["shard"].samples, "reused": bool(r["stats"].get("reused")), **where}
+    return {"shards_per_node": per_node, "shards": shards, "videos_of_failed_tasks": failed}
+
+
 def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress: bool) -> list[dict[str, Any]]:
     """Every planned shard, on Ray. A shard task that fails after Ray's retries (a worker killed each time,
     an upload that keeps failing) becomes a result with its videos quarantined as transient; the run
@@ -399,7 +657,7 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
             ray.init(address=address, log_to_driver=False)
     try:
         # a worker that dies is retried by Ray; so is a task that hit a storage error (network, throttling)
-        task = ray.remote(max_retries=3, retry_exceptions=[StorageError])(build_shard)
+        task = ray.remote(max_retries=3, retry_exceptions=[StorageError])(build_shard_task)
         limit = cfg.max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
         limits = cfg.decode_limits()
         todo, running, results = list(plan.build), {}, []
@@ -424,6 +682,8 @@ def _build_all(plan: Plan, cfg: IngestConfig, ray_address: str | None, progress:
             if lines is not None:
                 lines.update(len(done), f"{videos} videos")
         bar.close()
+        if results:
+            log.info("ingest: shards per Ray node: %s", task_report(results)["shards_per_node"])
         return results
     finally:
         if started_here:
@@ -471,6 +731,37 @@ def log_to_mlflow(cfg: IngestConfig, result: IngestResult, tracking_uri: str) ->
         return None
 
 
+def assemble_index(dataset: str, manifest: Manifest, preprocessing: dict[str, Any], limits: DecodeLimits,
+                   sources: list[Source], missing: dict[str, dict[str, str]], last: DatasetIndex | None, plan: Plan,
+                   built: list[dict[str, Any]]) -> DatasetIndex:
+    """The next version's index (not yet committed): the kept shards (with their tombstones) and the shards
+    the tasks made (transcoded or copied), the checksums of the videos they hold, and the quarantine: this
+    run's failures and missing sources, plus the last version's content failures that were not retried. A
+    video is live in at most one shard and never both in a shard and in the quarantine."""
+    quarantine = dict(missing)
+    if last is not None:  # content failures of unchanged sources that were not retried stay quarantined
+        by_id = {s.entry.video_id: s for s in sources}
+        planned = {s.entry.video_id for p in plan.build for s in p.sources}
+        quarantine.update({k: q for k, q in last.quarantine.items() if k in by_id and k not in planned
+                           and is_permanent(q, by_id[k].sha256, limits)})
+    shards = list(plan.keep)
+    for r in built:
+        quarantine.update(r["quarantine"])
+        if r["shard"] is not None:
+            shards.append(r["shard"])
+    live = [k for s in shards for k in s.live_keys()]
+    in_shards = set(live)
+    if len(in_shards) != len(live):  # a planning bug: a video would be trained on twice
+        seen: set[str] = set()
+        twice = sorted({k for k in live if k in seen or seen.add(k)})[:5]
+        raise IngestError(f"videos {twice} would be live in two shards of the next version; nothing committed")
+    quarantine = {k: q for k, q in quarantine.items() if k not in in_shards}  # never both
+    checksums = {s.entry.video_id: s.sha256 for s in sources if s.entry.video_id in in_shards}
+    version = (last.version + 1) if last is not None else 1
+    return DatasetIndex(dataset, version, manifest.classes, preprocessing, shards, source_checksums=checksums,
+                        quarantine=quarantine, decode_limits=asdict(limits), multi_label=manifest.multi_label)
+
+
 def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bool = False,
                progress: bool = True, tracking_uri: str | None = None) -> IngestResult:
     t0 = time.time()
@@ -479,19 +770,21 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
     storage = open_storage(cfg.output)
     storage.check()
     manifest = read_manifest(cfg)
-    sources, missing = resolve_sources(manifest, cfg.source)
+    checksum_cache = SourceCache.load(storage)  # checksums of unchanged local sources: not read again
+    sources, missing = resolve_sources(manifest, cfg.source, checksum_cache)
     preprocessing = {"transcode": asdict(cfg.transcode)}
 
     def plan_now() -> tuple[DatasetIndex | None, Plan]:
         last = load_index(cfg.output)[0] if index_versions(storage) else None
         return last, make_plan(sources, preprocessing, cfg.samples_per_shard, last, limits=limits,
-                               labels=(manifest.classes, manifest.multi_label))
+                               labels=(manifest.classes, manifest.multi_label), compact_below=cfg.compact_below)
 
     if dry_run:
         _, plan = plan_now()
         return IngestResult(None, plan.summary(), videos_in=len(manifest.entries),
                             message=f"dry run: {plan.summary()}; {len(missing)} source file(s) missing")
     lease = acquire_lease(storage, cfg.lease_seconds)
+    keeper = LeaseKeeper(storage, lease, cfg.lease_seconds).start()  # renewed while the run works
     result = IngestResult(None, {}, videos_in=len(manifest.entries))
     try:
         last, plan = plan_now()  # under the lease: no other run can commit in between
@@ -506,37 +799,27 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
         if failed_tasks and len(failed_tasks) == len(built):
             first = next(iter(failed_tasks[0]["quarantine"].values()))["reason"]
             raise IngestError(f"every shard task failed ({len(built)}), nothing to commit; the first: {first}")
-        quarantine = dict(missing)
-        if last is not None:  # content failures of unchanged sources that were not retried stay quarantined
-            by_id = {s.entry.video_id: s for s in sources}
-            planned = {s.entry.video_id for p in plan.build for s in p.sources}
-            quarantine.update({k: q for k, q in last.quarantine.items() if k in by_id and k not in planned
-                               and is_permanent(q, by_id[k].sha256, limits)})
-        shards = list(plan.keep)
-        for r in built:
-            quarantine.update(r["quarantine"])
-            result.bytes_in += r["stats"]["bytes_in"]
-            if r["shard"] is not None:
-                shards.append(r["shard"])
-        in_shards = {k for s in shards for k in s.keys}
-        quarantine = {k: q for k, q in quarantine.items() if k not in in_shards}  # never both
-        checksums = {s.entry.video_id: s.sha256 for s in sources if s.entry.video_id in in_shards}
-        version = (last.version + 1) if last is not None else 1
-        index = DatasetIndex(cfg.dataset, version, manifest.classes, preprocessing, shards,
-                             source_checksums=checksums, quarantine=quarantine, decode_limits=asdict(limits),
-                             multi_label=manifest.multi_label)
+        index = assemble_index(cfg.dataset, manifest, preprocessing, limits, sources, missing, last, plan, built)
+        result.bytes_in += sum(r["stats"]["bytes_in"] for r in built)
+        shards, quarantine, version = index.shards, index.quarantine, index.version
+        keeper.confirm()  # never commit under another run's lease
         commit_index(storage, index)  # last: readers see the new version only now
         storage.put_bytes(f"reports/v{version:06d}-quarantine.json", json.dumps(quarantine, indent=1).encode())
+        storage.put_bytes(f"reports/v{version:06d}-tasks.json", json.dumps(task_report(built), indent=1).encode())
         result.version, result.quarantine = version, quarantine
-        result.videos_out, result.failed = len(in_shards), len(quarantine)
+        result.videos_out, result.failed = index.num_samples(), len(quarantine)
         result.transient = sum(1 for q in quarantine.values() if q.get("kind") == TRANSIENT)
-        result.message = (f"committed {storage.uri(index_key(version))}: {len(in_shards)} videos in {len(shards)} "
-                          f"shards ({len(plan.keep)} kept), {len(quarantine)} quarantined")
+        result.message = (f"committed {storage.uri(index_key(version))}: {result.videos_out} videos in {len(shards)} "
+                          f"shards ({len(plan.keep)} kept, {len(plan.compacted)} compacted), "
+                          f"{len(quarantine)} quarantined")
         if result.transient:
             result.message += (f" ({result.transient} for a passing reason: the next run tries them again; "
                                f"see reports/v{version:06d}-quarantine.json)")
         return result
     finally:
+        keeper.stop()
+        if keeper.lost is None:
+            checksum_cache.save(storage)
         release_lease(storage, lease)
         result.seconds = time.time() - t0
         tracking_uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")

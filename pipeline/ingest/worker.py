@@ -11,6 +11,10 @@ encoded with a short keyframe interval for cheap seeking. Shards are uploaded wh
 content-derived name (an S3 PUT is atomic: the object is complete or absent) and re-read to verify;
 a shard that is already stored with the planned members is reused, which makes an interrupted run
 resumable without duplicates.
+
+Compaction (a ``ShardPlan`` with ``copy_from``): the surviving samples of sparse shards of the last version
+are copied into a new shard, their clip and metadata bytes as they are; each old shard is read whole and
+checked against its index entry (size and sha256) first, and nothing is transcoded.
 """
 
 from __future__ import annotations
@@ -260,10 +264,34 @@ def _stored_shard(storage: Storage, plan: ShardPlan) -> ShardInfo | None:
     return ShardInfo(plan.url, plan.split, len(keys), len(data), sha256_of(data), keys)
 
 
+def copy_samples(storage: Storage, plan: ShardPlan) -> list[ShardSample]:
+    """The samples a copy shard takes from the last version's shards, in the planned order. Each old shard
+    is verified against its index entry before anything is taken from it: a shard that was damaged or
+    replaced since is a ``ShardError`` (the task fails, its videos are quarantined as transient, and the
+    next run transcodes them from their sources)."""
+    samples: list[ShardSample] = []
+    for old, keys in plan.copy_from:
+        where = storage.uri(old.url)
+        data = storage.get_bytes(old.url)
+        if len(data) != old.bytes or sha256_of(data) != old.sha256:
+            raise ShardError(f"{where}: differs from the index (bytes {len(data)} vs {old.bytes}); cannot copy "
+                             f"its samples into {plan.url}")
+        wanted = set(keys)
+        found = {s.key: s for s in read_shard(io.BytesIO(data), where) if s.key in wanted}
+        del data
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise ShardError(f"{where}: lacks the samples {missing[:5]} its index entry lists; cannot copy them "
+                             f"into {plan.url}")
+        samples.extend(found[k] for k in keys)
+    return samples
+
+
 def build_shard(plan: ShardPlan, output_uri: str, dataset: str, cfg: TranscodeConfig,
                 limits: DecodeLimits | None = None) -> dict[str, Any]:
     """Make one shard. Returns {"shard": ShardInfo | None, "quarantine": {id: {sha256, reason, kind, ...}},
-    "stats": {...}}. No failure of one video escapes: it is quarantined and the shard goes on."""
+    "stats": {...}}. No failure of one video escapes: it is quarantined and the shard goes on. A copy shard
+    (``plan.copy_from``, compaction) copies its samples from the last version's shards instead."""
     limits = limits or DEFAULT_LIMITS
     storage = open_storage(output_uri)
     existing = _stored_shard(storage, plan)
@@ -276,6 +304,12 @@ def build_shard(plan: ShardPlan, output_uri: str, dataset: str, cfg: TranscodeCo
                       for s in plan.sources if s.entry.video_id not in done}
         return {"shard": existing, "quarantine": quarantine, "stats": {"reused": 1, "videos": len(done),
                                                                        "bytes_in": 0}}
+    if plan.is_copy:
+        shard = put_shard(storage, plan.url, plan.split, copy_samples(storage, plan))
+        if sha256_of(storage.get_bytes(plan.url)) != shard.sha256:
+            raise ShardError(f"{storage.uri(plan.url)}: stored bytes differ from the uploaded shard")
+        return {"shard": shard, "quarantine": {},
+                "stats": {"reused": 0, "videos": shard.samples, "bytes_in": 0, "copied": shard.samples}}
     samples, quarantine, bytes_in = [], {}, 0
     for src in plan.sources:
         e = src.entry
@@ -305,5 +339,5 @@ def build_shard(plan: ShardPlan, output_uri: str, dataset: str, cfg: TranscodeCo
             "stats": {"reused": 0, "videos": shard.samples, "bytes_in": bytes_in}}
 
 
-__all__ = ["TranscodeConfig", "build_shard", "classify", "read_source_with_retries", "shard_failure", "transcode",
-           "sha256_file", "with_retries", "Source"]
+__all__ = ["TranscodeConfig", "build_shard", "classify", "copy_samples", "read_source_with_retries", "shard_failure",
+           "transcode", "sha256_file", "with_retries", "Source"]

@@ -98,10 +98,15 @@ def resolve_source(ref: str | os.PathLike, *, cache_dir: str | os.PathLike | Non
     ref = str(ref)
     if not ref.strip():
         raise SourceError("no model source given (an empty model.init means random initialisation)")
-    if ref.startswith(HUB_PREFIX):
-        return _resolve_hub(ref)
-    if ref.startswith("s3://"):
-        return _resolve_s3(ref, Path(cache_dir) if cache_dir else default_init_cache(), endpoint_url)
+    try:
+        if ref.startswith(HUB_PREFIX):
+            return _resolve_hub(ref)
+        if ref.startswith("s3://"):
+            return _resolve_s3(ref, Path(cache_dir) if cache_dir else default_init_cache(), endpoint_url)
+    except SourceError as e:  # an HF_ENDPOINT / S3 endpoint with credentials in it is shown without them
+        from pipeline.secrets import redact_text
+
+        raise SourceError(redact_text(str(e))) from None
     if "://" in ref:
         raise SourceError(f"{ref}: unsupported scheme; give a local path, s3://bucket/key or hf-hub:<org>/<name>")
     path = Path(ref).expanduser()
@@ -109,6 +114,19 @@ def resolve_source(ref: str | os.PathLike, *, cache_dir: str | os.PathLike | Non
         raise SourceError(f"{ref}: no such file or directory (a model source is a local path, s3://bucket/key "
                           f"or hf-hub:<org>/<name>)")
     return path
+
+
+def pinned_reference(ref: str, path: str | os.PathLike) -> str:
+    """The reference that names exactly the weights ``resolve_source(ref)`` returned at ``path``: for
+    ``hf-hub:org/name[@branch]``, ``hf-hub:org/name@<commit>`` (the snapshot folder's name is the commit it holds),
+    so that resolving it again later gets the same files even after the branch moved on; anything else as is."""
+    if not str(ref).startswith(HUB_PREFIX):
+        return str(ref)
+    repo, _ = parse_hub(ref)
+    commit = Path(path).name
+    if not re.fullmatch(r"[0-9a-f]{40}", commit) or Path(path).parent.name != "snapshots":
+        return str(ref)
+    return f"{HUB_PREFIX}{repo}@{commit}"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -119,10 +119,36 @@ class LoadedModel:
     protocol: Protocol  # the default: the recipe's (run directory) or the paper's
     description: str  # what was loaded, from where, for people and for the outputs' records
     classes_from: str = ""
+    weights: str = ""  # "sha256:<hex>" of the weights (see weights_digest): a resumed output compares it
+
 
     @property
     def multi_label(self) -> bool:
         return bool(getattr(self.model.cfg, "multi_label", False))
+
+
+def file_digest(path: Path) -> str:
+    """``sha256:<hex>`` of a weights file (read in 8 MB blocks): the same bytes, the same model, whatever its path."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return f"sha256:{h.hexdigest()}"
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """``sha256:<hex>`` of a state dict's tensors (names, dtypes, shapes and bytes, in name order): the digest of
+    a model consolidated in memory from a checkpoint, which has no file to hash."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return f"sha256:{h.hexdigest()}"
 
 
 def _hub_resolve(ref: str) -> Path:
@@ -183,7 +209,8 @@ def _load_safetensors(path: Path, shown: str) -> LoadedModel:
     except (ValueError, EvaluationError) as e:
         raise PredictError(str(e)) from None
     names, note = _named(classes, model.cfg.num_classes, str(path))
-    return LoadedModel(model, names, recorded_protocol(path, model.cfg), f"{shown}", note or where)
+    return LoadedModel(model, names, recorded_protocol(path, model.cfg), f"{shown}", note or where,
+                       file_digest(path))
 
 
 def recorded_protocol(path: Path, cfg: TimeSformerConfig) -> Protocol:
@@ -225,12 +252,15 @@ def _load_run_dir(run: Path) -> LoadedModel:
         if export.is_file():
             model, what = load_safetensors(export), f"{run} (its export)"
             classes, where = model_classes(export, run)
+            digest = file_digest(export)
         else:
             latest = ckpt.latest_complete(run)
             if latest is None:
                 raise PredictError(f"{run}: no export and no complete checkpoint: nothing to predict with yet")
             model = TimeSformer(model_config(cfg))
-            model.load_state_dict(consolidated_state_dict(ckpt.checkpoint_root(run), latest[1]), strict=True)
+            state = consolidated_state_dict(ckpt.checkpoint_root(run), latest[1])
+            digest = state_digest(state)
+            model.load_state_dict(state, strict=True)
             what = f"{run} (checkpoint {latest[1]}, not exported)"
             recorded = recorded_dataset(run)
             classes, where = (recorded["classes"], str(run / "dataset.json")) if recorded else (None, "")
@@ -243,7 +273,25 @@ def _load_run_dir(run: Path) -> LoadedModel:
     from pipeline.train.export import recipe_protocol
 
     protocol = Protocol(**recipe_protocol(cfg), source=f"the recipe of {run.name}")
-    return LoadedModel(model, names, protocol, what, note or where)
+    return LoadedModel(model, names, protocol, what, note or where, digest)
+
+
+IMAGE_MODEL_ADVICE = ("not a video classifier: fine-tune it first (python jobs/launch.py --recipe <recipe> "
+                      "model.init=<it>), then predict with the run")
+
+
+def _check_video_classifier(directory: str, hf: dict[str, Any]) -> None:
+    """Refuse what the directory's config.json says is not a TimeSformer video classifier: a timm image ViT (the
+    starting point of a fine-tuning, ``model.init``: its weights have no temporal attention and its head classifies
+    ImageNet images), or another transformers model type."""
+    if "pretrained_cfg" in hf or ("architecture" in hf and "model_type" not in hf):
+        name = hf.get("architecture") or "a ViT"
+        raise PredictError(f"{directory}: an image model (a timm {name}), {IMAGE_MODEL_ADVICE}")
+    kind = hf.get("model_type")
+    if kind is not None and kind != "timesformer":
+        raise PredictError(f"{directory}: a Hugging Face {kind!r} model, not a TimeSformer video classifier "
+                           f"(config.json's model_type); give a TimesformerForVideoClassification, a run directory "
+                           f"or an exported model.safetensors")
 
 
 def _load_hf_dir(directory: Path, shown: str) -> LoadedModel:
@@ -255,6 +303,7 @@ def _load_hf_dir(directory: Path, shown: str) -> LoadedModel:
         hf = json.loads((directory / "config.json").read_text())
         if not isinstance(hf, dict):
             raise ValueError("not a JSON object")
+        _check_video_classifier(shown, hf)
         cfg = config_from_hf(hf)
         norm = checkpoint_normalization(directory)
         if norm is not None:
@@ -266,6 +315,9 @@ def _load_hf_dir(directory: Path, shown: str) -> LoadedModel:
         if not weights.is_file() and (directory / "pytorch_model.bin").is_file():
             weights = directory / "pytorch_model.bin"
         model = load_checkpoint(TimeSformer(cfg), weights, fmt="hf")
+        digest = file_digest(weights)
+    except PredictError:
+        raise
     except (OSError, ValueError, TypeError) as e:
         raise PredictError(f"{directory}: not a readable Hugging Face TimeSformer directory "
                            f"({' '.join(str(e).split())[:300]})") from None
@@ -276,7 +328,7 @@ def _load_hf_dir(directory: Path, shown: str) -> LoadedModel:
         raise PredictError(f"{directory}/config.json: id2label keys must be class indices") from None
     names, note = _named(classes, cfg.num_classes, str(directory / "config.json"))
     return LoadedModel(model, names, paper_protocol(cfg), f"{shown} (Hugging Face format)",
-                       note or f"{len(names)} from {directory / 'config.json'} (id2label)")
+                       note or f"{len(names)} from {directory / 'config.json'} (id2label)", digest)
 
 
 # ---------------------------------------------------------------------------------------------------

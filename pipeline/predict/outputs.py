@@ -5,16 +5,19 @@ already wrote (so that a rerun skips it).
 Rows are written and flushed as each input finishes, so an interrupted run loses at most the input in flight.
 A rerun with the same ``--out``: inputs with a row are skipped; rows that record an error (and a last line cut
 short by the interruption) are dropped from the file and those inputs tried again, so the file ends with
-exactly one row per input. ``<out>.meta.json`` records the model and protocol the rows came from: a rerun with
-another model or protocol is refused rather than mixed into the same file.
+exactly one row per input. ``<out>.meta.json`` records the model (where it was loaded from, and the sha256 of its
+weights) and the protocol the rows came from: a rerun with another model, other weights under the same name, or
+another protocol is refused rather than mixed into the same file. The features file records the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -126,8 +129,16 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _shown(value: Any) -> str:
+    if value is None:
+        return "not recorded"
+    text = str(value)
+    return text[:19] + "..." if text.startswith("sha256:") else repr(text)
+
+
 def check_record(path: Path, record: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to resume ``path`` with another model or protocol than wrote it; write the record otherwise."""
+    """Refuse to resume ``path`` with another model (its description or its weights' digest) or protocol than
+    wrote it; write the record otherwise."""
     meta = path.with_name(path.name + ".meta.json")
     if meta.exists() and not overwrite and path.exists():
         try:
@@ -136,8 +147,13 @@ def check_record(path: Path, record: dict[str, Any], overwrite: bool) -> None:
             earlier = None
         differs = [k for k in record if not isinstance(earlier, dict) or earlier.get(k) != record[k]]
         if differs:
-            raise PredictError(f"{path} was written with another {' and '.join(differs)} ({meta}): its rows would "
-                               f"be mixed with these; choose another output, or pass --overwrite to start over")
+            was = earlier if isinstance(earlier, dict) else {}
+            detail = "; ".join(f"{k}: {_shown(was.get(k))} then, {_shown(record[k])} now" for k in differs)
+            what = " and ".join("other weights (another model, or the same file rewritten with other weights)"
+                                if k == "weights" else f"another {k}" for k in differs)
+            raise PredictError(f"{path} was written with {what} ({detail}; recorded in {meta}): its rows "
+                               f"would be mixed with these; write to another --out (and --features), or pass "
+                               f"--overwrite to start over")
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(meta, json.dumps(record, indent=1) + "\n")
 
@@ -191,70 +207,289 @@ def table_line(row: dict[str, Any]) -> str:
     return f"{row['input']}\t{row['label']}\t{row['score']:.3f}\ttop: {top}{extra}"
 
 
+# ---------------------------------------------------------------------------------------------------
+# Features
+
+FEATURES_FORMAT = "pipeline-features-2"  # features [N, D] float32, id_lengths [N] int64, ids [bytes] uint8
+PARTS_SUFFIX = ".parts"  # OUT.parts/00001.safetensors ...: the rows of each flush, merged into OUT at the end
+_READ_ROWS = 65536  # rows copied at a time when parts are merged (bounded memory, whatever N)
+
+
+def _encode_ids(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Ids as (UTF-8 bytes joined by "\\n" as uint8, each id's byte length as int64). The lengths make the split
+    exact even for a file name holding a line break; paths that are not UTF-8 keep their bytes (surrogateescape)."""
+    encoded = [i.encode("utf-8", "surrogateescape") for i in ids]
+    lengths = np.fromiter((len(b) for b in encoded), np.int64, len(encoded))
+    return np.frombuffer(b"\n".join(encoded), np.uint8), lengths
+
+
+def _decode_ids(raw: np.ndarray, lengths: np.ndarray | None) -> list[str]:
+    data = raw.tobytes()
+    if lengths is None:
+        return data.decode("utf-8", "surrogateescape").split("\n") if data else []
+    ids, at = [], 0
+    for n in lengths.tolist():
+        ids.append(data[at:at + n].decode("utf-8", "surrogateescape"))
+        at += n + 1
+    if at - 1 != len(data) and (len(lengths) or data):
+        raise ValueError(f"its ids ({len(data)} bytes) do not match their {len(lengths)} lengths")
+    return ids
+
+
+class _Part:
+    """One features file (OUT or a part) opened for reading: metadata, ids, rows on demand. Reads this format,
+    and the first one (a tensor per input id, the ids in the metadata's ``inputs``: written by this command
+    before parts existed)."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self._file = safe_open(str(path), framework="np")
+        self.f = self._file.__enter__()
+        try:
+            self._read()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> None:
+        f = self.f
+        self.meta = f.metadata() or {}
+        names = set(f.keys())
+        if "features" in names:
+            self.legacy = False
+            self.ids = _decode_ids(f.get_tensor("ids"), f.get_tensor("id_lengths") if "id_lengths" in names else None)
+            shape = f.get_slice("features").get_shape()
+            if len(shape) != 2 or shape[0] != len(self.ids):
+                raise ValueError(f"'features' has shape {shape} for {len(self.ids)} ids")
+            self.dim = int(shape[1])
+        elif "inputs" in self.meta:
+            self.legacy = True
+            self.ids = json.loads(self.meta["inputs"])
+            self.dim = int(self.meta.get("dim", 0)) if not self.ids else int(f.get_slice(self.ids[0]).get_shape()[0])
+        else:
+            raise ValueError("it holds no 'features' tensor (not a features file written by jobs/predict.py)")
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.zeros((0, self.dim), np.float32)
+        if self.legacy:
+            return np.stack([self.f.get_tensor(k) for k in self.ids[start:stop]]).astype(np.float32, copy=False)
+        return np.asarray(self.f.get_slice("features")[start:stop], np.float32)
+
+    def close(self) -> None:
+        self._file.__exit__(None, None, None)
+
+
+def _write_features(path: Path, meta: dict[str, str], dim: int, ids: list[str],
+                    chunks: Iterable[np.ndarray]) -> None:
+    """A features file written as a stream: the safetensors header (tensors ``id_lengths`` [N] int64,
+    ``features`` [N, D] float32, ``ids`` [bytes] uint8), then the rows as ``chunks`` yields them (N rows in all),
+    then the ids; into a temporary file renamed over ``path`` when whole. Tensors have no size limit (the header
+    does: 100 MB), so this holds millions of inputs."""
+    raw, lengths = _encode_ids(ids)
+    n = len(ids)
+    sizes = {"id_lengths": lengths.nbytes, "features": n * dim * 4, "ids": raw.nbytes}
+    header: dict[str, Any] = {"__metadata__": {**meta, "format": FEATURES_FORMAT, "dim": str(dim), "count": str(n)}}
+    at = 0
+    for name, dtype, shape in (("id_lengths", "I64", [n]), ("features", "F32", [n, dim]), ("ids", "U8", [raw.size])):
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + sizes[name]]}
+        at += sizes[name]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            out.write(lengths.astype("<i8").tobytes())
+            written = 0
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype="<f4")
+                if chunk.ndim != 2 or chunk.shape[1] != dim:
+                    raise ValueError(f"rows of shape {chunk.shape} in a file of {dim}-wide features")
+                out.write(chunk.tobytes())
+                written += len(chunk)
+            if written != n:
+                raise ValueError(f"{written} feature rows for {n} ids")
+            out.write(raw.tobytes())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class FeatureStore:
-    """Per-input features in one safetensors file: tensor ``<input id>`` -> ``[D]`` float32, with metadata
-    ``inputs`` (the ids, in the order written), ``model``, ``protocol``, ``feature`` (what the vector is) and
-    ``dim``. Nothing in it is pickled. Rewritten atomically at most every ``flush_s`` seconds and at the end,
-    so an interrupted run keeps what was flushed; a rerun loads it and skips those inputs."""
+    """Per-input features for ``--features OUT.safetensors``: one safetensors file with tensors ``features``
+    ([N, D] float32, row i the feature of input i), ``ids`` (the input ids, UTF-8, joined by "\\n", as uint8) and
+    ``id_lengths`` ([N] int64, each id's byte length), and metadata ``model``, ``weights``, ``protocol``,
+    ``feature`` (what the vector is), ``dim``, ``count``. Nothing in it is pickled, and the ids are a tensor, not
+    tensor names or metadata, so no header limit caps the number of inputs.
+
+    While a run goes, each flush (at most every ``flush_s`` seconds) writes only the rows added since the last one,
+    as the next part ``OUT.parts/00001.safetensors``, ``00002``, ... (the same layout); the end of the run merges
+    OUT and the parts into OUT, streaming the rows, and removes the parts. An interrupted run keeps what was
+    flushed; a rerun reads OUT and the parts, skips those inputs and merges everything at its end."""
 
     def __init__(self, path: Path, record: dict[str, str], *, resume: bool, flush_s: float = 60.0) -> None:
         if path.suffix != ".safetensors":
             raise PredictError(f"--features {path}: features are written as safetensors (name it *.safetensors)")
         self.path, self.record, self.flush_s = path, record, flush_s
-        self.features: dict[str, np.ndarray] = {}
-        self.dirty, self.last = False, time.monotonic()
-        if resume and path.exists():
-            self._load()
+        self.parts_dir = path.with_name(path.name + PARTS_SUFFIX)
+        self.done: set[str] = set()
+        self.pending_ids: list[str] = []
+        self.pending: list[np.ndarray] = []
+        self.dim: int | None = None
+        self.next_part = 1
+        self.last = time.monotonic()
+        if not resume:
+            self._remove(self.path)
+            self._remove(self.parts_dir)
+            return
+        for part in self._sources():
+            try:
+                with contextlib.closing(_Part(part)) as p:
+                    self._check(part, p)
+                    self.done.update(p.ids)
+            except PredictError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- not safetensors, cut short, keys missing: one answer
+                raise PredictError(f"--features {part}: cannot resume from it ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:300]}); choose another file, or pass --overwrite to "
+                                   f"start over") from None
 
-    def _load(self) -> None:
-        from safetensors import safe_open
-
+    def _remove(self, path: Path) -> None:
         try:
-            with safe_open(str(self.path), framework="np") as f:
-                meta = f.metadata() or {}
-                order = json.loads(meta.get("inputs", "[]"))
-                self.features = {k: f.get_tensor(k) for k in order}
-        except Exception as e:  # noqa: BLE001 -- not safetensors, no metadata, keys missing: one answer
-            raise PredictError(f"--features {self.path}: cannot resume from it ({type(e).__name__}: {e}); choose "
-                               f"another file, or pass --overwrite") from None
-        differs = [k for k in ("model", "protocol", "feature") if meta.get(k) != self.record.get(k)]
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as e:
+            raise PredictError(f"--features {self.path}: cannot remove {path} to start over ({type(e).__name__}: "
+                               f"{e})") from None
+
+    def _parts(self) -> list[Path]:
+        if not self.parts_dir.is_dir():
+            return []
+        parts = sorted(p for p in self.parts_dir.iterdir() if p.suffix == ".safetensors" and p.stem.isdigit())
+        if parts:
+            self.next_part = max(self.next_part, int(parts[-1].stem) + 1)
+        return parts
+
+    def _sources(self) -> list[Path]:
+        """OUT (when there is one), then the parts in the order they were written."""
+        return ([self.path] if self.path.exists() else []) + self._parts()
+
+    def _check(self, where: Path, part: _Part) -> None:
+        differs = [k for k in ("model", "weights", "protocol", "feature") if part.meta.get(k) != self.record.get(k)]
         if differs:
-            raise PredictError(f"--features {self.path} holds features of another {' and '.join(differs)} "
-                               f"({meta.get(differs[0])!r}); choose another file, or pass --overwrite")
+            k = differs[0]
+            what = " and ".join("other weights" if d == "weights" else f"another {d}" for d in differs)
+            raise PredictError(f"--features {self.path}: {where} holds features of {what} "
+                               f"({k} {part.meta.get(k)!r} there, {self.record.get(k)!r} now); choose another file, "
+                               f"or pass --overwrite to start over")
+        if self.dim is None and part.ids:
+            self.dim = part.dim
+        elif part.ids and part.dim != self.dim:
+            raise PredictError(f"--features {where}: {part.dim}-wide features beside {self.dim}-wide ones; choose "
+                               f"another file, or pass --overwrite")
 
     def __contains__(self, input_id: str) -> bool:
-        return input_id in self.features
+        return input_id in self.done
 
     def __len__(self) -> int:
-        return len(self.features)
+        return len(self.done)
 
     def add(self, input_id: str, feature: np.ndarray) -> None:
-        self.features[input_id] = np.ascontiguousarray(feature, dtype=np.float32)
-        self.dirty = True
+        if input_id in self.done:
+            return
+        feature = np.ascontiguousarray(feature, dtype=np.float32).reshape(-1)
+        if self.dim is None:
+            self.dim = feature.shape[0]
+        elif feature.shape[0] != self.dim:
+            raise PredictError(f"--features {self.path}: a {feature.shape[0]}-wide feature for {input_id} among "
+                               f"{self.dim}-wide ones")
+        self.done.add(input_id)
+        self.pending_ids.append(input_id)
+        self.pending.append(feature)
         if time.monotonic() - self.last >= self.flush_s:
             self.flush()
 
-    def flush(self) -> None:
-        from safetensors.numpy import save_file
+    def _write_error(self, what: Path, e: Exception) -> PredictError:
+        return PredictError(f"--features {self.path}: cannot write {what} ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:300]}); free space or choose a writable place for the "
+                            f"features, then run the command again (what was flushed before is kept and resumed)")
 
+    def flush(self) -> None:
+        """The rows added since the last flush as the next part (nothing when there are none)."""
         self.last = time.monotonic()
-        if not self.dirty and self.path.exists():
+        if not self.pending_ids:
             return
-        dims = {v.shape[0] for v in self.features.values()}
-        meta = {**self.record, "inputs": json.dumps(list(self.features)), "dim": str(dims.pop() if dims else 0)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        save_file(self.features, str(tmp), metadata=meta)
-        os.replace(tmp, self.path)
-        self.dirty = False
+        self._parts()  # the next free number, also when another process wrote parts meanwhile
+        part = self.parts_dir / f"{self.next_part:05d}.safetensors"
+        try:
+            self.parts_dir.mkdir(parents=True, exist_ok=True)
+            _write_features(part, self.record, int(self.dim or 0), self.pending_ids, [np.stack(self.pending)])
+        except (OSError, ValueError) as e:
+            raise self._write_error(part, e) from None
+        self.next_part += 1
+        self.pending_ids, self.pending = [], []
+
+    def close(self) -> None:
+        """Flush, then merge OUT and the parts into OUT (each input once, in the order written) and remove the
+        parts. Also writes an empty OUT when nothing was predicted (the file asked for exists)."""
+        self.flush()
+        sources = self._sources()
+        if sources == [self.path]:
+            return  # already one file
+        opened: list[_Part] = []
+        try:
+            try:
+                for source in sources:
+                    opened.append(_Part(source))
+            except Exception as e:  # noqa: BLE001 -- a part damaged since it was read: say which
+                raise PredictError(f"--features {self.path}: cannot read {source} to merge it ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:300]}); remove it (its inputs are predicted again) "
+                                   f"or pass --overwrite") from None
+            seen: set[str] = set()
+            ids: list[str] = []
+            keep: list[np.ndarray] = []
+            for p in opened:
+                mask = np.zeros(len(p.ids), bool)
+                for i, x in enumerate(p.ids):
+                    if x not in seen:
+                        seen.add(x)
+                        mask[i] = True
+                        ids.append(x)
+                keep.append(mask)
+            dim = int(self.dim if self.dim is not None else next((p.dim for p in opened if p.ids), 0))
+
+            def rows():
+                for p, mask in zip(opened, keep, strict=True):
+                    for a in range(0, len(p.ids), _READ_ROWS):
+                        yield p.rows(a, min(a + _READ_ROWS, len(p.ids)))[mask[a:a + _READ_ROWS]]
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _write_features(self.path, self.record, dim, ids, rows())
+            except (OSError, ValueError) as e:
+                raise self._write_error(self.path, e) from None
+        finally:
+            for p in opened:
+                p.close()
+        self._remove(self.parts_dir)
 
 
 def load_features(path: str | os.PathLike) -> tuple[list[str], np.ndarray, dict[str, str]]:
-    """A features file as (input ids in order, ``(N, D)`` float32 array, metadata)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="np") as f:
-        meta = f.metadata() or {}
-        ids = json.loads(meta.get("inputs", "[]"))
-        arr = np.stack([f.get_tensor(k) for k in ids]) if ids else np.zeros((0, int(meta.get("dim", 0))), np.float32)
-    return ids, arr, meta
+    """A features file as (input ids in order, ``(N, D)`` float32 array, metadata). Reads the files of this
+    format and of the first one (a tensor per id). A run that was interrupted left its rows in ``OUT.parts/``:
+    rerun the command to merge them (this reads OUT only, and says so when parts are beside it)."""
+    path = Path(path)
+    parts = path.with_name(path.name + PARTS_SUFFIX)
+    if not path.exists():
+        hint = (f"; {parts} holds the parts of an interrupted run: rerun the same command to finish and merge them"
+                if parts.is_dir() else "")
+        raise FileNotFoundError(f"{path}: no such features file{hint}")
+    with contextlib.closing(_Part(path)) as p:
+        return list(p.ids), p.rows(0, len(p.ids)), dict(p.meta)

@@ -14,7 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TextIO
 
-from pipeline.predict.model import LoadedModel, Predictor, Protocol, Result, describe_error
+from pipeline.predict.model import LoadedModel, PredictError, Predictor, Protocol, Result, describe_error
 from pipeline.predict.outputs import FeatureStore, RowWriter, check_record, read_done, result_row
 
 log = logging.getLogger("pipeline.predict")
@@ -77,7 +77,7 @@ def run_predictions(loaded: LoadedModel, inputs: list[str], *, protocol: Protoco
     ``out`` (and in ``features``, when both are asked) are skipped unless ``overwrite``."""
     t0 = time.perf_counter()
     protocol = protocol or loaded.protocol
-    record = {"model": loaded.description, "protocol": protocol.describe()}
+    record = {"model": loaded.description, "weights": loaded.weights, "protocol": protocol.describe()}
     summary = Summary(inputs=len(inputs))
     done_rows: set[str] = set()
     keep: list[str] = []
@@ -116,6 +116,7 @@ def run_predictions(loaded: LoadedModel, inputs: list[str], *, protocol: Protoco
             tqdm.write(line, file=stream or sys.stdout)
     writer = RowWriter(out, resume_lines=keep, stream=stream, show=show)
     explainer = None
+    finished = False
     try:
         if ray is not None:
             from pipeline.predict.scale import ray_results
@@ -144,12 +145,19 @@ def run_predictions(loaded: LoadedModel, inputs: list[str], *, protocol: Protoco
                 bar.update(1)
             else:
                 lines.update(1, f"{len(summary.failed)} failed" if summary.failed else "")
+        finished = True
     finally:
         if bar is not None:
             bar.close()
         writer.close()
         if store is not None:
-            store.flush()
+            if finished:
+                store.close()  # the parts merged into the one features file
+            else:  # interrupted: what was predicted is kept as a part, merged by the rerun
+                try:
+                    store.flush()
+                except PredictError as e:  # the interruption is the error to report; this one is logged
+                    log.error("%s", e)
     summary.seconds = time.perf_counter() - t0
     return summary
 

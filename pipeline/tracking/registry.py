@@ -85,13 +85,12 @@ def _tracking(uri: str) -> Iterator[None]:
 
 def version_tags(facts: dict[str, Any], model_cfg: Any) -> dict[str, str]:
     """The tags of a registered version: test metrics, the data it was trained on and where the run is."""
-    from pipeline.train.model_card import scores_of
+    from pipeline.train.model_card import scores_of, test_views
 
     tags = {k: f"{v:.4g}" for k, v in scores_of(facts).items()}
     test = facts.get("test") or {}
-    if test:
-        tags["test_protocol"] = (f"{test.get('protocol', '?')}: {test.get('temporal_clips')} clip(s) x "
-                                 f"{test.get('spatial_crops')} crop(s) on {test.get('split', '?')}")
+    if test:  # from the test report: the protocol that ran (long_video: every covering clip, not test.* clips)
+        tags["test_protocol"] = f"{test.get('protocol', '?')}: {test_views(test)} on {test.get('split', '?')}"
     if facts.get("dataset"):
         tags["dataset"] = f"{facts['dataset']} v{facts.get('dataset_version')}"
         tags["dataset_version"] = str(facts.get("dataset_version"))
@@ -109,7 +108,7 @@ def version_tags(facts: dict[str, Any], model_cfg: Any) -> dict[str, str]:
 
 def describe_version(facts: dict[str, Any], model_cfg: Any) -> str:
     """A version's description in the UI: what the model is, what it was trained on, how well it did."""
-    from pipeline.train.model_card import scores_of
+    from pipeline.train.model_card import scores_of, test_views
 
     scores = scores_of(facts)
     data = (f"{facts['dataset']} v{facts.get('dataset_version')}"
@@ -117,8 +116,8 @@ def describe_version(facts: dict[str, Any], model_cfg: Any) -> str:
             if facts.get("dataset") else "an unrecorded dataset")
     result = ", ".join(f"{k.removeprefix('test_')} {v:.2f}%" for k, v in scores.items() if k != "test_videos")
     test = facts.get("test") or {}
-    tested = (f"test {result} over {test.get('videos')} videos ({test.get('protocol')}, {test.get('temporal_clips')}x"
-              f"{test.get('spatial_crops')} views)" if result else "no test accuracy")
+    tested = (f"test {result} over {test.get('videos')} videos ({test.get('protocol')}, {test_views(test)} per "
+              f"video)" if result else "no test accuracy")
     return (f"TimeSformer {facts['variant']} ({model_cfg.attention_type}, {model_cfg.num_frames}x{model_cfg.img_size}, "
             f"{model_cfg.num_classes} classes) from run {facts['run_name']} on {data}: {tested}. Run directory: "
             f"{facts['run_dir']}. Input: uint8 clips (batch, 3, frames, height, width), normalised by the model.")

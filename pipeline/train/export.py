@@ -101,22 +101,39 @@ def hub_token(repo_id: str, token: str | None = None) -> str:
     return token
 
 
+# What export_hf writes, and all that push_to_hub uploads: anything else a person left in the directory (notes,
+# a copy of a private file, a checkpoint) stays on this machine
+HF_EXPORT_FILES = ("README.md", "config.json", "preprocessor_config.json", "model.safetensors")
+
+
+def pushed_files(directory: str | Path) -> list[str]:
+    """The files of an export directory that ``push_to_hub`` uploads (``HF_EXPORT_FILES`` that are there)."""
+    return [name for name in HF_EXPORT_FILES if (Path(directory) / name).is_file()]
+
+
 def push_to_hub(directory: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
                 commit_message: str | None = None) -> str:
-    """Upload an export directory to the Hub repository ``repo_id`` (``org/name``; created when missing, private
+    """Upload an export directory's own files (``HF_EXPORT_FILES``: the model card, the configs, the weights;
+    nothing else in the directory) to the Hub repository ``repo_id`` (``org/name``; created when missing, private
     when ``private``; an existing repository keeps its visibility): ``HfApi().create_repo(exist_ok=True)``, then
-    ``upload_folder``, with ``hub_token``'s token. Returns the URL of the commit. Raises ``PushError`` saying
-    what went wrong."""
+    ``upload_folder`` restricted to those files, with ``hub_token``'s token. Returns the URL of the commit.
+    Raises ``PushError`` saying what went wrong."""
     import huggingface_hub
 
     directory = Path(directory)
     if not directory.is_dir():
         raise PushError(f"pushing to {repo_id}: {directory} is not a directory (write it with --hf first)")
+    files = pushed_files(directory)
+    missing = [name for name in ("config.json", "model.safetensors") if name not in files]
+    if missing:
+        raise PushError(f"pushing to {repo_id}: {directory} has no {' and no '.join(missing)}: not an export "
+                        f"directory (write it with --hf first)")
     token = hub_token(repo_id, token)
     api = huggingface_hub.HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(directory), repo_type="model",
+                                   allow_patterns=files,
                                    commit_message=commit_message or f"Upload {directory.name} (jobs/export.py)")
     except Exception as e:  # noqa: BLE001 -- HTTP errors, offline mode, a refused token: all one answer
         detail = " ".join(str(e).split()).replace(token, "***")[:500]  # never the token in a log

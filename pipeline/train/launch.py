@@ -284,12 +284,16 @@ def init_cache_dir(cfg: RunConfig) -> Path:
     return runs / ".init-cache"
 
 
-def resolve_init(cfg: RunConfig) -> str:
+def resolve_init(cfg: RunConfig, why: str = "") -> str:
     """Resolve an ``hf-hub:`` or ``s3://`` model.init once, here on the submitting host, to the local path the
-    ranks load; ``cfg.model.init`` becomes that path and ``cfg.model.init_source`` keeps the reference (both land
-    in config.yaml, and in MLflow's params as model.init / model.init_source). On --resume the recorded path is
-    used while it exists, and fetched again from model.init_source when the cache was emptied. Returns a
+    ranks load; ``cfg.model.init`` becomes that path and ``cfg.model.init_source`` keeps the reference, pinned: a
+    hub reference as ``hf-hub:<org>/<name>@<commit>``, the snapshot it resolved to, so that fetching it again later
+    gets the same weights even after the repository's branch moved on (both land in config.yaml, and in MLflow's
+    params as model.init / model.init_source). On --resume the recorded path is used while it exists, and fetched
+    again from model.init_source when the cache was emptied (``why`` says why it is needed then). Returns a
     "<reference> -> " prefix for the launch output ("" when nothing was resolved)."""
+    from pipeline.models.hub import pinned_reference
+
     init, source = cfg.model.init, cfg.model.init_source
     if is_reference(init):
         source = init
@@ -298,23 +302,40 @@ def resolve_init(cfg: RunConfig) -> str:
     try:
         path = resolve_source(source, cache_dir=init_cache_dir(cfg))
     except SourceError as e:
-        raise ConfigError(f"model.init={source!r} cannot be resolved: {e}") from None
-    cfg.model.init, cfg.model.init_source = str(path.resolve()), source
-    return f"{source} -> "
+        raise ConfigError(redact_text(f"model.init={source!r} cannot be resolved{why}: {e}")) from None
+    cfg.model.init, cfg.model.init_source = str(path.resolve()), pinned_reference(source, path)
+    return f"{cfg.model.init_source} -> "
 
 
-def check_init(cfg: RunConfig) -> str:
+def check_init(cfg: RunConfig, resume_dir: Path | None = None) -> str:
     """Fail at launch when ``model.init`` cannot be what the ranks load: a source that cannot be resolved (see
     ``resolve_init``), a missing file, another URI scheme, a file that is neither safetensors nor a torch
     checkpoint, weights recorded with other input normalisation than the run's. Reads headers only (the
-    safetensors header, a zip directory, a magic number, JSON configs): nothing is unpickled here."""
+    safetensors header, a zip directory, a magic number, JSON configs): nothing is unpickled here.
+
+    ``resume_dir``: the run being resumed. When it has a complete checkpoint the ranks load that and never
+    model.init (``pipeline.train.main.build_model``), so nothing is resolved or read: a cleaned cache or an
+    unreachable hub does not stop the run."""
     import zipfile
 
     from pipeline.models.hub import weights_in
+    from pipeline.train import checkpoint as ckpt
 
     if not cfg.model.init:
+        if cfg.model.init_source:  # it would name, on the card and in MLflow, a base model that was never used
+            raise ConfigError(f"model.init_source={cfg.model.init_source!r} with an empty model.init: init_source "
+                              f"records where model.init came from (launch sets it); give the weights as model.init, "
+                              f"or leave both empty for random initialisation")
         return "random initialisation"
-    resolved = resolve_init(cfg)
+    why = ""
+    if resume_dir is not None:
+        latest = ckpt.latest_complete(resume_dir)
+        if latest is not None:
+            return (f"not loaded: the run resumes from its checkpoint {latest[1]} (it started from "
+                    f"{cfg.model.init_source or cfg.model.init})")
+        why = (" (--resume: the run has no complete checkpoint yet, so it starts again from model.init and "
+               "needs these weights)")
+    resolved = resolve_init(cfg, why)
     init = cfg.model.init
     if "://" in init:
         raise ConfigError(f"model.init={init!r}: the ranks load a path (a file or a directory on a file system "
@@ -324,8 +345,8 @@ def check_init(cfg: RunConfig) -> str:
     if path.is_dir():
         path = weights_in(path)
     if not path.is_file():
-        raise ConfigError(f"model.init={init!r}: no such checkpoint (expected a .safetensors/.pth/.pyth file or a "
-                          f"directory with model.safetensors or pytorch_model.bin)")
+        raise ConfigError(f"model.init={init!r}: no such checkpoint{why} (expected a .safetensors/.pth/.pyth file or "
+                          f"a directory with model.safetensors or pytorch_model.bin)")
     norm = check_init_normalization(cfg, Path(init))
     try:
         if path.suffix == ".safetensors":
@@ -502,7 +523,8 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
     check_model(cfg)
     ds_json = deepspeed_config(cfg, plan)
     checks = {}
-    for what, check in (("data", check_data), ("init", check_init)):
+    for what, check in (("data", check_data),
+                        ("init", lambda c: check_init(c, run_dir if req.resume else None))):
         try:
             checks[what] = check(cfg)
         except ConfigError as e:

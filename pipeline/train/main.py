@@ -56,10 +56,19 @@ log = logging.getLogger("pipeline.train")
 EXIT_REQUEUED = 3
 
 
-def build_model(cfg: RunConfig) -> TimeSformer:
+def build_model(cfg: RunConfig, load_init: bool = True) -> TimeSformer:
+    """The run's model with its initial weights: ``model.init`` loaded, unless ``load_init`` is False (a run that
+    resumes from a checkpoint, which replaces every weight: model.init is then neither needed nor read, so a
+    cleaned cache does not stop a requeued job)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every restart
     model = TimeSformer(model_config(cfg))
-    if cfg.model.init:
+    if cfg.model.init and load_init:
+        if not Path(cfg.model.init).exists():
+            source = f" (resolved at launch from {cfg.model.init_source})" if cfg.model.init_source else ""
+            raise FileNotFoundError(
+                f"model.init={cfg.model.init}{source}: no such file or directory, and the run has no complete "
+                f"checkpoint to resume from, so it needs these weights: relaunch with `python jobs/launch.py "
+                f"--resume <run dir>` (launch fetches model.init_source again), or restore the file")
         load_checkpoint(model, cfg.model.init, reset_head=cfg.model.init_reset_head)
     return model
 
@@ -196,7 +205,8 @@ class Trainer:
         """Model, activation checkpointing and compilation (applied from outside), engine, resume."""
         cfg = self.cfg
         mcfg = model_config(cfg)
-        self.model = build_model(cfg)
+        # a checkpoint to resume from replaces every weight: model.init is loaded only when there is none
+        self.model = build_model(cfg, load_init=ckpt.latest_complete(self.run_dir) is None)
         trainable = apply_freeze(self.model, cfg.train.freeze)
         if cfg.train.freeze != "none" and self.denv.is_main:
             log.info("train.freeze=%s: %d of %d parameters train", cfg.train.freeze, trainable,

@@ -65,7 +65,11 @@ def run_facts(run_dir: str | Path, cfg: Any, index: Any = None) -> dict[str, Any
         facts["test"] = {k: report.get(k) for k in ("protocol", "split", "videos", "unlabelled", "skipped",
                                                     "views_per_video", "top1", "top5", "map", "mAP")
                          if report.get(k) is not None}
-        facts["test"].update(temporal_clips=cfg.test.temporal_clips, spatial_crops=cfg.test.spatial_crops)
+        # the report says which protocol ran and how many views a video got; the recipe adds how they were made
+        # (crops always; clips only for multi_view: long_video takes every clip covering the video)
+        facts["test"]["spatial_crops"] = cfg.test.spatial_crops
+        if report.get("protocol") == "multi_view":
+            facts["test"]["temporal_clips"] = cfg.test.temporal_clips
     hours = _read_json(run_dir / "gpu_hours.json")
     if isinstance(hours, dict) and isinstance(hours.get("hours"), (int, float)):
         facts["gpu_hours"], facts["gpu_hours_unit"] = float(hours["hours"]), str(hours.get("unit", "gpu"))
@@ -89,6 +93,37 @@ def scores_of(facts: dict[str, Any] | None) -> dict[str, float]:
     if test.get("videos") is not None:
         out["test_videos"] = float(test["videos"])
     return out
+
+
+def test_views(test: dict[str, Any]) -> str:
+    """How the test protocol of a report (``facts["test"]``) looked at each video, for people: ``multi_view``:
+    its views per video (the report's ``views_per_video``) as clips x crops; ``long_video``: every
+    non-overlapping clip covering the video x its crops."""
+    crops = test.get("spatial_crops")
+    crops_text = f"{crops} spatial crop(s)" if crops else "the recipe's spatial crops"
+    if test.get("protocol") == "long_video":
+        return f"every non-overlapping clip covering the video x {crops_text}"
+    views, clips = test.get("views_per_video"), test.get("temporal_clips")
+    if views and clips and crops and clips * crops == views:
+        return f"{views} views: {clips} temporal clip(s) x {crops} spatial crop(s)"
+    if views:
+        return f"{views} views"
+    return f"{clips} temporal clip(s) x {crops_text}" if clips else "views as the recipe says"
+
+
+def init_shown(init: str) -> str:
+    """The initial weights as a published card may name them: a hub reference (pinned to its commit by launch)
+    in full; otherwise only what kind of checkpoint it was, since a local path or an ``s3://`` URI names private
+    places (MLflow's params keep the full value)."""
+    if not init:
+        return "random"
+    if _hub_id(init):
+        return f"`{init}` (Hugging Face Hub)"
+    if init.startswith("s3://"):
+        return "an s3 checkpoint"
+    if "://" in init:
+        return "a remote checkpoint"
+    return "a local checkpoint"
 
 
 def _hub_id(source: str) -> str | None:
@@ -195,7 +230,7 @@ def _run_sections(facts: dict[str, Any]) -> list[str]:
               f"- recipe `{facts['recipe']}`, model variant `{facts['variant']}`, {facts['attention_type']} attention",
               f"- clips of {facts['num_frames']} frames, one every {facts['sampling_rate']}, cropped to "
               f"{facts['crop']}x{facts['crop']}",
-              f"- initial weights: {('`' + facts['init'] + '`') if facts.get('init') else 'random'}",
+              f"- initial weights: {init_shown(str(facts.get('init') or ''))}",
               f"- optimizer {facts['optimizer']}, learning rate {_fmt(facts['lr'], 4)} at a global batch of "
               f"{facts['global_batch']} clips, "
               + (_count(facts["steps"], "step") if facts.get("steps") is not None else
@@ -209,8 +244,7 @@ def _run_sections(facts: dict[str, Any]) -> list[str]:
     if not test:
         lines += ["No test report in the run directory (the test protocol did not run).", ""]
         return lines
-    views = f"{test['temporal_clips']} temporal clip(s) x {test['spatial_crops']} spatial crop(s)"
-    protocol = f"the `{test.get('protocol', '?')}` test protocol ({views} per video, scores averaged)"
+    protocol = f"the `{test.get('protocol', '?')}` test protocol ({test_views(test)} per video, scores averaged)"
     metrics = scores_of(facts)
     scores = [f"top-1 **{metrics['test_top1']:.2f}%**" if "test_top1" in metrics else "",
               f"top-5 {metrics['test_top5']:.2f}%" if "test_top5" in metrics else "",

@@ -24,6 +24,41 @@ from pipeline.train.model_card import run_facts
 
 pytestmark = [pytest.mark.integration]
 CLASSES = ["red", "green", "blue", "yellow"]
+REPO = Path(__file__).resolve().parents[2]
+
+# Run in a fresh interpreter, in an empty folder, with the checkout off sys.path (PYTHONSAFEPATH, no PYTHONPATH)
+# and the editable install's finder removed: `pipeline` must come from the code MLflow logged with the model.
+LOAD_ELSEWHERE = """
+import importlib.util, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__ + repr(f)]
+sys.path[:] = [p for p in sys.path if p and p.rstrip("/") != sys.argv[4]]  # the checkout, not its .venv
+assert importlib.util.find_spec("pipeline") is None, "pipeline is importable before the model is loaded"
+import mlflow, numpy as np
+mlflow.set_tracking_uri(sys.argv[3])
+model = mlflow.pyfunc.load_model(sys.argv[5])
+np.save(sys.argv[2], model.predict(np.load(sys.argv[1])))
+import pipeline
+print(pipeline.__file__)
+"""
+
+
+def load_elsewhere(model_uri: str, uri: str, clips: np.ndarray, tmp_path: Path) -> tuple[np.ndarray, str]:
+    """``model_uri`` loaded and asked for ``clips``' probabilities in a subprocess that cannot import the
+    checkout; the probabilities and where its ``pipeline`` came from."""
+    import os
+    import subprocess
+    import sys
+
+    clean = tmp_path / "elsewhere"
+    clean.mkdir()
+    np.save(clean / "clips.npy", clips)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONSAFEPATH"] = "1"
+    done = subprocess.run([sys.executable, "-c", LOAD_ELSEWHERE, str(clean / "clips.npy"), str(clean / "probs.npy"),
+                           uri, str(REPO), model_uri], cwd=clean, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return np.load(clean / "probs.npy"), done.stdout.strip().splitlines()[-1]
 
 
 def finished_run(tmp_path: Path, uri: str, recipe_overrides: list[str] = ()) -> tuple[Path, object]:
@@ -70,7 +105,9 @@ def test_a_model_is_logged_registered_loaded_back_and_versioned(mlflow_server, t
     assert tags["test_top1"] == "62.5" and tags["test_top5"] == "100" and tags["test_videos"] == "8"
     assert tags["dataset"] == "test-colour v3" and tags["dataset_version"] == "3"
     assert tags["run_dir"] == str(run) and tags["recipe"] == "smoke" and tags["gpu_hours"] == "0.25"
-    views = f"{cfg.test.temporal_clips} clip(s) x {cfg.test.spatial_crops} crop(s)"
+    views = f"3 views: {cfg.test.temporal_clips} temporal clip(s) x {cfg.test.spatial_crops} spatial crop(s)"
+    if cfg.test.temporal_clips * cfg.test.spatial_crops != 3:  # the report's 3 views are what ran
+        views = "3 views"
     assert tags["test_protocol"] == f"multi_view: {views} on val"
     assert "top1 62.50%" in version.description and "test-colour v3" in version.description
     assert client.get_registered_model(name).description.startswith("TimeSformer models trained by recipe smoke")
@@ -90,6 +127,10 @@ def test_a_model_is_logged_registered_loaded_back_and_versioned(mlflow_server, t
         ours = model(normalize_on_device(torch.from_numpy(clips), mean=(0.5,) * 3, std=(0.5,) * 3)).softmax(-1)
     assert theirs.shape == (2, 4) and np.allclose(theirs, ours.numpy(), atol=1e-6)
     assert loaded.metadata.metadata["classes"] == CLASSES
+    # and where `pipeline` is not importable: the code logged with the model is what runs
+    elsewhere, where = load_elsewhere(f"models:/{name}/1", uri, clips, tmp_path)
+    assert np.allclose(elsewhere, ours.numpy(), atol=1e-6)
+    assert "/code/pipeline/" in where and not where.startswith(str(REPO)), where
     assert str(loaded.metadata.signature.inputs.inputs[0].type) == "uint8"
     # nothing pickled: the model's files are code, JSON/YAML and the safetensors weights
     with _tracking(uri):

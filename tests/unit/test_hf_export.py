@@ -140,7 +140,8 @@ def test_a_runs_card_says_what_it_was_trained_on_how_and_how_well(run_dir, tmp_p
     digest = split_digest(index, "train")
     assert f"Dataset `test-colour` version 1, digest `{digest}` of its `train` split's shards (4 training" in body
     assert "recipe `smoke`, model variant `timesformer_tiny`" in body
-    assert "`multi_view` test protocol (2 temporal clip(s) x 3 spatial crop(s) per video" in body
+    assert "`multi_view` test protocol (6 views: 2 temporal clip(s) x 3 spatial crop(s) per video" in body
+    assert "- initial weights: random" in body
     assert "top-1 **75.00%**, top-5 100.00% (1 skipped videos left out)" in body
     assert "0.0123 cpu-process-hours" in body
     assert "mean [0.5, 0.5, 0.5] and std [0.5, 0.5, 0.5]" in body
@@ -160,8 +161,12 @@ def test_push_to_hub_creates_the_repository_and_uploads_the_export(run_dir, monk
         calls.append(("create_repo", repo_id, kwargs, self.token))
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, **kwargs):
-        files = sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())  # what goes up, at the upload call
+    def upload_folder(self, **kwargs):  # what goes up, at the upload call, as huggingface_hub filters it
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = sorted(filter_repo_objects([p.name for p in Path(kwargs["folder_path"]).iterdir()],
+                                           allow_patterns=kwargs.get("allow_patterns"),
+                                           ignore_patterns=kwargs.get("ignore_patterns")))
         calls.append(("upload_folder", kwargs, files, (Path(kwargs["folder_path"]) / "README.md").read_text()))
         return huggingface_hub.CommitInfo(commit_url="https://huggingface.co/me/tiny/commit/abc", commit_message="",
                                           commit_description="", oid="abc")
@@ -169,6 +174,10 @@ def test_push_to_hub_creates_the_repository_and_uploads_the_export(run_dir, monk
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     monkeypatch.setenv("HF_TOKEN", "hf_test_token_value")
+    stray = run_dir / "export" / "hf"
+    stray.mkdir(parents=True)
+    (stray / "notes-private.txt").write_text("not for the Hub")  # left there by a person: never uploaded
+    (stray / "old.ckpt").write_bytes(b"\0" * 8)
     assert export_main([str(run_dir), "--push-to-hub", "me/tiny", "--private"]) == 0, capsys.readouterr().err
     (kind, repo, kwargs, token), (kind2, upload, files, card) = calls
     assert (kind, repo, kwargs, token) == ("create_repo", "me/tiny", {"private": True, "exist_ok": True,
@@ -177,7 +186,9 @@ def test_push_to_hub_creates_the_repository_and_uploads_the_export(run_dir, monk
     assert Path(upload["folder_path"]) == run_dir / "export" / "hf"  # the default export directory
     assert files == ["README.md", "config.json", "model.safetensors", "preprocessor_config.json"]
     assert 'pipeline("video-classification", model="me/tiny")' in card and "jobs/predict.py hf-hub:me/tiny" in card
-    assert "commit/abc" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "commit/abc" in out
+    assert "pushed README.md, config.json, preprocessor_config.json, model.safetensors of" in out
 
     # a failed upload: exit 3, the reason said, the token never printed
     from huggingface_hub.errors import HfHubHTTPError
@@ -209,3 +220,44 @@ def test_push_to_hub_without_a_token_or_with_a_bad_id_says_so_before_exporting(r
     assert "not a Hugging Face repository id" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         export_main([str(run_dir), "--private"])  # --private without --push-to-hub: a usage error
+
+
+def test_the_card_and_registry_describe_the_protocol_that_ran_and_never_a_private_init(run_dir, tmp_path):
+    """A long_video test takes every covering clip (not test.temporal_clips), and a card that is published names
+    a hub base model (pinned) but not a local path or a private s3:// URI."""
+    from pipeline.config import load_resolved
+    from pipeline.tracking.registry import describe_version, version_tags
+    from pipeline.train.model_card import model_card, run_facts
+
+    cfg = load_resolved(run_dir / "config.yaml")
+    report = json.loads((run_dir / "eval" / "test.json").read_text())
+    (run_dir / "eval" / "test.json").write_text(json.dumps({**report, "protocol": "long_video",
+                                                            "views_per_video": None}))
+    model = load_safetensors_model(run_dir, tmp_path)
+    facts = run_facts(run_dir, cfg)
+    card = model_card(model.cfg, CLASSES, facts)
+    assert "`long_video` test protocol (every non-overlapping clip covering the video x 3 spatial crop(s) per " \
+           "video" in card and "temporal clip" not in card
+    tags = version_tags(facts, model.cfg)
+    assert tags["test_protocol"] == "long_video: every non-overlapping clip covering the video x 3 spatial crop(s) " \
+                                    "on val"
+    assert "2x3" not in describe_version(facts, model.cfg) and "every non-overlapping clip" in \
+        describe_version(facts, model.cfg)
+
+    pinned = "hf-hub:timm/vit_base_patch16_224.augreg_in21k@" + "a" * 40
+    for init, shown in ((pinned, f"`{pinned}` (Hugging Face Hub)"), ("s3://private-bucket/team/secret/model.pth",
+                        "an s3 checkpoint"), (str(tmp_path / "home" / "alice" / "vit.pth"), "a local checkpoint")):
+        cfg.model.init, cfg.model.init_source = (init, "") if not init.startswith("hf-hub:") else ("/x", init)
+        card = model_card(model.cfg, CLASSES, run_facts(run_dir, cfg))
+        assert card.split("- initial weights: ")[1].split("\n")[0] == shown
+        assert "private-bucket" not in card and "alice" not in card
+    assert "base_model: timm/vit_base_patch16_224.augreg_in21k" in model_card(
+        model.cfg, CLASSES, {**run_facts(run_dir, cfg), "init": pinned})
+
+
+def load_safetensors_model(run_dir: Path, tmp_path: Path):
+    from pipeline.config import load_resolved
+    from pipeline.train.export import export_model
+
+    return load_safetensors(export_model(run_dir, load_resolved(run_dir / "config.yaml"),
+                                         out=tmp_path / "m" / "model.safetensors"))

@@ -7,6 +7,7 @@ is created), ``create_model(pretrained=True)``, and a pytorch_model.bin that car
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import threading
 from pathlib import Path
@@ -253,8 +254,9 @@ def test_launch_resolves_a_hub_source_once_and_hands_the_ranks_its_path(hub):
     cfg = tiny_recipe(f"model.init=hf-hub:{VIT}", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]")
     line = check_init(cfg)
     snap = resolve_source(f"hf-hub:{VIT}")
-    assert cfg.model.init == str(snap.resolve()) and cfg.model.init_source == f"hf-hub:{VIT}"
-    assert line.startswith(f"hf-hub:{VIT} -> {snap.resolve()}/model.safetensors (safetensors")
+    # the source is pinned to the snapshot (commit) it resolved to: a later re-resolution gets the same weights
+    assert cfg.model.init == str(snap.resolve()) and cfg.model.init_source == f"hf-hub:{VIT}@{snap.name}"
+    assert line.startswith(f"hf-hub:{VIT}@{snap.name} -> {snap.resolve()}/model.safetensors (safetensors")
     assert "normalised with mean [0.5, 0.5, 0.5]" in line
     assert check_init(cfg).startswith(str(snap.resolve()))  # checked again (--resume): a path now, kept as is
     cfg = tiny_recipe(f"model.init=hf-hub:{TSF_BIN}")  # the original's 0.45/0.225, the recipe's too
@@ -263,8 +265,8 @@ def test_launch_resolves_a_hub_source_once_and_hands_the_ranks_its_path(hub):
 
 def test_launch_refuses_a_hub_vit_on_other_normalisation_with_the_fix(hub):
     cfg = tiny_recipe(f"model.init=hf-hub:{VIT}")  # 0.45/0.225, and the ViT learnt on 0.5/0.5
-    with pytest.raises(ConfigError, match=rf"model.init='hf-hub:{VIT} \(.*\)' was trained on inputs normalised with "
-                                          r"mean \[0.5, 0.5, 0.5\].*set model.mean=\[0.5,0.5,0.5\] "
+    with pytest.raises(ConfigError, match=rf"model.init='hf-hub:{VIT}@[0-9a-f]{{40}} \(.*\)' was trained on inputs "
+                                          r"normalised with mean \[0.5, 0.5, 0.5\].*set model.mean=\[0.5,0.5,0.5\] "
                                           r"model.std=\[0.5,0.5,0.5\]"):
         check_init(cfg)
 
@@ -285,3 +287,87 @@ def test_a_missing_source_fails_launch_before_the_run_directory_exists(hub, tmp_
     assert "init        NOT READABLE from here (model.init='hf-hub:acme/never-downloaded' cannot be resolved" in \
         "\n".join(printed)
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_the_pinned_source_gets_the_same_weights_after_the_repository_moved_on(hub, tmp_path):
+    cfg = tiny_recipe(f"model.init=hf-hub:{VIT}", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]")
+    check_init(cfg)
+    first = Path(cfg.model.init)
+    moved = put_timm_vit(hub, VIT, tmp_path, state=tiny_vit_state(1))  # a new commit on main
+    assert resolve_source(f"hf-hub:{VIT}") == moved != first
+    cfg.model.init = str(tmp_path / "cleaned-away")  # the recorded path is gone: fetched again from the source
+    assert check_init(cfg).startswith(f"hf-hub:{VIT}@{first.name} -> {first}")
+    assert Path(cfg.model.init) == first.resolve()  # the snapshot the run started from, not main's new one
+
+
+def test_an_empty_init_with_an_init_source_is_refused(hub):
+    cfg = tiny_recipe("model.init_source=hf-hub:org/claimed")
+    with pytest.raises(ConfigError, match=r"model.init_source='hf-hub:org/claimed' with an empty model.init"):
+        check_init(cfg)
+    assert check_init(tiny_recipe()) == "random initialisation"
+
+
+def test_credentials_in_hf_endpoint_never_reach_an_error(hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", "http://user:s3cr3t-pw@127.0.0.1:9")
+    with pytest.raises(SourceError) as e:
+        resolve_source("hf-hub:acme/never-downloaded")
+    assert "s3cr3t-pw" not in str(e.value) and "http://user:***@127.0.0.1:9" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        check_init(tiny_recipe("model.init=hf-hub:acme/never-downloaded"))
+    assert "s3cr3t-pw" not in str(e.value) and "cannot be resolved" in str(e.value)
+
+
+def test_a_resumed_run_with_a_checkpoint_neither_resolves_nor_loads_model_init(hub, tmp_path):
+    """On --resume (and a requeue) the checkpoint replaces every weight: a cleaned cache and an offline hub do not
+    stop the run; without a checkpoint yet, the error says the init is still needed."""
+    import shutil
+    from types import SimpleNamespace
+
+    from pipeline.config import batch_plan, dump
+    from pipeline.train import checkpoint as ckpt
+    from pipeline.train.engine import TorchEngine
+    from pipeline.train.main import Trainer, build_model
+
+    dataset = tmp_path / "ds"
+    write_dataset(str(dataset), "colour", per_class={"train": 1, "val": 1})
+    cfg = tiny_recipe(f"model.init=hf-hub:{VIT}", "model.mean=[0.5,0.5,0.5]", "model.std=[0.5,0.5,0.5]",
+                      "train.engine=torch", "train.zero_stage=0", "train.activation_checkpointing=none",
+                      f"data.index={dataset}", "name=r1")
+    check_init(cfg)  # launch: resolved into the hub cache
+    run, fresh = tmp_path / "runs" / "r1", tmp_path / "runs" / "r2"
+    for d in (run, fresh):
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text(dump(cfg))
+        (d / "launch.json").write_text(json.dumps({"jobs": [{"nodes": 1}]}))
+    model = build_model(cfg)
+    engine = TorchEngine(model, cfg, batch_plan(cfg, 1), per_epoch=1, device=torch.device("cpu"))
+    for _ in range(2):  # a global batch of 8 in micro-batches of 4: one step
+        engine.train_micro_batch(torch.randn(4, 3, 2, 16, 16), torch.tensor([0, 1, 2, 0]))
+    assert engine.global_step == 1
+    engine.save(ckpt.checkpoint_root(run), ckpt.tag_for(1), {"step": 1})
+    ckpt.mark_complete(run, ckpt.tag_for(1), {"step": 1})
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    shutil.rmtree(hub)  # the cache was cleaned, and the hub is offline
+
+    printed: list[str] = []
+    launch(LaunchRequest(resume=str(run), local=True, dry_run=True), out=printed.append)
+    assert f"init        not loaded: the run resumes from its checkpoint {ckpt.tag_for(1)}" in "\n".join(printed)
+    with pytest.raises(ConfigError, match=r"--resume: the run has no complete checkpoint yet, so it starts again "
+                                          r"from model.init and needs these weights"):
+        check_init(cfg, fresh)
+
+    def ranks_build(run_dir: Path) -> Trainer:  # what every rank of the resumed job does to get its model
+        trainer = Trainer.__new__(Trainer)
+        trainer.cfg, trainer.run_dir, trainer.device = cfg, run_dir, torch.device("cpu")
+        trainer.denv = SimpleNamespace(is_main=True, world_size=1)
+        trainer.plan, trainer.per_epoch = batch_plan(cfg, 1), 1
+        trainer._build()
+        return trainer
+
+    trainer = ranks_build(run)
+    assert trainer.resumed == 1
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, trained[k]), k
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint to resume from, so it needs these weights"):
+        ranks_build(fresh)

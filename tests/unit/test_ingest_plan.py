@@ -45,12 +45,13 @@ def test_incremental_plans_keep_intact_shards_and_rebuild_only_what_changed():
     added = make_plan(sources + [src("v99")], PRE, 4, last)
     assert len(added.keep) == 2 and [[s.entry.video_id for s in p.sources] for p in added.build] == [["v99"]]
     shard_of_v00 = sorted(next(s.keys for s in last.shards if "v00" in s.keys))
+    # a changed or deleted member is tombstoned in its shard, which stays (tests/unit/test_incremental.py)
     changed = make_plan([src("v00", sha="b")] + sources[1:], PRE, 4, last)
-    assert changed.changed == ["v00"] and len(changed.keep) == 1
-    assert sorted(s.entry.video_id for p in changed.build for s in p.sources) == shard_of_v00
+    assert changed.changed == ["v00"] and len(changed.keep) == 2
+    assert [s.dropped for s in changed.keep if "v00" in s.keys] == [["v00"]] and len(shard_of_v00) == 4
+    assert [[s.entry.video_id for s in p.sources] for p in changed.build] == [["v00"]]
     deleted = make_plan(sources[1:], PRE, 4, last)
-    assert deleted.removed == ["v00"] and len(deleted.keep) == 1
-    assert sorted(s.entry.video_id for p in deleted.build for s in p.sources) == shard_of_v00[1:]
+    assert deleted.removed == ["v00"] and len(deleted.keep) == 2 and not deleted.build
 
 
 def test_shards_mix_classes_even_when_the_annotations_are_sorted_by_label():

@@ -233,6 +233,8 @@ def test_a_run_directory_predicts_with_its_checkpoint_recipe_protocol_and_classe
     assert not (run / "export").exists()  # nothing written into the run
     loaded = load_model(str(run))
     assert loaded.model.cfg.mean == HALF
+    # the checkpoint consolidated in memory has no file: its weights' digest is the state dict's, stable
+    assert loaded.weights.startswith("sha256:") and load_model(str(run)).weights == loaded.weights
     for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
@@ -331,3 +333,121 @@ def test_an_s3_prefix_is_listed_and_read_through_the_storage_layer(model_file, c
     remote, local = rows[f"s3://{s3_bucket}/videos/day1/red.mp4"], rows[str(clips["red"])]
     assert remote["top"] == local["top"]  # the same bytes, the same scores
     assert rows[f"s3://{s3_bucket}/videos/day1/corrupt.mp4"]["error"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Features at scale, resuming with other weights, models that are not video classifiers
+
+
+def long_id(i: int) -> str:
+    return f"s3://my-video-bucket/some/long/prefix/of/videos/category_{i % 400:03d}/video_{i:09d}_clip_000123.mp4"
+
+
+def test_features_of_hundreds_of_thousands_of_inputs_are_written_in_parts_and_resumed(tmp_path):
+    """One tensor name (and a metadata entry) per input made the safetensors header grow past its 100 MB limit at
+    a few hundred thousand inputs, and every flush rewrote the whole file: now the ids are a tensor, each flush
+    writes only its new rows as a part, and the end merges them (an interrupted run's parts resumed)."""
+    from safetensors import safe_open
+
+    from pipeline.predict import PredictError
+    from pipeline.predict.outputs import FeatureStore
+
+    n, path = 400_000, tmp_path / "f.safetensors"
+    record = {"model": "m", "weights": "sha256:a", "protocol": "p", "feature": "f"}
+    rows = np.arange(n, dtype=np.float32)[:, None] * np.ones(4, np.float32)
+    store = FeatureStore(path, record, resume=True, flush_s=float("inf"))
+    for i in range(n // 2):
+        store.add(long_id(i), rows[i])
+    store.flush()  # ... and the run is interrupted: its rows are in a part, OUT is not written yet
+    parts = path.with_name("f.safetensors.parts")
+    assert not path.exists() and [p.name for p in parts.iterdir()] == ["00001.safetensors"]
+    with pytest.raises(PredictError, match=r"of other weights.*--overwrite"):  # another model's rows: not mixed in
+        FeatureStore(path, {**record, "weights": "sha256:b"}, resume=True)
+
+    store = FeatureStore(path, record, resume=True, flush_s=float("inf"))  # the rerun
+    assert len(store) == n // 2 and long_id(7) in store and long_id(n // 2) not in store
+    for i in range(n // 2, n):
+        store.add(long_id(i), rows[i])
+    store.flush()  # a second part: only the new rows
+    with safe_open(str(parts / "00002.safetensors"), "np") as f:
+        assert f.get_slice("features").get_shape() == [n - n // 2, 4]
+    store.close()
+    assert not parts.exists()
+    with open(path, "rb") as f:
+        assert int.from_bytes(f.read(8), "little") < 4096  # the header no longer grows with the inputs
+    ids, arr, meta = load_features(path)
+    assert ids == [long_id(i) for i in range(n)] and arr.shape == (n, 4) and arr.dtype == np.float32
+    np.testing.assert_array_equal(arr, rows)
+    assert meta["model"] == "m" and meta["weights"] == "sha256:a" and meta["dim"] == "4" and meta["count"] == str(n)
+    with safe_open(str(path), "np") as f:  # readable by anyone: ids are UTF-8 joined by "\n"
+        assert f.get_tensor("ids").tobytes().decode().split("\n")[:2] == [long_id(0), long_id(1)]
+    store = FeatureStore(path, record, resume=True)  # resumed from the merged file
+    assert len(store) == n
+
+
+def test_features_keep_odd_ids_read_the_first_format_and_a_failed_write_is_a_message(model_file, clips, tmp_path,
+                                                                                     capsys):
+    from safetensors.numpy import save_file
+
+    from pipeline.predict import PredictError
+    from pipeline.predict.outputs import FeatureStore
+
+    path, record = tmp_path / "odd.safetensors", {"model": "m", "weights": "w", "protocol": "p", "feature": "f"}
+    odd = ["a\nb.mp4", "", "naïve.mp4", "x/\udcff.mp4"]  # a line break, empty, non-ASCII, a non-UTF-8 byte
+    store = FeatureStore(path, record, resume=True)
+    for i, x in enumerate(odd):
+        store.add(x, np.full(3, i, np.float32))
+    store.close()
+    ids, arr, _ = load_features(path)
+    assert ids == odd and arr[:, 0].tolist() == [0, 1, 2, 3]
+    empty = FeatureStore(tmp_path / "none.safetensors", record, resume=True)
+    empty.close()
+    assert load_features(tmp_path / "none.safetensors")[1].shape == (0, 0)
+
+    old = tmp_path / "old.safetensors"  # the first format: a tensor per id, the ids in the metadata
+    save_file({"b.mp4": np.ones(2, np.float32), "a.mp4": np.zeros(2, np.float32)}, str(old),
+              metadata={"inputs": json.dumps(["b.mp4", "a.mp4"]), "dim": "2", "model": "m"})
+    ids, arr, _ = load_features(old)
+    assert ids == ["b.mp4", "a.mp4"] and arr.tolist() == [[1, 1], [0, 0]]
+
+    (tmp_path / "blocker").write_text("a file where the features' folder would be")
+    store = FeatureStore(tmp_path / "blocker" / "f.safetensors", record, resume=True)
+    store.add("x", np.zeros(3, np.float32))
+    with pytest.raises(PredictError, match=r"cannot write .*blocker.*NotADirectoryError|cannot write .*FileExists"):
+        store.flush()
+    capsys.readouterr()
+    feats = tmp_path / "blocker" / "g.safetensors"
+    assert main([str(model_file), str(clips["red"]), "--features", str(feats)]) == 2
+    err = capsys.readouterr().err
+    assert "predict: --features" in err and "cannot write" in err and "Traceback" not in err
+
+
+def test_a_resumed_output_of_other_weights_under_the_same_name_is_refused(tmp_path, clips, capsys):
+    path = save_safetensors(tiny(0), tmp_path / "model" / "model.safetensors", classes=CLASSES)
+    out, feats = tmp_path / "p.jsonl", tmp_path / "f.safetensors"
+    assert main([str(path), str(clips["red"]), "--out", str(out), "--features", str(feats)]) == 0
+    assert json.loads((tmp_path / "p.jsonl.meta.json").read_text())["weights"].startswith("sha256:")
+    save_safetensors(tiny(1), path, classes=CLASSES)  # re-exported from another checkpoint, same path
+    capsys.readouterr()
+    assert main([str(path), str(clips["red"]), str(clips["green"]), "--out", str(out), "--features", str(feats)]) == 2
+    err = capsys.readouterr().err
+    assert "written with other weights" in err and "--overwrite" in err and "another --out" in err
+    assert len(jsonl(out)) == 1  # nothing mixed in
+    assert main([str(path), str(clips["green"]), "--features", str(feats)]) == 2  # the features file alone too
+    assert "holds features of other weights" in capsys.readouterr().err
+    assert main([str(path), str(clips["red"]), str(clips["green"]), "--out", str(out), "--features", str(feats),
+                 "--overwrite"]) == 0
+    assert len(jsonl(out)) == 2 and len(load_features(feats)[0]) == 2
+
+
+def test_an_image_vit_from_the_hub_is_named_as_one_not_a_key_error(tmp_path, monkeypatch, clips, capsys):
+    from tests.hub_cache import put_timm_vit
+
+    cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    put_timm_vit(cache, "timm/vit_tiny", tmp_path)
+    assert main(["hf-hub:timm/vit_tiny", str(clips["red"])]) == 2
+    err = capsys.readouterr().err
+    assert "hf-hub:timm/vit_tiny: an image model (a timm" in err and "not a video classifier" in err
+    assert "fine-tune it first" in err and "model.init=" in err and "no equivalent for key" not in err

@@ -94,10 +94,11 @@ def test_dry_run_prints_everything_and_writes_nothing(tmp_path):
                    str(REPO / "configs/clusters/example_gpu.yaml"), cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr
     out = p.stdout
-    assert (f"init        hf-hub:timm/vit_base_patch16_224.orig_in21k_ft_in1k -> {snap.resolve()}/model.safetensors "
-            f"(safetensors") in out and "normalised with mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5]" in out
+    assert (f"init        hf-hub:timm/vit_base_patch16_224.orig_in21k_ft_in1k@{snap.name} -> "
+            f"{snap.resolve()}/model.safetensors (safetensors") in out
+    assert "normalised with mean [0.5, 0.5, 0.5] std [0.5, 0.5, 0.5]" in out
     assert f"init: {snap.resolve()}" in out  # the ranks' path in config.yaml, the reference beside it
-    assert "init_source: hf-hub:timm/vit_base_patch16_224.orig_in21k_ft_in1k" in out
+    assert f"init_source: hf-hub:timm/vit_base_patch16_224.orig_in21k_ft_in1k@{snap.name}" in out  # pinned
     assert "32 rank(s); global batch 64 = micro batch 2 x accumulation 1 x 32 rank(s)" in out
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --partition=a100", "#SBATCH --time=1440", "#SBATCH --signal=USR2@180", "#SBATCH --requeue",
