@@ -122,6 +122,11 @@ class DataConfig:
     # broken samples (no clip or metadata, bad metadata, a clip that does not decode) are skipped and
     # counted; a run stops with a clear error when more than this fraction of the samples read are skipped
     max_skip_fraction: float = 0.01
+    # RandAugment for video (pipeline.train.augment.RandAugment; docs/training.md "Fine-tuning options"): this
+    # many ops per training clip (0 = off, the paper's recipe), each at magnitude randaugment_m of 10; the same
+    # ops and magnitudes on every frame of a clip
+    randaugment_n: int = 0
+    randaugment_m: int = 9
 
 
 @dataclass
@@ -141,6 +146,9 @@ class OptimConfig:
     # the classifier head's learning rate is lr x this: a fresh head over a loaded backbone (fine-tuning on a
     # small dataset) learns faster than the features under it should move
     head_lr_scale: float = 1.0
+    # layer-wise learning-rate decay: block i's rate is lr x layer_decay^(depth - i), the embeddings' (layer 0)
+    # lr x layer_decay^(depth + 1), the final norm and head at lr; 1.0 = off (the paper: one rate)
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -162,6 +170,20 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints (also where the data stream is reseeded)
     keep_checkpoints: int = 2
     dist_timeout_s: int = 1800  # a collective waiting longer than this fails (a dead rank)
+    # epochs: the schedule runs over train.epochs (or max_steps), a budget only stops it; budget: the run measures
+    # its cost per step and fits its number of steps (and the schedule over them) to budget.gpu_hours
+    # (pipeline/train/plan.py; docs/training.md "Planning by budget")
+    plan_by: str = "epochs"
+    calibration_steps: int = 20  # plan_by=budget: steps measured before the fit (after calibration_steps // 4 skipped)
+    # Fine-tuning options (docs/training.md "Fine-tuning options"); each off by default, as the paper trains
+    label_smoothing: float = 0.0  # targets (1 - e) one-hot + e / classes; multi-label: each class toward 0.5
+    mixup_alpha: float = 0.0  # mixup of clip pairs within a micro batch, lambda ~ Beta(a, a); 0 = off
+    cutmix_alpha: float = 0.0  # cutmix: one box on every frame of a clip, area ~ Beta(a, a); 0 = off
+    mix_prob: float = 1.0  # the fraction of micro batches mixed (when mixup or cutmix is on)
+    mix_switch_prob: float = 0.5  # with both on: the chance a mixed batch uses cutmix rather than mixup
+    ema_decay: float = 0.0  # an exponential moving average of the weights after each step; 0 = off
+    ema_export: bool = True  # with ema_decay: the EMA weights are what is tested and exported
+    keep_best: bool = False  # test and export the checkpoint with the best validation accuracy (mAP), not the last
 
 
 @dataclass
@@ -179,6 +201,11 @@ class TestConfig:
 @dataclass
 class BudgetConfig:
     gpu_hours: float = 0.0  # stop cleanly at this many accelerator-hours; 0 = no budget
+    # train.plan_by=budget: the fit aims at gpu_hours x (1 - plan_margin) (estimates' errors, the export); it
+    # re-fits when the plan's projected end misses that aim by more than one step and by more than refit_drift
+    # of the hours it has left
+    plan_margin: float = 0.02
+    refit_drift: float = 0.05
 
 
 @dataclass
@@ -518,6 +545,8 @@ INT_MINIMUMS: dict[str, tuple[int, str]] = {
     "data.num_workers": (0, "an integer >= 0 (0: load in the training process)"),
     "data.shuffle_buffer": (0, "an integer >= 0 (0 or 1: no shuffle buffer)"),
     "data.epoch_clips": (0, "an integer >= 0 (0: the train split's sample count)"),
+    "data.randaugment_n": (0, "an integer >= 0 (ops per clip; 0: no RandAugment)"),
+    "data.randaugment_m": (0, "a magnitude in 0..10"),
     "train.global_batch": (1, "a positive integer"),
     "train.micro_batch": (1, "a positive integer"),
     "train.max_steps": (0, "an integer >= 0 (0: epochs x steps per epoch)"),
@@ -528,6 +557,7 @@ INT_MINIMUMS: dict[str, tuple[int, str]] = {
     "train.ckpt_every": (1, "a positive number of steps"),
     "train.keep_checkpoints": (0, "an integer >= 0 (0: keep every checkpoint)"),
     "train.dist_timeout_s": (1, "a positive number of seconds"),
+    "train.calibration_steps": (1, "a positive number of steps"),
     "test.temporal_clips": (1, "a positive integer"),
     "test.spatial_crops": (1, "1 or 3"),
     "test.batch_size": (1, "a positive integer"),
@@ -543,6 +573,8 @@ INT_MINIMUMS: dict[str, tuple[int, str]] = {
 INT_MAXIMUMS: dict[str, tuple[int, str]] = {
     "data.num_workers": (256, "at most 256 DataLoader workers per rank (each is a process)"),
     "model.in_chans": (3, "3: clips are decoded as RGB"),
+    "data.randaugment_n": (16, "at most 16 ops per clip (2 or 3 is usual)"),
+    "data.randaugment_m": (10, "a magnitude in 0..10 (10: each op's strongest)"),
 }
 # a model no recipe comes near (TimeSformer-L has 121M parameters): above it, model.* or data.* holds a typo,
 # and building it would exhaust the ranks' memory after the run was created
@@ -564,9 +596,18 @@ FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "optim.warmup_epochs": (0.0, True, None, False),
     "optim.grad_clip": (0.0, True, None, False),
     "optim.head_lr_scale": (0.0, False, None, False),
+    "optim.layer_decay": (0.0, False, 1.0, True),
+    "train.label_smoothing": (0.0, True, 1.0, False),
+    "train.mixup_alpha": (0.0, True, None, False),
+    "train.cutmix_alpha": (0.0, True, None, False),
+    "train.mix_prob": (0.0, True, 1.0, True),
+    "train.mix_switch_prob": (0.0, True, 1.0, True),
+    "train.ema_decay": (0.0, True, 1.0, False),
     "train.epochs": (0.0, False, None, False),
     "train.memory_fraction": (0.0, False, 1.0, True),
     "budget.gpu_hours": (0.0, True, None, False),
+    "budget.plan_margin": (0.0, True, 0.5, False),
+    "budget.refit_drift": (0.0, False, 1.0, True),
 }
 # string fields written into #SBATCH lines: a newline there would start a line of its own in the script
 SBATCH_STRINGS = ("cluster.partition", "cluster.account", "cluster.qos", "cluster.constraint")
@@ -616,6 +657,10 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     _choice(cfg.train.engine, ("deepspeed", "torch"), "train.engine", where)
     _choice(cfg.train.compile, ("none", "blocks"), "train.compile", where)
     _choice(cfg.train.freeze, ("none", "backbone"), "train.freeze", where)
+    _choice(cfg.train.plan_by, ("epochs", "budget"), "train.plan_by", where)
+    if cfg.train.plan_by == "budget" and cfg.budget.gpu_hours <= 0:
+        raise ConfigError(f"{where}: train.plan_by=budget fits the run to budget.gpu_hours, which is "
+                          f"{cfg.budget.gpu_hours:g} (no budget): set budget.gpu_hours, or train.plan_by=epochs")
     _choice(cfg.test.protocol, ("multi_view", "long_video"), "test.protocol", where)
     _choice(cfg.test.spatial_crops, (1, 3), "test.spatial_crops", where)
     _choice(cfg.cluster.accelerator, ("gpu", "cpu"), "cluster.accelerator", where)
@@ -644,6 +689,7 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         raise ConfigError(f"{where}: optim.lr_steps={cfg.optim.lr_steps}: expected increasing epochs >= 0")
     if cfg.train.zero_stage > 0 and cfg.train.engine == "torch":
         raise ConfigError(f"{where}: train.engine=torch has no ZeRO; set train.zero_stage=0 or engine=deepspeed")
+    _check_finetune_options(cfg, where)
     # space_only with pos_embed=space_time is valid: that scheme has no time embedding (as the original)
     if cfg.cluster.signal_delay_s >= cfg.cluster.time_min * 60:
         raise ConfigError(f"{where}: cluster.signal_delay_s={cfg.cluster.signal_delay_s} is not shorter than "
@@ -674,6 +720,25 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     if not cfg.data.index:
         raise ConfigError(f"{where}: data.index is empty: give the dataset root that ingest wrote "
                           f"(data.index=s3://bucket/datasets/k400 or a directory)")
+
+
+def _check_finetune_options(cfg: RunConfig, where: str) -> None:
+    """The fine-tuning options' combinations that cannot work (each value's range is checked above)."""
+    t = cfg.train
+    mixing = t.mixup_alpha > 0 or t.cutmix_alpha > 0
+    if mixing and t.micro_batch < 2:
+        raise ConfigError(f"{where}: train.mixup_alpha={t.mixup_alpha:g}, train.cutmix_alpha={t.cutmix_alpha:g} mix "
+                          f"the clips of a micro batch with each other, and train.micro_batch=1 has nothing to mix "
+                          f"with: set train.micro_batch >= 2 (or mixup_alpha=0 cutmix_alpha=0)")
+    if mixing and t.mix_prob == 0:
+        raise ConfigError(f"{where}: train.mix_prob=0 with mixup_alpha={t.mixup_alpha:g} or cutmix_alpha="
+                          f"{t.cutmix_alpha:g} mixes nothing: set mix_prob in (0, 1], or the alphas to 0")
+    if t.ema_decay > 0 and t.engine == "deepspeed" and t.zero_stage == 3:
+        raise ConfigError(f"{where}: train.ema_decay={t.ema_decay:g} needs every weight on every rank, and ZeRO stage "
+                          f"3 partitions them: use train.zero_stage=0, 1 or 2 with EMA (or ema_decay=0)")
+    if t.keep_best and t.val_every == -1:
+        raise ConfigError(f"{where}: train.keep_best=true chooses a checkpoint by validation accuracy, and "
+                          f"train.val_every=-1 never validates: set val_every (0: once per epoch) or keep_best=false")
 
 
 def check_model(cfg: RunConfig) -> Any:

@@ -79,3 +79,25 @@ def mlflow_server(seaweedfs, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def deepspeed_rank():
+    """One DeepSpeed rank (gloo, CPU) in this test process, for every in-process DeepSpeed test: DeepSpeed keeps
+    its process groups in module globals, so a second init after a destroy in the same process finds stale
+    ones ("Group ... is not registered"); initialised once, destroyed when the session ends."""
+    import socket
+
+    from pipeline.config import load_recipe
+    from pipeline.train.engine import init_distributed
+    from pipeline.train.launch import job_environment
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with job_environment(env):
+        try:
+            yield init_distributed(load_recipe("smoke", ["data.index=unused"]), 0, 1, 0)
+        finally:
+            torch.distributed.destroy_process_group()

@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", help="a run directory made by jobs/launch.py (or a model.safetensors, with --hf or "
                                    "--push-to-hub: a model without its run, which gets a shorter card)")
-    p.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    p.add_argument("--tag", help="checkpoint tag (default: the best one with train.keep_best, else the newest "
+                                 "complete one)")
+    p.add_argument("--trained-weights", action="store_true", help="with train.ema_decay: export the trained weights, "
+                                                                  "not their moving average (the default when "
+                                                                  "train.ema_export is on)")
     p.add_argument("--out", help="output file (default RUN_DIR/export/model.safetensors)")
     p.add_argument("--hf", metavar="DIR", help="also write a Hugging Face TimesformerForVideoClassification directory "
                                                "with a model card")
@@ -70,13 +74,16 @@ def _export_run(run_dir: Path, args: argparse.Namespace) -> int:
         print(f"export: no complete checkpoint {args.tag!r} in {run_dir}; complete ones: {tags}", file=sys.stderr)
         return 2
     try:
-        path = export_model(run_dir, cfg, args.tag, Path(args.out) if args.out else None)
+        from pipeline.train.export import run_weights
+
+        tag, ema = run_weights(run_dir, cfg, args.tag, False if args.trained_weights else None)
+        path = export_model(run_dir, cfg, tag, Path(args.out) if args.out else None, ema=ema)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         # FileNotFoundError: no checkpoint; ValueError: a refused (UnsafeCheckpointError) or unreadable file,
         # weights that do not fit the model; RuntimeError: load_state_dict naming the keys that do not fit
         print(f"export: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) from {args.tag or tags[-1]}")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) from {tag}{' (its EMA weights)' if ema else ''}")
     if not (args.hf or args.push_to_hub):
         return 0
     from pipeline.data.shards import load_index

@@ -7,6 +7,17 @@
     python jobs/launch.py --nodes 2 --recipe k400_base --cluster configs/clusters/example_gpu.yaml \\
         --partition a100 --time 2-00:00:00 train.zero_stage=3 optim.lr=0.01
     python jobs/launch.py --resume runs/k400_long-20261126-101500           # continue a stopped run
+    python jobs/launch.py --recipe smoke --sweep model.attention_type=divided_space_time,joint_space_time,space_only \\
+        --sweep-budget 0.3 --halving "rungs=0.25,0.5 eta=2" --array-parallelism 2   # one Slurm job array
+
+Sweeps (--sweep key=v1,v2, repeated for a grid, or --sweep-file FILE) check every member first, then submit ONE
+Slurm job array (--array-parallelism N at a time), or with --local run the members as local processes N at a
+time while this command waits. Each member is a normal run directory under runs/<sweep>/, a child of the sweep's
+MLflow parent run; runs/<sweep>/sweep.json records members, budgets and every halving decision. --sweep-budget
+splits a total budget equally (else each member keeps the recipe's budget.gpu_hours); --halving stops, at each
+rung (a fraction of the member budget in GPU-hours), members outside the top 1/eta of those that reported there
+so far, and gives their unused hours to the members still training (docs/training.md, "Sweeps and successive
+halving").
 
 Recipes are configs/recipes/*.yaml (`--list`); any field can be overridden as key=value. The global batch
 is the recipe's whatever the world size (gradient accumulation); a world size that cannot meet it is
@@ -49,6 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", metavar="RUN_DIR", help="submit a run again (resumes from its newest checkpoint)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
+                   help="a sweep axis (repeat for a grid: the product of the axes)")
+    p.add_argument("--sweep-file", help="a YAML sweep file (members: or grid:, budget:, halving:, array_parallelism:)")
+    p.add_argument("--sweep-budget", type=float, metavar="GPU_HOURS",
+                   help="the sweep's total budget, split equally across members (default: the recipe's each)")
+    p.add_argument("--halving", metavar="'rungs=F1,F2 eta=N'",
+                   help="asynchronous successive halving at these fractions of the member budget")
+    p.add_argument("--array-parallelism", type=int, metavar="N",
+                   help="members running at once (Slurm array %%N; local: default 1)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (train.zero_stage=3 data.num_workers=4 ...)")
     args = p.parse_intermixed_args(argv)
     if args.list:
@@ -62,10 +82,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pipeline.train.launch import LaunchRequest, SubmissionError, launch
 
+    sweeping = bool(args.sweep or args.sweep_file)
+    if not sweeping and (args.sweep_budget is not None or args.halving or args.array_parallelism is not None):
+        print("launch: --sweep-budget, --halving and --array-parallelism go with --sweep or --sweep-file",
+              file=sys.stderr)
+        return 2
     req = LaunchRequest(recipe=args.recipe, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
                         partition=args.partition, time=args.time, name=args.name, local=args.local,
                         dry_run=args.dry_run, resume=args.resume, cluster_file=args.cluster,
                         runs_dir=args.runs_dir, overrides=args.overrides)
+    if sweeping:
+        return sweep_main(args, req)
     try:
         info = launch(req)
     except ConfigError as e:  # the message may quote what was typed: credentials in it are masked
@@ -77,6 +104,45 @@ def main(argv: list[str] | None = None) -> int:
     if not args.wait or args.dry_run:
         return 0
     return wait_for(info)
+
+
+def sweep_main(args, req) -> int:
+    """``--sweep``/``--sweep-file``: check every member, then one job array (or local processes)."""
+    from pipeline.train.launch import SubmissionError
+    from pipeline.train.sweep import SweepSpec, grid_from_args, load_sweep_file, parse_halving, summary
+    from pipeline.train.sweep_launch import launch_sweep, wait_sweep
+
+    try:
+        if args.sweep_file and args.sweep:
+            raise ConfigError("give --sweep axes or --sweep-file, not both")
+        spec = load_sweep_file(args.sweep_file) if args.sweep_file else SweepSpec(grid_from_args(args.sweep))
+        if args.sweep_budget is not None:
+            if not args.sweep_budget > 0:
+                raise ConfigError(f"--sweep-budget {args.sweep_budget}: expected total GPU-hours above 0")
+            spec.total_budget = args.sweep_budget
+        if args.halving:
+            spec.halving = parse_halving(args.halving)
+        if args.array_parallelism is not None:
+            if args.array_parallelism < 1:
+                raise ConfigError(f"--array-parallelism {args.array_parallelism}: expected a positive number")
+            spec.array_parallelism = args.array_parallelism
+        launched = launch_sweep(spec, req)
+    except ConfigError as e:
+        print(f"launch: {redact_text(str(e))}", file=sys.stderr)
+        return 2
+    except SubmissionError as e:
+        print(f"launch: {redact_text(str(e))}", file=sys.stderr)
+        return 3
+    if args.dry_run:
+        return 0
+    code = 0
+    if not req.local and args.wait:
+        code = wait_sweep(launched)
+    if launched.state is not None and (req.local or args.wait):
+        print(summary(launched.state))
+        if req.local:
+            code = 1 if any(m["status"] == "failed" for m in launched.state["members"]) else 0
+    return code
 
 
 class LogFollower:

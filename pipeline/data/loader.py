@@ -76,6 +76,7 @@ class ClipConfig:
     num_classes: int = 0  # training labels must lie in [0, num_classes); 0: the dataset index's class count
     mean: tuple[float, ...] = MEAN  # the model's input normalisation (TimeSformerConfig.mean/std)
     std: tuple[float, ...] = STD
+    randaugment: tuple[int, int] = (0, 0)  # training clips: (ops, magnitude) of RandAugment; 0 ops = off
 
 
 MAX_DURATION_S = 86_400.0  # a sample's metadata claiming more than a day is broken, not a long video
@@ -540,7 +541,7 @@ def to_clip(cfg: ClipConfig, train: bool, seed: int, rank: int, start_step: int,
         temporal = (SegmentSampler(cfg.num_frames) if cfg.sampler == "segment"
                     else FixedRateSampler(cfg.num_frames, cfg.sampling_rate, cfg.ref_fps, cfg.short_video))
         spatial_train = TrainTransform(crop=cfg.crop, scale=cfg.scale, flip=cfg.flip, mean=cfg.mean, std=cfg.std,
-                                       output=cfg.output)
+                                       output=cfg.output, randaugment=cfg.randaugment)
         spatial_test = TestTransform(crop=cfg.crop, num_crops=1, mean=cfg.mean, std=cfg.std, output=cfg.output)
         for sample in src:
             meta = sample["meta"]
@@ -711,4 +712,5 @@ def clip_config(cfg: Any) -> ClipConfig:
                       crop=d.crop, scale=(d.scale[0], d.scale[1]), flip=d.flip,
                       output="uint8" if cfg.cluster.accelerator == "gpu" else "float",
                       num_classes=cfg.model.num_classes,  # labels outside [0, num_classes) are skipped, counted
-                      mean=tuple(cfg.model.mean), std=tuple(cfg.model.std))
+                      mean=tuple(cfg.model.mean), std=tuple(cfg.model.std),
+                      randaugment=(d.randaugment_n, d.randaugment_m))

@@ -1,9 +1,10 @@
 """Clip transforms: ``(T, H, W, 3)`` uint8 frames to ``(C, T, H, W)`` clips.
 
-Training: random short side in a range, random crop, optional horizontal flip (off for SSv2), then
-normalisation with the model's constants (by default 0.45 / 0.225, the original's). Testing: short side to the
-crop size, then 1 or 3 crops along the long side. Only the cropped region is resized, in uint8; clips come out
-normalised float32, or uint8 for normalisation on the GPU (``normalize_on_device``).
+Training: random short side in a range, random crop, optional horizontal flip (off for SSv2), optional
+RandAugment (``data.randaugment_n``: the same ops on every frame, on the uint8 crop), then normalisation with
+the model's constants (by default 0.45 / 0.225, the original's). Testing: short side to the crop size, then 1 or
+3 crops along the long side. Only the cropped region is resized, in uint8; clips come out normalised float32, or
+uint8 for normalisation on the GPU (``normalize_on_device``).
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ def _device_stats(device: torch.device, mean: tuple[float, ...],
 @dataclass(frozen=True)
 class TrainTransform:
     """Random short side in ``scale`` (inclusive), random ``crop`` x ``crop``, horizontal flip with
-    probability 0.5 when ``flip`` (off for SSv2: its labels say left and right), normalisation.
+    probability 0.5 when ``flip`` (off for SSv2: its labels say left and right), ``randaugment`` (n ops at
+    magnitude m of 10 on the uint8 crop, the same on every frame: ``pipeline.train.augment.rand_augment``; n = 0:
+    off, and no random number drawn for it), normalisation.
     Only the cropped region is resized, in uint8: the same result as resizing whole frames, far cheaper."""
 
     crop: int = 224
@@ -103,6 +106,7 @@ class TrainTransform:
     mean: tuple[float, ...] = MEAN
     std: tuple[float, ...] = STD
     output: str = "float"
+    randaugment: tuple[int, int] = (0, 0)  # (n ops, magnitude of 10)
 
     def __call__(self, frames: Frames, rng: np.random.Generator) -> torch.Tensor:
         h, w = _frame_size(frames)
@@ -113,7 +117,12 @@ class TrainTransform:
         flip = self.flip and rng.random() < 0.5
         if flip:  # mirror the window position too: a flip of the whole resized frame, then the crop
             x0 = rw - self.crop - x0
-        return finish_clip(_region_resize(frames, f, y0, x0, self.crop, flip), self.mean, self.std, self.output)
+        clip = _region_resize(frames, f, y0, x0, self.crop, flip)
+        if self.randaugment[0] > 0:
+            from pipeline.train.augment import rand_augment
+
+            clip = rand_augment(clip.contiguous(), self.randaugment[0], self.randaugment[1], rng)
+        return finish_clip(clip, self.mean, self.std, self.output)
 
 
 @dataclass(frozen=True)

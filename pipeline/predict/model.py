@@ -237,8 +237,9 @@ def recorded_protocol(path: Path, cfg: TimeSformerConfig) -> Protocol:
 
 
 def _load_run_dir(run: Path) -> LoadedModel:
-    """A run's model: its export when there is one (the end of training writes it), else the newest complete
-    checkpoint consolidated in memory (nothing is written into the run directory)."""
+    """A run's model: its export when there is one (the end of training writes it), else the weights its export
+    would hold (the best or newest complete checkpoint, its EMA when the run exports that), consolidated in memory
+    (nothing is written into the run directory)."""
     from pipeline.config import ConfigError, load_resolved
     from pipeline.models.convert import load_safetensors
     from pipeline.models.timesformer import model_config
@@ -254,14 +255,16 @@ def _load_run_dir(run: Path) -> LoadedModel:
             classes, where = model_classes(export, run)
             digest = file_digest(export)
         else:
-            latest = ckpt.latest_complete(run)
-            if latest is None:
+            from pipeline.train.export import run_weights
+
+            if ckpt.latest_complete(run) is None:
                 raise PredictError(f"{run}: no export and no complete checkpoint: nothing to predict with yet")
+            tag, ema = run_weights(run, cfg)  # what its export would hold: the best checkpoint, its EMA
             model = TimeSformer(model_config(cfg))
-            state = consolidated_state_dict(ckpt.checkpoint_root(run), latest[1])
+            state = consolidated_state_dict(ckpt.checkpoint_root(run), tag, ema=ema)
             digest = state_digest(state)
             model.load_state_dict(state, strict=True)
-            what = f"{run} (checkpoint {latest[1]}, not exported)"
+            what = f"{run} (checkpoint {tag}{', its EMA weights' if ema else ''}, not exported)"
             recorded = recorded_dataset(run)
             classes, where = (recorded["classes"], str(run / "dataset.json")) if recorded else (None, "")
     except (ConfigError, EvaluationError, ValueError, FileNotFoundError) as e:

@@ -50,6 +50,8 @@ class RunSummary:
     dataset: str = "?"  # "<name> v<version>" the run trained on (its ``dataset`` tag)
     metric: str = "top1"  # the headline metric: top1, or map for a multi-label model (METRICS)
     map: float | None = None  # test mAP (%) of a multi-label model
+    sweep: str = ""  # the sweep it is a member of (its ``sweep`` tag), "" for none
+    halving: str = ""  # what successive halving did to it: "stopped at rung k", "continued", ""
 
     @property
     def score(self) -> float | None:
@@ -83,7 +85,9 @@ def summarize(client, run) -> RunSummary:
         top1=metrics.get("test_top1"), top5=metrics.get("test_top5"),
         clips_per_s=sum(speed) / len(speed) if speed else None, budget=budget or None,
         status=run.info.status, curve=curve, dataset=tags.get("dataset", "?"), metric=metric,
-        map=metrics.get("test_map"))
+        map=metrics.get("test_map"), sweep=tags.get("sweep", ""),
+        halving=(f"stopped at rung {tags['halving_stopped_at']}" if "halving_stopped_at" in tags else
+                 "continued" if any(k.startswith("halving_rung") for k in tags) else ""))
 
 
 class MixedDatasetsError(ValueError):
@@ -106,7 +110,7 @@ def check_one_dataset(summaries: list[RunSummary]) -> None:
 
 
 def fetch(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,
-          finished_only: bool = False) -> list[RunSummary]:
+          finished_only: bool = False, sweep: str | None = None) -> list[RunSummary]:
     """The training runs of ``experiment`` (or those of ``run_ids``), oldest first; with ``finished_only``,
     only those whose status is FINISHED."""
     from mlflow.tracking import MlflowClient
@@ -119,7 +123,11 @@ def fetch(tracking_uri: str, experiment: str, run_ids: list[str] | None = None,
         names = [e.name for e in client.search_experiments()]
         raise ValueError(f"no experiment {experiment!r} at {redact_text(tracking_uri)}; experiments there: {names}")
     runs = client.search_runs([exp.experiment_id], max_results=1000, order_by=["attributes.start_time ASC"])
-    runs = [r for r in runs if r.data.tags.get("kind") != "comparison"]
+    runs = [r for r in runs if r.data.tags.get("kind") not in ("comparison", "sweep")]
+    if sweep is not None:  # a sweep's members: the child runs that name it
+        runs = [r for r in runs if r.data.tags.get("sweep") == sweep]
+        if not runs:
+            raise ValueError(f"no member runs of sweep {sweep!r} in experiment {experiment!r}")
     if run_ids:
         wanted = set(run_ids)
         runs = [r for r in runs if r.info.run_id in wanted or r.info.run_name in wanted]
@@ -259,11 +267,7 @@ def plot(summaries: list[RunSummary], path: Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         if group:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(summaries: list[RunSummary], out_dir: Path, experiment: str) -> dict[str, Path]:
@@ -309,3 +313,162 @@ def log_comparison(tracking_uri: str, experiment: str, summaries: list[RunSummar
         client.log_artifact(run.info.run_id, str(path), "comparison")
     client.set_terminated(run.info.run_id)
     return run.info.run_id
+
+
+# -- the cost view: Pareto front and accuracy at a GPU-hour mark ------------------------------------------------
+
+
+def final_accuracy(s: RunSummary) -> tuple[float | None, str]:
+    """A run's accuracy for the cost view and where it comes from: the test protocol's headline, else (no test:
+    a run stopped early, or test.enabled=false) its last validation."""
+    if s.score is not None:
+        return s.score, "test"
+    if s.curve:
+        return s.curve[-1][1], "val"
+    return None, ""
+
+
+def final_hours(s: RunSummary) -> float | None:
+    return s.gpu_hours if s.gpu_hours is not None else (s.curve[-1][0] if s.curve else None)
+
+
+def pareto_front(summaries: list[RunSummary]) -> list[RunSummary]:
+    """The runs no other run beats on both axes: none with at most its GPU-hours and at least its accuracy (one of
+    them strictly). Ordered by GPU-hours; runs without an accuracy or hours are never on it."""
+    points = [(final_hours(s), final_accuracy(s)[0], s) for s in summaries]
+    points = [(h, a, s) for h, a, s in points if h is not None and a is not None]
+    front = [s for h, a, s in points
+             if not any(h2 <= h and a2 >= a and (h2 < h or a2 > a) for h2, a2, _ in points)]
+    return sorted(front, key=lambda s: final_hours(s))
+
+
+def accuracy_at(s: RunSummary, hours: float) -> tuple[float | None, str]:
+    """A run's validation accuracy at ``hours`` GPU-hours: the last validation at or before the mark, and a note:
+    "" when the run got past the mark, "never reached" when it ended before it (the value is then its last),
+    "no validation by then" when it validated only later."""
+    before = [(h, a) for h, a in s.curve if h <= hours]
+    end = final_hours(s)
+    reached = end is not None and end >= hours
+    if not before:
+        return None, "no validation by then" if reached else "never reached"
+    return before[-1][1], "" if reached else f"never reached (ended at {end:.4g} h)"
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in body])
+
+
+def pareto_text(summaries: list[RunSummary]) -> str:
+    """Every run by GPU-hours with its accuracy, the front marked ``*``, and what halving did to it."""
+    on = {s.run_id for s in pareto_front(summaries)}
+    body = []
+    for s in sorted(summaries, key=lambda s: (final_hours(s) is None, final_hours(s) or 0)):
+        acc, src = final_accuracy(s)
+        body.append(["*" if s.run_id in on else "", s.run, s.attention, _cell(final_hours(s), 4),
+                     f"{_cell(acc)} ({src})" if acc is not None else "-", s.halving or "-", s.status])
+    units = " / ".join(sorted({s.gpu_hours_unit for s in summaries}))
+    return (f"Pareto front of accuracy against {units}-hours (* on the front: no run has fewer hours and a higher "
+            f"accuracy)\n" + _table(["front", "run", "attention", "GPU-h", "accuracy", "halving", "status"], body))
+
+
+def at_hours_text(summaries: list[RunSummary], hours: float) -> str:
+    """Every run's validation accuracy at the same GPU-hour mark (budget-matched)."""
+    body = []
+    for s in summaries:
+        acc, note = accuracy_at(s, hours)
+        body.append([s.run, s.attention, _cell(acc), note or "-", _cell(final_hours(s), 4)])
+    return (f"validation accuracy at {hours:g} GPU-hours (the last validation at or before it)\n"
+            + _table(["run", "attention", f"acc@{hours:g}h", "note", "ended at (h)"], body))
+
+
+def plot_pareto(summaries: list[RunSummary], path: Path, title: str, at_hours: float | None = None) -> Path:
+    """Each run's final accuracy against its GPU-hours (test as a star, validation as a circle), the Pareto front
+    as a step line; with ``at_hours`` the mark as a vertical line and each run's accuracy there as a cross."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, s in enumerate(summaries):
+        acc, src = final_accuracy(s)
+        h = final_hours(s)
+        colour = f"C{i % 10}"
+        if s.curve:
+            ax.plot([p[0] for p in s.curve], [p[1] for p in s.curve], color=colour, alpha=0.35, lw=1)
+        if acc is not None and h is not None:
+            ax.plot([h], [acc], "*" if src == "test" else "o", color=colour, ms=12 if src == "test" else 7,
+                    label=f"{s.run}" + (f" [{s.halving}]" if s.halving.startswith("stopped") else ""))
+        if at_hours is not None:
+            value, _ = accuracy_at(s, at_hours)
+            if value is not None:
+                ax.plot([at_hours], [value], "x", color=colour, ms=9)
+    front = pareto_front(summaries)
+    if front:
+        xs = [final_hours(s) for s in front]
+        ys = [final_accuracy(s)[0] for s in front]
+        ax.step(xs, ys, where="post", color="black", lw=2, label="Pareto front")
+    if at_hours is not None:
+        ax.axvline(at_hours, color="grey", ls="--", lw=1, label=f"{at_hours:g} h")
+    units = " / ".join(sorted({s.gpu_hours_unit for s in summaries}))
+    ax.set_xlabel(f"{units}-hours")
+    ax.set_ylabel("accuracy (%): * test, o last validation")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_cost_report(summaries: list[RunSummary], out_dir: Path, title: str, at_hours: float | None = None,
+                      decisions: list[str] | None = None) -> dict[str, Path]:
+    """The cost view's files: pareto.txt (with the halving decisions of a sweep), at_<H>h.txt, pareto.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = pareto_text(summaries)
+    if decisions:
+        text += "\n\nhalving decisions:\n" + "\n".join(f"  {d}" for d in decisions)
+    paths = {"pareto.txt": out_dir / "pareto.txt"}
+    paths["pareto.txt"].write_text(text + "\n")
+    if at_hours is not None:
+        name = f"at_{at_hours:g}h.txt"
+        paths[name] = out_dir / name
+        paths[name].write_text(at_hours_text(summaries, at_hours) + "\n")
+    paths["pareto.png"] = plot_pareto(summaries, out_dir / "pareto.png", f"{title}: accuracy against GPU-hours",
+                                      at_hours)
+    return paths
+
+
+def sweep_parent(tracking_uri: str, experiment: str, sweep: str) -> tuple[str | None, list[str]]:
+    """The sweep's parent run id and its halving decisions (its ``halving.<n>`` tags, in order)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.kind = 'sweep' and tags.sweep = '{sweep}'")
+    if not runs:
+        return None, []
+    tags = runs[0].data.tags
+    return runs[0].info.run_id, [tags[k] for k in sorted(k for k in tags if k.startswith("halving."))]
+
+
+def log_to_run(tracking_uri: str, run_id: str, paths: dict[str, Path], tags: dict[str, str]) -> None:
+    """A sweep's comparison as artifacts (``comparison/``) and tags of its parent run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for path in paths.values():
+        client.log_artifact(run_id, str(path), "comparison")
+    for k, v in tags.items():
+        client.set_tag(run_id, k, _tag(v))
+
+
+def _save(fig, path: Path) -> Path:
+    """Write a comparison figure and free it (figures are not closed by the garbage collector)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

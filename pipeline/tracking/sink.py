@@ -76,6 +76,7 @@ def create_run(run_dir: Path, tracking_uri: str, experiment: str, run_name: str,
     Returns the record, or None (with a warning) when the server cannot be reached. The record keeps
     the URI without its credentials (``user:***@``); ``MLflowSink`` finds them in $MLFLOW_TRACKING_URI."""
     shown = redact_text(tracking_uri)
+    tags = {**sweep_tags(run_dir), **tags}
     try:
         client = mlflow_client(tracking_uri)
         exp_id = experiment_id(client, tracking_uri, experiment)
@@ -88,6 +89,25 @@ def create_run(run_dir: Path, tracking_uri: str, experiment: str, run_name: str,
               "run_id": run.info.run_id, "run_name": run_name}
     (Path(run_dir) / MLFLOW_FILE).write_text(json.dumps(record, indent=1))
     return record
+
+
+SWEEP_MEMBER_FILE = "sweep_member.json"  # written by a sweep's launch (pipeline.train.sweep.MEMBER_FILE)
+
+
+def sweep_tags(run_dir: str | Path) -> dict[str, str]:
+    """A sweep member's run is a child of the sweep's parent run (MLflow's ``mlflow.parentRunId`` tag), whether
+    launch creates it or rank 0 does later; {} for a run outside a sweep."""
+    path = Path(run_dir) / SWEEP_MEMBER_FILE
+    try:
+        member = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        member = None
+    if not isinstance(member, dict):
+        return {}
+    tags = {"sweep": str(member.get("sweep", "")), "sweep_member": str(member.get("index", ""))}
+    if member.get("parent_run_id"):
+        tags["mlflow.parentRunId"] = str(member["parent_run_id"])
+    return tags
 
 
 class JsonlSink:

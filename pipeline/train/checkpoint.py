@@ -10,6 +10,10 @@ So after a crash a marker is either absent or whole, and a whole marker vouches 
 
 Only directories named ``step<digits>`` are checkpoints; anything else under ``checkpoints/`` (notes, a
 stray file, a DeepSpeed helper script) is left alone by every function here.
+
+``train.keep_best``: ``checkpoints/best.json`` names the checkpoint with the best validation metric so far
+(``record_best``, written by rank 0 after that checkpoint is complete); ``prune`` never removes it, and the end of
+the run tests and exports it (``best_checkpoint``).
 """
 
 from __future__ import annotations
@@ -169,12 +173,16 @@ def read_marker(run_dir: Path, tag: str) -> dict[str, Any]:
 
 
 def prune(run_dir: Path, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than the newest.
-    Entries that are not checkpoint directories are never touched."""
+    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than the newest; the
+    best checkpoint (``best_checkpoint``, with ``train.keep_best``) is kept besides them. Entries that are not
+    checkpoint directories are never touched."""
     done, incomplete = _scan(run_dir)
     removed = []
+    best = best_checkpoint(run_dir)
     if keep > 0 and len(done) > keep:
         for _, tag in done[:-keep]:
+            if best is not None and tag == best["tag"]:
+                continue
             shutil.rmtree(checkpoint_root(run_dir) / tag, ignore_errors=True)
             removed.append(tag)
     if done:
@@ -186,3 +194,50 @@ def prune(run_dir: Path, keep: int) -> list[str]:
     if removed:
         fsync_dir(checkpoint_root(run_dir))
     return removed
+
+
+# ---------------------------------------------------------------------------------------------------
+# The best checkpoint (train.keep_best)
+
+BEST_FILE = "best.json"  # under checkpoints/: not a step<N> directory, so no other function here reads it
+
+
+def record_best(run_dir: Path, step: int, metric: str, value: float) -> None:
+    """Name checkpoint ``step`` the best so far (``metric`` = ``value``), durably and atomically; its checkpoint
+    must be complete already."""
+    root = checkpoint_root(run_dir)
+    path = root / BEST_FILE
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"step": step, "tag": tag_for(step), "metric": metric, "value": value,
+                            "recorded_at": time.time()}, indent=1))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fsync_dir(root)
+
+
+def best_checkpoint(run_dir: Path, up_to: int | None = None) -> dict[str, Any] | None:
+    """The recorded best checkpoint ``{"step", "tag", "metric", "value"}``, or None: none recorded, a record
+    that cannot be read, or one whose checkpoint is not complete (removed by hand, or newer than the checkpoint a
+    run resumed from: ``up_to``, the resumed step)."""
+    path = checkpoint_root(run_dir) / BEST_FILE
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError) as e:
+        log.warning("%s: unreadable (%s): no best checkpoint recorded", path, e)
+        return None
+    ok = (isinstance(record, dict) and isinstance(record.get("step"), int) and isinstance(record.get("metric"), str)
+          and isinstance(record.get("value"), (int, float)) and record.get("tag") == tag_for(record["step"]))
+    if not ok:
+        log.warning("%s: not a best-checkpoint record: ignored", path)
+        return None
+    if up_to is not None and record["step"] > up_to:
+        return None
+    try:
+        _check_marker(checkpoint_root(run_dir) / record["tag"])
+    except CheckpointMarkerError:
+        return None
+    return record

@@ -10,7 +10,10 @@ The loop talks to a declared interface (``Engine``: ``train_micro_batch``, ``lr`
 
 The loss is the model's (``classification_loss``): cross-entropy over the classes, or for a multi-label model
 (``TimeSformerConfig.multi_label``) binary cross-entropy on each class's logit against the multi-hot label; in
-float32 either way, whatever the training precision.
+float32 either way, whatever the training precision. The fine-tuning options act here too (docs/training.md,
+"Fine-tuning options"): label smoothing, mixup/cutmix of the micro batch on the device (soft targets;
+``augment.BatchMixer``), layer-wise learning-rate decay (``build_optimizer``) and an EMA of the weights updated
+after each optimizer step (``ema.WeightEMA``, saved with each checkpoint as ``ema.safetensors``).
 
 The DeepSpeed JSON is a function of the resolved config and the world size (``deepspeed_config``); the
 launcher writes it into the run directory, never edited by hand.
@@ -40,7 +43,9 @@ from pipeline.data.transforms import normalize_on_device
 from pipeline.distributed import group_rank_world
 from pipeline.models.config import normalization_of
 from pipeline.models.convert import safe_torch_load
+from pipeline.train.augment import BatchMixer
 from pipeline.train.checkpoint import sync_tree
+from pipeline.train.ema import EMA_FILE, WeightEMA, read_ema
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ZERO_BUCKET_ELEMENTS = 50_000_000  # ~3 buckets for TimeSformer-L (121 M): reductions overlap the backward
@@ -79,9 +84,9 @@ class Engine(Protocol):
     def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         """Restore checkpoint ``ckpt_dir/tag`` (read weights-only); returns the client state saved with it."""
 
-    def eval_module(self) -> contextlib.AbstractContextManager[tuple[nn.Module, torch.dtype]]:
+    def eval_module(self, ema: bool = False) -> contextlib.AbstractContextManager[tuple[nn.Module, torch.dtype]]:
         """A context giving a module with every weight present on this rank, in eval mode, and the dtype its
-        input clips take."""
+        input clips take; ``ema``: the moving average of the weights (``train.ema_decay``) in their place."""
 
 
 def deepspeed_config(cfg: RunConfig, plan: BatchPlan) -> dict[str, Any]:
@@ -127,36 +132,63 @@ def is_multi_label(model: nn.Module) -> bool:
     return False
 
 
-def classification_loss(logits: torch.Tensor, label: torch.Tensor, multi_label: bool) -> torch.Tensor:
+def classification_loss(logits: torch.Tensor, label: torch.Tensor, multi_label: bool,
+                        label_smoothing: float = 0.0) -> torch.Tensor:
     """The training loss of a batch, in float32 (under bf16/fp16 autocast too): cross-entropy against class
-    indices ``(B,)``, or for a multi-label model binary cross-entropy with logits against multi-hot labels
-    ``(B, classes)``, averaged over clips and classes."""
+    indices ``(B,)`` or soft targets ``(B, classes)`` (mixup/cutmix), or for a multi-label model binary
+    cross-entropy with logits against multi-hot (or mixed) labels ``(B, classes)``, averaged over clips and
+    classes. ``label_smoothing`` e: cross-entropy's targets ``(1 - e) one-hot + e / classes``; multi-label, each
+    class's target ``(1 - e) y + e / 2`` (toward 0.5, the binary case of the same rule). Mixed targets come
+    smoothed already (``augment.BatchMixer``): the engines pass no smoothing with them."""
     logits = logits.float()
     if not multi_label:
-        return F.cross_entropy(logits, label)
+        soft = label.is_floating_point() and label.dim() == 2
+        return F.cross_entropy(logits, label.float() if soft else label, label_smoothing=label_smoothing)
     if label.shape != logits.shape:
         raise ValueError(f"a multi-label model takes multi-hot labels of shape {tuple(logits.shape)} (clips, "
                          f"classes), got {tuple(label.shape)}: train it on a multi-label dataset")
-    return F.binary_cross_entropy_with_logits(logits, label.float())
+    target = label.float()
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / 2.0
+    return F.binary_cross_entropy_with_logits(logits, target)
+
+
+EMBEDDING_NAMES = ("cls_token", "pos_embed", "time_embed", "patch_embed.")  # layer 0 of layer-wise lr decay
+
+
+def layer_of(name: str, depth: int) -> int:
+    """A parameter's layer for layer-wise learning-rate decay: 0 for the patch, position and time embeddings and
+    the cls token, ``i + 1`` for block ``i``, ``depth + 1`` (the top) for the final norm and the head."""
+    if name.startswith(EMBEDDING_NAMES):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (the paper) or AdamW over the parameters that train (``train.freeze``);
     weight decay on every parameter, as the original, unless ``optim.decay_embeddings`` is off (then cls token,
-    position and time embeddings are exempt); the classifier head at ``optim.head_lr_scale`` times the rate.
-    On a GPU the optimizer is torch's fused one (one kernel for all parameters instead of a few per tensor)."""
+    position and time embeddings are exempt); the classifier head at ``optim.head_lr_scale`` times the rate;
+    with ``optim.layer_decay`` d < 1, each layer ``l`` of ``layer_of`` at ``d ** (depth + 1 - l)`` times it (the
+    head's scale on top). On a GPU the optimizer is torch's fused one (one kernel for all parameters instead of
+    a few per tensor)."""
     o = cfg.optim
     exempt = set() if o.decay_embeddings else set(getattr(model, "no_weight_decay", lambda: set())())
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[int, bool, bool], list[nn.Parameter]] = {}
     apart = o.head_lr_scale != 1.0  # the head in groups of its own only when its rate differs: the optimizer's
-    for name, p in model.named_parameters():  # groups (and so its checkpoints) keep their layout otherwise
+    layered = o.layer_decay != 1.0  # groups (and so its checkpoints) keep their layout otherwise; likewise one
+    depth = len(getattr(model, "blocks", ()))  # group per layer only with layer decay
+    top = depth + 1
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((apart and name.startswith(HEAD_PREFIX), name in exempt), []).append(p)
+            layer = layer_of(name, depth) if layered else top
+            groups.setdefault((layer, apart and name.startswith(HEAD_PREFIX), name in exempt), []).append(p)
     if not groups:
         raise ValueError("no parameter of the model trains (all frozen): check train.freeze")
     param_groups = [{"params": params, "weight_decay": 0.0 if no_decay else o.weight_decay,
-                     "lr": o.lr * (o.head_lr_scale if head else 1.0)}
-                    for (head, no_decay), params in sorted(groups.items())]
+                     "lr": o.lr * (o.head_lr_scale if head else 1.0) * o.layer_decay ** (top - layer)}
+                    for (layer, head, no_decay), params in sorted(groups.items())]
     fused = {"fused": True} if device is not None and device.type == "cuda" else {}
     if o.name == "sgd":
         return torch.optim.SGD(param_groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0,
@@ -180,6 +212,13 @@ def apply_freeze(model: nn.Module, freeze: str) -> int:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig,
                     per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule: ``lr_factor`` of the step (``train.plan_by=epochs``), or for a run planned by
+    its budget the same shape over progress through a total that the run fits (``plan.ProgressSchedule``; the
+    scheduler's state then carries the plan into checkpoints)."""
+    if cfg.train.plan_by == "budget":
+        from pipeline.train.plan import ProgressSchedule
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, ProgressSchedule(cfg, per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, per_epoch))
 
 
@@ -250,7 +289,55 @@ def _module_weights(state: Any, path: Path) -> Mapping[str, torch.Tensor]:
     return module
 
 
-class DeepSpeedEngine:
+class _FineTuning:
+    """What both engines do alike for the fine-tuning options: soft targets (label smoothing, mixup/cutmix) and
+    the EMA of the weights. ``_setup_finetuning`` after the module is in place; ``_targets`` before the forward;
+    ``_stepped`` after each optimizer step."""
+
+    cfg: RunConfig
+    device: torch.device
+    multi_label: bool
+    ema: WeightEMA | None
+
+    def _setup_finetuning(self, module: nn.Module) -> None:
+        t = self.cfg.train
+        self.smoothing = t.label_smoothing
+        self.mixer = (BatchMixer(t.mixup_alpha, t.cutmix_alpha, t.mix_prob, t.mix_switch_prob, t.label_smoothing)
+                      if t.mixup_alpha > 0 or t.cutmix_alpha > 0 else None)
+        self.num_classes = int(getattr(getattr(module, "cfg", None), "num_classes", 0) or self.cfg.model.num_classes)
+        self.ema = WeightEMA(module, t.ema_decay) if t.ema_decay > 0 else None
+
+    def _targets(self, x: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clips and targets the loss sees: mixed (on the device) when mixup/cutmix is on."""
+        label = label.to(self.device, non_blocking=True)  # a blocking copy would wait for the device's queue
+        if self.mixer is None:
+            return x, label
+        return self.mixer(x, label, self.num_classes, self.multi_label)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # mixed targets are smoothed already (BatchMixer smooths before it mixes)
+        return classification_loss(logits, target, self.multi_label, 0.0 if self.mixer else self.smoothing)
+
+    def _stepped(self) -> None:
+        if self.ema is not None:
+            self.ema.update()
+
+    def _save_ema(self, path: Path) -> None:
+        if self.ema is not None and group_rank_world()[0] == 0:
+            path.mkdir(parents=True, exist_ok=True)
+            self.ema.save(path)
+
+    def _load_ema(self, path: Path) -> None:
+        if self.ema is not None and not self.ema.load(path):
+            import logging
+
+            logging.getLogger("pipeline.train").warning(
+                "%s has no %s (saved without train.ema_decay): the weight average restarts from the resumed "
+                "weights", path, EMA_FILE)
+            self.ema.reset()
+
+
+class DeepSpeedEngine(_FineTuning):
     def __init__(self, model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int,
                  model_factory: Callable[[], nn.Module], ds_config: dict[str, Any] | None = None,
                  device: torch.device | None = None) -> None:
@@ -269,6 +356,7 @@ class DeepSpeedEngine:
         self.engine.checkpoint_engine.load = load_deepspeed_file
         self.dtype = DTYPES[cfg.train.precision]
         self.device = self.engine.device
+        self._setup_finetuning(self.engine.module)
 
     @property
     def module(self) -> nn.Module:
@@ -280,7 +368,8 @@ class DeepSpeedEngine:
 
     @property
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        """The learning rate of the next step (the base rate: layer decay and the head's scale left out)."""
+        return float(self.scheduler.get_last_lr()[0]) * self.cfg.optim.lr / (self.scheduler.base_lrs[0] or 1.0)
 
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
@@ -295,36 +384,59 @@ class DeepSpeedEngine:
         """Forward, backward and (at an accumulation boundary) an optimizer step; returns the loss."""
         if not self.engine.module.training:
             self.engine.train()
-        logits = self.engine(normalize_on_device(video, self.device, *self.norm, dtype=self.dtype))
-        # non-blocking: a blocking copy would make the host wait for the device's whole queue
-        loss = classification_loss(logits, label.to(self.device, non_blocking=True), self.multi_label)
+        x, target = self._targets(normalize_on_device(video, self.device, *self.norm, dtype=self.dtype), label)
+        loss = self._loss(self.engine(x), target)
         self.engine.backward(loss)
+        before = self.engine.global_steps
         self.engine.step()
+        if self.engine.global_steps != before:  # an optimizer step (an accumulation boundary)
+            self._stepped()
         return loss.detach()
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
         self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        self._save_ema(Path(ckpt_dir) / tag)
         sync_tree(Path(ckpt_dir) / tag)  # this rank's files reach the disk before rank 0 marks them complete
 
     def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
         # Optimizer states are loaded (the default): with load_optimizer_states=False, ZeRO-3 would read the
         # weights through zero_to_fp32 directly, outside load_deepspeed_file.
         base = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)  # inside ZeRO's wrapper
-        with keeping_implementation(base):
-            path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
+        from pipeline.train import elastic
+
+        directory, world = Path(ckpt_dir) / tag, group_rank_world()[1]
+        saved, bf16, zero3 = elastic.saved_ranks(directory) if directory.is_dir() else (0, False, False)
+        if saved and saved != world:  # partitioned optimizer state, written by another number of ranks
+            if zero3:
+                raise elastic.zero3_refusal(directory, saved, world)
+            # module weights, schedule and step counters by DeepSpeed (ZeRO-1/2 and the bf16 optimizer load
+            # their module from the whole model states file), the optimizer state re-partitioned here
+            with keeping_implementation(base):
+                path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=False)
+            if path is not None:
+                elastic.load_repartitioned(self.engine, directory, saved, bf16, self.cfg.train.precision,
+                                           load_deepspeed_file, IMPLEMENTATION_OPTIONS)
+        else:
+            with keeping_implementation(base):
+                path, client_state = self.engine.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}/{tag}")
+        self._load_ema(Path(ckpt_dir) / tag)
         return client_state or {}
 
     @contextlib.contextmanager
-    def eval_module(self) -> Iterator[tuple[nn.Module, torch.dtype]]:
-        """A module with every weight present on this rank, for evaluation at each rank's own pace.
-        ZeRO-3 partitions parameters, so its weights are gathered (collectively) into a plain copy."""
+    def eval_module(self, ema: bool = False) -> Iterator[tuple[nn.Module, torch.dtype]]:
+        """A module with every weight present on this rank, for evaluation at each rank's own pace (``ema``:
+        the weight average in the weights' place, which are restored after). ZeRO-3 partitions parameters, so
+        its weights are gathered (collectively) into a plain copy."""
+        if ema and self.ema is None:
+            raise ValueError("eval_module(ema=True): this run keeps no weight average (train.ema_decay=0)")
         if self.cfg.train.zero_stage < 3:
             was_training = self.engine.module.training
             self.engine.module.eval()
             try:
-                yield self.engine.module, self.dtype
+                with self.ema.swapped() if ema else contextlib.nullcontext():
+                    yield self.engine.module, self.dtype
             finally:
                 self.engine.module.train(was_training)
             return
@@ -339,7 +451,7 @@ class DeepSpeedEngine:
         yield plain.to(self.device, self.dtype).eval(), self.dtype
 
 
-class TorchEngine:
+class TorchEngine(_FineTuning):
     """Plain PyTorch: DDP over the process group when there are several ranks, autocast for bf16/fp16."""
 
     def __init__(self, model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: int,
@@ -357,6 +469,7 @@ class TorchEngine:
         self.micro = 0
         self.steps = 0
         self._norm: torch.Tensor | None = None
+        self._setup_finetuning(self.raw)
 
     @property
     def module(self) -> nn.Module:
@@ -368,7 +481,8 @@ class TorchEngine:
 
     @property
     def lr(self) -> float:
-        return float(self.scheduler.get_last_lr()[0])
+        """The learning rate of the next step (the base rate: layer decay and the head's scale left out)."""
+        return float(self.scheduler.get_last_lr()[0]) * self.cfg.optim.lr / (self.scheduler.base_lrs[0] or 1.0)
 
     def grad_norm(self) -> float | None:
         return None if self._norm is None else float(self._norm)
@@ -385,9 +499,10 @@ class TorchEngine:
         sync = contextlib.nullcontext() if boundary or not hasattr(self.model, "no_sync") else self.model.no_sync()
         autocast = torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
         with sync:
+            x, target = self._targets(normalize_on_device(video, self.device, *self.norm), label)
             with autocast:
-                logits = self.model(normalize_on_device(video, self.device, *self.norm))
-            loss = classification_loss(logits, label.to(self.device, non_blocking=True), self.multi_label)
+                logits = self.model(x)
+            loss = self._loss(logits, target)
             self.scaler.scale(loss / self.plan.grad_accum).backward()
         if boundary:
             self.scaler.unscale_(self.optimizer)
@@ -398,6 +513,7 @@ class TorchEngine:
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             self.steps += 1
+            self._stepped()
         return loss.detach()
 
     def save(self, ckpt_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
@@ -408,6 +524,7 @@ class TorchEngine:
                         "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                         "steps": self.steps, "micro": self.micro, "client_state": client_state},
                        path / "torch_engine.pt")
+            self._save_ema(path)
             sync_tree(path)
 
     def load(self, ckpt_dir: Path, tag: str) -> dict[str, Any]:
@@ -418,17 +535,24 @@ class TorchEngine:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.steps, self.micro = state["steps"], state["micro"]
+        # micro batches counted under this run's accumulation (a resume on another world size re-derives it; a
+        # checkpoint is always taken at an optimizer step, so the count is whole steps)
+        self.steps, self.micro = state["steps"], state["steps"] * self.plan.grad_accum
+        self._load_ema(Path(ckpt_dir) / tag)
         return state["client_state"]
 
     @contextlib.contextmanager
-    def eval_module(self) -> Iterator[tuple[nn.Module, torch.dtype]]:
+    def eval_module(self, ema: bool = False) -> Iterator[tuple[nn.Module, torch.dtype]]:
         """The model in eval mode, fed float32 clips; a bf16/fp16 run evaluates under autocast at its
-        training precision (as DeepSpeed's bf16 weights and ``jobs/evaluate.py`` do), not in plain fp32."""
+        training precision (as DeepSpeed's bf16 weights and ``jobs/evaluate.py`` do), not in plain fp32.
+        ``ema``: the weight average in the weights' place (restored after)."""
+        if ema and self.ema is None:
+            raise ValueError("eval_module(ema=True): this run keeps no weight average (train.ema_decay=0)")
         was_training = self.raw.training
         self.raw.eval()
         try:
-            yield (self.raw if self.dtype == torch.float32 else _Autocast(self.raw, self.dtype)), torch.float32
+            with self.ema.swapped() if ema else contextlib.nullcontext():
+                yield (self.raw if self.dtype == torch.float32 else _Autocast(self.raw, self.dtype)), torch.float32
         finally:
             self.raw.train(was_training)
 
@@ -467,10 +591,16 @@ def make_engine(model: nn.Module, cfg: RunConfig, plan: BatchPlan, per_epoch: in
     return DeepSpeedEngine(model, cfg, plan, per_epoch, model_factory, device=device)
 
 
-def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(ckpt_dir: Path, tag: str, ema: bool = False) -> dict[str, torch.Tensor]:
     """The full fp32 weights of a checkpoint written by either engine (ZeRO shards merged), on one process.
-    Every file is read weights-only; a file that asks for more is refused (``UnsafeCheckpointError``)."""
+    Every file is read weights-only; a file that asks for more is refused (``UnsafeCheckpointError``).
+    ``ema``: the moving average of the weights saved with it (``ema.safetensors``) instead."""
     path = Path(ckpt_dir) / tag
+    if ema:
+        if not (path / EMA_FILE).exists():
+            raise FileNotFoundError(f"{path}: no {EMA_FILE} (the run kept no weight average: train.ema_decay=0, "
+                                    f"or train.ema_export=false to export the trained weights)")
+        return {k: v.float() if v.is_floating_point() else v for k, v in read_ema(path / EMA_FILE)[0].items()}
     if (path / "torch_engine.pt").exists():
         state = safe_torch_load(path / "torch_engine.pt", not_ours_hint=NOT_OURS)
         return {k: v.float() for k, v in _module_weights(state, path / "torch_engine.pt").items()}

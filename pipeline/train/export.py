@@ -27,16 +27,30 @@ def recipe_protocol(cfg: RunConfig) -> dict[str, Any]:
             "sampler": d.sampler, "ref_fps": d.ref_fps}
 
 
-def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Path | None = None,
-                 classes: list[str] | None = None) -> Path:
-    """The consolidated fp32 model of a checkpoint (default: the newest complete) as model.safetensors,
-    with its class names (``classes``, else the run's ``dataset.json``) in the metadata."""
+def run_weights(run_dir: Path, cfg: RunConfig, tag: str | None = None, ema: bool | None = None) -> tuple[str, bool]:
+    """Which weights of a run are its model (the export, predict on a run without an export): the checkpoint
+    ``tag`` (default: the best with ``train.keep_best``, else the newest complete) and whether its EMA
+    (default: when the run exports it, ``train.ema_export``)."""
+    from pipeline.train.ema import exports_ema
+
+    if tag is None and cfg.train.keep_best:
+        best = ckpt.best_checkpoint(run_dir)
+        tag = best["tag"] if best is not None else None
     if tag is None:
         latest = ckpt.latest_complete(run_dir)
         if latest is None:
             raise FileNotFoundError(f"{run_dir}: no complete checkpoint to export")
         tag = latest[1]
-    state = consolidated_state_dict(ckpt.checkpoint_root(run_dir), tag)
+    return tag, exports_ema(cfg) if ema is None else ema
+
+
+def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Path | None = None,
+                 classes: list[str] | None = None, ema: bool | None = None) -> Path:
+    """The consolidated fp32 model of a checkpoint (default: the run's best with ``train.keep_best``, else the
+    newest complete) as model.safetensors, with its class names (``classes``, else the run's ``dataset.json``)
+    in the metadata. ``ema``: the EMA of the weights (default: when the run exports it, ``train.ema_export``)."""
+    tag, ema = run_weights(run_dir, cfg, tag, ema)
+    state = consolidated_state_dict(ckpt.checkpoint_root(run_dir), tag, ema=ema)
     model = TimeSformer(model_config(cfg))
     model.load_state_dict(state, strict=True)
     record = run_dir / RUN_DATASET_FILE

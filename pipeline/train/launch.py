@@ -76,6 +76,12 @@ class LaunchRequest:
     cluster_file: str | None = None
     runs_dir: str | None = None
     overrides: list[str] = field(default_factory=list)
+    # sweeps (pipeline.train.sweep): check_only runs every check and returns before anything is created; hold
+    # creates the run directory and its MLflow run but submits nothing (the sweep submits one job array);
+    # files are written into the new run directory before its MLflow run is created (sweep_member.json)
+    check_only: bool = False
+    hold: bool = False
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def parse_time(value: str) -> int:
@@ -176,6 +182,37 @@ def resolve(req: LaunchRequest) -> tuple[RunConfig, Path]:
     # the name rule (no '/', no leading '.') keeps the run directory a direct child of runs_dir
     run_dir = (Path(cfg.runs_dir) if Path(cfg.runs_dir).is_absolute() else Path.cwd() / cfg.runs_dir) / name
     return cfg, run_dir
+
+
+def resume_world_note(cfg: RunConfig, run_dir: Path, world: int) -> str:
+    """On --resume: "" when the newest complete checkpoint was written by ``world`` ranks (or there is none); a
+    note when it was written by another number (the run resumes elastically: pipeline.train.elastic); a
+    ConfigError for a ZeRO-3 checkpoint, which resumes on its own world size only."""
+    from pipeline.train import checkpoint as ckpt
+
+    latest = ckpt.latest_complete(run_dir)
+    if latest is None:
+        return ""
+    try:
+        marker = ckpt.read_marker(run_dir, latest[1])
+    except ckpt.CheckpointMarkerError:
+        return ""
+    saved = marker.get("world_size")
+    if saved in (None, world):
+        return ""
+    if marker.get("zero_stage", 0) == 3:
+        from pipeline.train.elastic import zero3_refusal
+
+        raise ConfigError(f"--resume: {zero3_refusal(ckpt.checkpoint_root(run_dir) / latest[1], saved, world)}")
+    return (f"; resumes checkpoint {latest[1]} written by {saved} rank(s) on {world}: optimizer state re-partitioned,"
+            f" accumulation re-derived ({plan_note(cfg, saved)} before)")
+
+
+def plan_note(cfg: RunConfig, world: int) -> str:
+    try:
+        return batch_plan(cfg, world).describe()
+    except ConfigError:
+        return f"{world} rank(s)"
 
 
 def slurm_parameters(cfg: RunConfig, nodes: int, run_dir: Path, code: Path | None = None) -> dict[str, Any]:
@@ -456,7 +493,8 @@ class SubmissionError(RuntimeError):
 
 
 # what launch itself writes into a new run directory; anything else there was written by a rank
-_LAUNCH_FILES = {"config.yaml", "deepspeed.json", "launch.json", "mlflow.json", "submitit", CODE_DIR}
+_LAUNCH_FILES = {"config.yaml", "deepspeed.json", "launch.json", "mlflow.json", "submitit", CODE_DIR,
+                 "sweep_member.json"}
 
 
 def _undo_launch(run_dir: Path, created: bool, tracking: dict[str, str] | None, real_uri: str,
@@ -520,6 +558,7 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
     stored, job_env, real_uri = stored_config(cfg, uri)
     world = nodes * cfg.cluster.gpus_per_node
     plan = batch_plan(cfg, world)
+    elastic_note = resume_world_note(cfg, run_dir, world) if req.resume else ""
     check_model(cfg)
     ds_json = deepspeed_config(cfg, plan)
     checks = {}
@@ -557,12 +596,19 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
     executor_kind = "local" if req.local else "slurm"
     info: dict[str, Any] = {"run_dir": str(run_dir), "recipe": cfg.recipe, "nodes": nodes,
                             "gpus_per_node": cfg.cluster.gpus_per_node, "world_size": world,
-                            "batch": plan.describe(), "executor": executor_kind, "data": data}
+                            "batch": plan.describe() + elastic_note, "executor": executor_kind, "data": data}
+    if req.check_only:  # a sweep's members are all checked before any is created
+        if not req.resume and run_dir.exists() and not req.dry_run:
+            raise ConfigError(f"run directory {run_dir} exists: choose another --name")
+        info.update(experiment=cfg.tracking.experiment or cfg.recipe, tracking_uri=real_uri, stored=stored,
+                    budget=cfg.budget.gpu_hours, unit="gpu" if cfg.cluster.accelerator == "gpu" else "cpu-process")
+        return info
     if req.dry_run:
         out(f"[dry run] nothing is written or submitted (an hf-hub:/s3:// model.init is fetched into its cache, "
             f"as launch would)\nrecipe      {cfg.recipe}: {stored.description}")
         out(f"run dir     {run_dir}\nworld       {nodes} node(s) x {cfg.cluster.gpus_per_node} = {world} rank(s); "
-            f"{plan.describe()}\ndata        {data}\ninit        {checks['init']}\nexecutor    {executor_kind}")
+            f"{plan.describe()}{elastic_note}\ndata        {data}\ninit        {checks['init']}\n"
+            f"executor    {executor_kind}")
         out(f"code        {code_note}")
         if job_env:
             out(f"secrets     {', '.join(sorted(job_env))}: passed to the job by environment, written nowhere")
@@ -586,6 +632,8 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
         created = True
     created_tracking = None  # an MLflow run made here, to mark FAILED if the submission fails
     try:
+        for fname, text in req.files.items():  # before the MLflow run: a sweep member's names its parent
+            (run_dir / fname).write_text(text)
         (run_dir / "config.yaml").write_text(dump(stored))
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_json, indent=1))
         record_path = run_dir / "launch.json"
@@ -608,10 +656,16 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
                 f"; EDITED since launch, which recorded {recorded[:16]})" if recorded and recorded != digest else ")")
         else:
             job_code = {"live": str(package_dir())}
-        executor = make_executor(stored, nodes, run_dir, req.local, code)
+        executor = None if req.hold else make_executor(stored, nodes, run_dir, req.local, code)
         if tracking is None:
             tracking = created_tracking = create_run(run_dir, real_uri, cfg.tracking.experiment or cfg.recipe,
                                                      cfg.name, redact(mlflow_tags(cfg, nodes, git)))
+        if req.hold:  # a sweep member: the sweep submits the job array, then record_submission
+            record_path.write_text(json.dumps(record, indent=1))
+            info.update(held=True, mlflow=tracking, created_tracking=created_tracking, real_uri=real_uri,
+                        code=job_code, code_dir=str(code) if code is not None else None, job_env=job_env,
+                        stored=stored, resume=bool(req.resume))
+            return info
         from pipeline.train.main import TrainJob
 
         # a local job's processes inherit this environment; a Slurm job gets the snapshot from its script
@@ -623,15 +677,14 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
             raise
         raise SubmissionError(f"the job could not be submitted: {redact_text(' '.join(str(e).split()))[-1500:]}"
                               f" ({undone or 'nothing to undo'})") from e
-    record["jobs"].append({"job_id": str(job.job_id), "submitted": time.time(), "executor": executor_kind,
-                           "nodes": nodes, "gpus_per_node": cfg.cluster.gpus_per_node,
-                           "argv": redact(list(sys.argv)), "git": git, "resume": bool(req.resume),
-                           "secrets_by_environment": sorted(job_env), "code": job_code})
+    record["jobs"].append(job_entry(job, executor_kind, nodes, cfg.cluster.gpus_per_node, git, bool(req.resume),
+                                   job_env, job_code))
     record_path.write_text(json.dumps(record, indent=1))
     info.update(job_id=str(job.job_id), job=job, mlflow=tracking, code=job_code,
                 logs=str(run_dir / "submitit" / str(job.job_id) / str(job.job_id)))
     out(f"submitted   job {job.job_id} ({executor_kind}, {nodes} node(s) x {cfg.cluster.gpus_per_node} rank(s))")
-    out(f"run dir     {run_dir}\ncode        {code_note}\nbatch       {plan.describe()}\ndata        {data}")
+    out(f"run dir     {run_dir}\ncode        {code_note}\nbatch       {plan.describe()}{elastic_note}\n"
+        f"data        {data}")
     if job_env:
         out(f"secrets     {', '.join(sorted(job_env))}: passed by environment; export them again to --resume")
     out(f"logs        {info['logs']}_<rank>_log.out")
@@ -643,3 +696,23 @@ def launch(req: LaunchRequest, out=print) -> dict[str, Any]:
     else:
         out("mlflow      unavailable at launch; rank 0 logs to metrics.jsonl in the run directory")
     return info
+
+
+def job_entry(job, executor_kind: str, nodes: int, gpus_per_node: int, git: dict[str, Any], resume: bool,
+              job_env: dict[str, str], job_code: dict[str, str], **extra: Any) -> dict[str, Any]:
+    """One submission as launch.json's ``jobs`` list records it."""
+    return {"job_id": str(job.job_id), "submitted": time.time(), "executor": executor_kind, "nodes": nodes,
+            "gpus_per_node": gpus_per_node, "argv": redact(list(sys.argv)), "git": git, "resume": resume,
+            "secrets_by_environment": sorted(job_env), "code": job_code, **extra}
+
+
+def record_submission(info: dict[str, Any], job) -> None:
+    """After a sweep's job array was submitted: a held member's job in its launch.json (and ``info``)."""
+    run_dir = Path(info["run_dir"])
+    record_path = run_dir / "launch.json"
+    record = json.loads(record_path.read_text())
+    logs = Path(job.paths.folder) / str(job.job_id)
+    record["jobs"].append(job_entry(job, info["executor"], info["nodes"], info["gpus_per_node"], record.get("git", {}),
+                                    info["resume"], info["job_env"], info["code"], array=True, logs=str(logs)))
+    record_path.write_text(json.dumps(record, indent=1))
+    info.update(job_id=str(job.job_id), job=job, logs=str(logs))

@@ -9,6 +9,10 @@ Broken samples are skipped by the loader; each batch carries its worker's counts
 The loop sums them (``FaultTally``), logs ``data/skipped``, ``data/skipped_fraction`` and
 ``data/samples_read`` (this process's attempt, all ranks summed) and stops every rank together with a
 ``DataQualityError`` when a rank skipped more than ``data.max_skip_fraction`` of what it read.
+
+``train.keep_best``: a validation that beats the best so far (``BestCheckpoint``) saves a checkpoint at that step,
+whatever ``train.ckpt_every`` says, and names it in ``checkpoints/best.json``; at the end, ``final_weights`` loads
+it back for the test protocol and the export.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from pipeline.data.shards import DatasetIndex
 from pipeline.data.storage import Storage
 from pipeline.distributed import group_rank_world
 from pipeline.progress import format_duration
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.ema import exports_ema
 from pipeline.train.engine import Engine
 
 log = logging.getLogger("pipeline.train")
@@ -90,6 +96,10 @@ class LoopState:
     peak_tflops: float | None = None  # per device, when known: MFU
     # (state, step) -> (batch iterator, last step it serves); default: the shard loader's interval stream
     batches: Callable[[LoopState, int], tuple[Batches, int]] | None = None
+    # train.plan_by=budget: fits ``total`` to the budget as the run goes (pipeline.train.plan.BudgetPlanner)
+    planner: Any = None
+    # a sweep member's rung check at each validation (pipeline.train.sweep): True stops the run like its budget
+    rung: Callable[[int, dict[str, float]], bool] | None = None
 
 
 class DivergedError(RuntimeError):
@@ -237,6 +247,56 @@ def _interval_stream(s: LoopState, step: int):
     return iter(loader), min(start + every, s.total)
 
 
+class BestCheckpoint:
+    """The best validation so far (``train.keep_best``): top-1 (or mAP for a multi-label model) of the weights
+    the run exports, the EMA's (``val_top1_ema``) when ``train.ema_export`` is on. Every rank holds the same
+    numbers (validation sums over ranks); rank 0 writes the record. A resumed run continues from the record of
+    a checkpoint it can reach."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, rank: int, resumed_step: int) -> None:
+        suffix = "_ema" if exports_ema(cfg) else ""
+        self.keys = (f"val_top1{suffix}", f"val_map{suffix}")
+        self.run_dir, self.rank = run_dir, rank
+        record = ckpt.best_checkpoint(run_dir, up_to=resumed_step) if resumed_step else None
+        known = record is not None and record["metric"] in self.keys
+        self.step: int | None = record["step"] if known else None
+        self.value: float | None = float(record["value"]) if known else None
+
+    def improved(self, metrics: dict[str, float]) -> tuple[str, float] | None:
+        """(metric, value) when ``metrics`` beat the best so far; None otherwise (or when they have neither)."""
+        for key in self.keys:
+            value = metrics.get(key)
+            if value is not None and math.isfinite(value):
+                return (key, float(value)) if self.value is None or value > self.value else None
+        return None
+
+    def record(self, step: int, metric: str, value: float) -> None:
+        """After checkpoint ``step`` is complete: it is the best."""
+        self.step, self.value = step, value
+        if self.rank == 0:
+            ckpt.record_best(self.run_dir, step, metric, value)
+            log.info("step %d: best so far (%s=%.4g); kept as the run's final weights", step, metric, value)
+
+
+def final_weights(engine: Engine, run_dir: Path, cfg: RunConfig) -> dict[str, Any]:
+    """The weights the end of a run tests and exports: ``{"step", "tag", "ema"}`` (and ``metric``, ``value``
+    for the best checkpoint). With ``train.keep_best`` the best validated checkpoint, loaded back into the engine
+    (every rank calls this); otherwise the last step's. ``ema``: the EMA of the weights rather than the weights
+    (``train.ema_export``). ``tag`` None: the newest checkpoint."""
+    info: dict[str, Any] = {"step": engine.global_step, "tag": None, "ema": exports_ema(cfg)}
+    if not cfg.train.keep_best:
+        return info
+    best = ckpt.best_checkpoint(run_dir)
+    if best is None:
+        log.warning("train.keep_best: no validation recorded a best checkpoint (no labelled validation clips?): "
+                    "the last step's weights are tested and exported")
+        return info
+    if best["step"] != engine.global_step:
+        engine.load(ckpt.checkpoint_root(run_dir), best["tag"])
+    info.update(step=best["step"], tag=best["tag"], metric=best["metric"], value=best["value"])
+    return info
+
+
 def train_loop(s: LoopState) -> str:
     """Train up to ``s.total`` steps; returns done, budget, preempted or terminated.
 
@@ -249,9 +309,10 @@ def train_loop(s: LoopState) -> str:
     faults = FaultTally()  # broken samples this rank's loaders skipped, over the whole attempt
     checks = StepChecks(s.device)
     stream = s.batches or _interval_stream
+    best = BestCheckpoint(s.cfg, s.run_dir, s.rank, step) if t.keep_best else None
     while step < s.total:
         batches, interval_end = stream(s, step)
-        while step < interval_end:
+        while step < min(interval_end, s.total):  # a budget plan may move the total within an interval
             losses = []
             for micro in range(s.plan.grad_accum):
                 t_wait = time.perf_counter()
@@ -298,13 +359,24 @@ def train_loop(s: LoopState) -> str:
                     f"checkpoint")
             if logs:
                 log_step(s, step, window, faults)
+            improved = None
             if validates:
+                t_val = time.perf_counter()
                 metrics = s.validate()
+                if s.planner is not None:
+                    s.planner.validated(time.perf_counter() - t_val)
                 if s.rank == 0:
                     s.sinks.log_metrics({**metrics, "gpu_hours": s.account.hours}, step)
                     log.info("step %d validation: %s", step, _fmt(metrics))
-            if saves or v.stopping:
+                improved = best.improved(metrics) if best is not None else None
+                if s.rung is not None and s.rung(step, metrics):  # successive halving stopped this sweep member
+                    v = Verdict(v.step, v.preempted, v.terminated, True, v.bad_data, v.diverged)
+            if saves or v.stopping or improved:  # a new best is saved whatever ckpt_every says (keep_best)
                 s.save(step)
+            if improved:
+                best.record(step, *improved)
+            if s.planner is not None and not v.stopping:
+                s.total = s.planner.after_step(step)  # the budget plan's total, re-fitted where due
             if v.stopping:
                 return "preempted" if v.preempted else "terminated" if v.terminated else "budget"
         del batches  # the interval's workers exit; the next interval reseeds

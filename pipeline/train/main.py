@@ -48,7 +48,7 @@ from pipeline.train.evaluate import (
     validate,
 )
 from pipeline.train.export import export_model
-from pipeline.train.loop import LoopState, train_loop
+from pipeline.train.loop import LoopState, final_weights, train_loop
 from pipeline.train.parallelize import prepare_model, recompute_fraction
 from pipeline.train.snapshot import describe_running_code
 
@@ -200,6 +200,7 @@ class Trainer:
             log.log(*describe_running_code(run_dir))  # the run's code snapshot (or the live checkout, said so)
         self._build()
         self._open_tracking()
+        self.planner = self._planner()
 
     def _build(self) -> None:
         """Model, activation checkpointing and compilation (applied from outside), engine, resume."""
@@ -216,6 +217,21 @@ class Trainer:
         self.engine = make_engine(self.model, cfg, self.plan, self.per_epoch, self.device,
                                   model_factory=lambda: TimeSformer(mcfg))
         self.resumed = resume(self.engine, self.run_dir, self.denv.world_size)
+        self._data_layout()
+
+    def _data_layout(self) -> None:
+        """The run's data streams (``elastic.DataLayout``): kept from the resumed checkpoint when this world size
+        divides them (each rank plays several: the uninterrupted run's clips), re-split otherwise."""
+        from pipeline.train import elastic
+
+        marker = ckpt.read_marker(self.run_dir, ckpt.tag_for(self.resumed)) if self.resumed else None
+        world = self.denv.world_size
+        self.saved_world = marker.get("world_size") if marker else None
+        self.layout, exact = elastic.data_layout(marker, world, self.resumed)
+        self.layout_note = elastic.describe_layout(self.layout, exact, world, self.saved_world)
+        if self.denv.is_main and self.resumed:
+            (log.info if exact else log.warning)("data at step %d: %s; %s", self.resumed, self.layout_note,
+                                                  self.plan.describe())
 
     def _open_tracking(self) -> None:
         """The run's sinks (MLflow on rank 0, created late if it was unreachable at launch) and its GPU-hour
@@ -232,6 +248,9 @@ class Trainer:
         cuda = self.device.type == "cuda"
         self.account = GpuHours(run_dir, denv.world_size, "gpu" if cuda else "cpu-process", cfg.budget.gpu_hours,
                                 start=process_start_time())
+        from pipeline.train.sweep import attach_member
+
+        self.sweep = attach_member(self)  # None outside a sweep; a member's budget follows the sweep's state
         if not denv.is_main:
             return
         self.sinks.set_running()  # an earlier attempt may have left it FAILED or KILLED
@@ -241,12 +260,38 @@ class Trainer:
                              "attempts": str(len(self.account.attempts)),
                              "dataset": f"{self.index.dataset} v{self.index.version}",
                              "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")})
+        if self.resumed:  # the batch and data layout of this attempt (another world size keeps the global batch)
+            self.sinks.set_tags({"data_layout": self.layout_note[:4000], "batch_plan": self.plan.describe()})
+            self.sinks.log_metrics({"batch/global": self.plan.global_batch, "batch/grad_accum": self.plan.grad_accum,
+                                    "batch/world_size": self.denv.world_size}, self.resumed)
         if self.resumed == 0:
             self._log_datasets()
             self.sinks.log_params(cfg.flat())
             for name in ("config.yaml", "deepspeed.json", "launch.json"):
                 if (run_dir / name).exists():
                     self.sinks.log_artifact(run_dir / name)
+
+    def _planner(self):
+        """``train.plan_by=budget``: the loop's planning hook over the engine's progress schedule (None when the run
+        is planned by epochs); the loop then runs to the plan's total, restored from the checkpoint on a resume."""
+        from pipeline.train.plan import BudgetPlanner, schedule_of
+
+        schedule = schedule_of(self.engine)
+        if self.cfg.train.plan_by != "budget" or schedule is None:
+            return None
+        cfg, index = self.cfg, self.index
+        videos = index.num_samples(cfg.data.test_split) if cfg.test.enabled else 0
+        videos = min(videos, cfg.test.max_videos) if cfg.test.max_videos else videos
+        planner = BudgetPlanner(cfg, schedule, self.account, self.sinks, rank=self.denv.rank, device=self.device,
+                                per_epoch=self.per_epoch, val_clips=index.num_samples(cfg.data.val_split),
+                                test_views=videos * cfg.test.temporal_clips * cfg.test.spatial_crops,
+                                resumed_step=self.resumed, attempt=len(self.account.attempts))
+        self.total = planner.total
+        if self.denv.is_main:
+            log.info("train.plan_by=budget: %d steps until the plan is fitted to %g %s-hours after step %d (plan v%d "
+                     "so far); the budget stop stays as a safety net", self.total, cfg.budget.gpu_hours,
+                     self.account.unit, planner.calibration_end, schedule.version)
+        return planner
 
     def _log_datasets(self) -> None:
         """Each split the run reads, as an MLflow dataset input: ``<dataset>-v<version>/<split>``, digested from
@@ -279,7 +324,19 @@ class Trainer:
                          sinks=self.sinks, account=self.account, stop=self.stop, save=self.save_checkpoint,
                          validate=self.validate, flops_per_clip=2.0 * training_flops_per_clip(mcfg),
                          hardware_flops_per_clip=2.0 * training_flops_per_clip(mcfg, recompute_forward=recomputed),
-                         peak_tflops=device_peak_tflops(self.device))
+                         peak_tflops=device_peak_tflops(self.device), planner=self.planner,
+                         rung=self.sweep.check if getattr(self, "sweep", None) else None,
+                         batches=self._stream())
+
+    def _stream(self):
+        """The loop's data source: its own per-rank streams, unless the data layout differs from one stream per
+        rank since step 0 (a run resumed on another world size: ``elastic.interval_stream``)."""
+        from pipeline.train.elastic import DataLayout, interval_stream
+
+        layout = getattr(self, "layout", None)
+        if layout is None or layout == DataLayout(self.denv.world_size, 0):
+            return None
+        return interval_stream(layout)
 
     def train(self) -> str:
         """The training loop; its outcome: done, budget, preempted or terminated."""
@@ -300,8 +357,11 @@ class Trainer:
             torch.distributed.barrier()  # every rank's shard is on disk before the marker
         if denv.is_main:
             zero_stage = cfg.train.zero_stage if cfg.train.engine == "deepspeed" else 0
+            layout = getattr(self, "layout", None)
             ckpt.mark_complete(run_dir, tag, {"step": step, "world_size": denv.world_size, "zero_stage": zero_stage,
-                                              "engine": cfg.train.engine, "gpu_hours": self.account.hours})
+                                              "engine": cfg.train.engine, "gpu_hours": self.account.hours,
+                                              "global_batch": self.plan.global_batch,
+                                              **(layout.marker() if layout is not None else {})})
             self.account.save()
             removed = ckpt.prune(run_dir, cfg.train.keep_checkpoints)
             log.info("checkpoint %s saved in %.1fs%s", tag, time.time() - t0, f"; pruned {removed}" if removed else "")
@@ -309,12 +369,21 @@ class Trainer:
             torch.distributed.barrier()
 
     def validate(self) -> dict[str, float]:
+        """Clip-level validation of the weights; with ``train.ema_decay``, of their EMA too (``val_top1_ema``...)."""
         cfg, denv = self.cfg, self.denv
-        loader = make_loader(self.index, self.storage, cfg.data.val_split, train=False,
-                             batch_size=cfg.train.micro_batch, num_workers=min(cfg.data.num_workers, 2),
-                             rank=denv.rank, world_size=denv.world_size, clip=clip_config(cfg))
+
+        def loader():
+            return make_loader(self.index, self.storage, cfg.data.val_split, train=False,
+                               batch_size=cfg.train.micro_batch, num_workers=min(cfg.data.num_workers, 2),
+                               rank=denv.rank, world_size=denv.world_size, clip=clip_config(cfg))
         with self.engine.eval_module() as (module, dtype):
-            return validate(module, dtype, loader, self.device)
+            metrics = validate(module, dtype, loader(), self.device)
+        if getattr(self.engine, "ema", None) is not None:
+            with self.engine.eval_module(ema=True) as (module, dtype):
+                averaged = validate(module, dtype, loader(), self.device)
+            metrics.update({f"{k}_ema": v for k, v in averaged.items() if k in ("val_loss", "val_top1", "val_top5",
+                                                                               "val_map")})
+        return metrics
 
     # -- finish ------------------------------------------------------------------------------------------
 
@@ -329,17 +398,41 @@ class Trainer:
         if outcome in ("preempted", "terminated"):
             result.update(self._stop_for_now(outcome))
             return result
+        if outcome == "budget" and getattr(self, "sweep", None) is not None and self.sweep.stopped:
+            outcome = result["outcome"] = "halted"  # a sweep's successive halving stopped it at a rung
         if outcome == "budget" and denv.is_main:
             log.warning("GPU-hour budget %.3g reached at step %d (%.4g %s-hours): stopping, then the test protocol",
                         cfg.budget.gpu_hours, step, account.hours, account.unit)
             sinks.set_tags({"stopped_by": "budget"})
+        planner = getattr(self, "planner", None)
+        if planner is not None and outcome == "done" and denv.is_main:
+            log.info("step %d: the end of the budget plan (v%d), at %.4g of %g %s-hours: the test protocol and the "
+                     "export follow", step, planner.schedule.version, account.hours, cfg.budget.gpu_hours, account.unit)
+            sinks.set_tags({"ended_by": "plan"})
+        test_from = account.hours
+        # train.keep_best: the best validated checkpoint, loaded back; train.ema_export: the EMA of the weights
+        final = self.final = final_weights(self.engine, self.run_dir, cfg)
         report = self.test() if cfg.test.enabled else None
+        if denv.is_main and planner is not None:
+            result["plan"] = {**planner.summary(), "gpu_hours_at_end_of_training": test_from,
+                              "gpu_hours_after_test": account.hours,
+                              "test_gpu_hours_measured": account.hours - test_from}
+            sinks.log_metrics({"plan/test_gpu_hours_measured": account.hours - test_from}, step)
         if denv.is_main:
-            if report is not None:
+            result.update(weights_step=final["step"], weights="ema" if final["ema"] else "trained")
+            if final["tag"] is not None:
+                log.info("testing and exporting the best checkpoint, step %d (%s=%.4g)%s", final["step"],
+                         final["metric"], final["value"], ", its EMA weights" if final["ema"] else "")
+                sinks.set_tags({"final_weights": f"best: step {final['step']} "
+                                                 f"({final['metric']}={final['value']:.4g})"})
+            if report is not None:  # eval/test.json says which weights it scored
+                report["weights"] = {"step": final["step"], "ema": final["ema"], "best": final["tag"] is not None}
                 result.update(self._report(report, step))
-            export = export_model(self.run_dir, cfg, classes=self.index.classes)
+            export = export_model(self.run_dir, cfg, tag=final["tag"], classes=self.index.classes, ema=final["ema"])
             sinks.log_artifact(export, "model")
             account.save()
+            if getattr(self, "sweep", None) is not None:
+                self.sweep.ended(outcome, account.hours)  # sweep.json; the last member closes the parent run
             sinks.set_tags({"outcome": outcome, "gpu_hours": f"{account.hours:.6f}", "gpu_hours_unit": account.unit})
             sinks.close("FINISHED")
             self.end.decided = True  # finished: what may still fail below (result.json, the barrier) does not undo it
@@ -356,7 +449,7 @@ class Trainer:
 
     def test(self) -> dict[str, Any] | None:
         cfg = self.cfg
-        with self.engine.eval_module() as (module, dtype):
+        with self.engine.eval_module(ema=getattr(self, "final", {}).get("ema", False)) as (module, dtype):
             return test_protocol(module, dtype, self.index, self.storage, split=cfg.data.test_split,
                                  clip=clip_config(cfg), protocol=cfg.test.protocol,
                                  temporal_clips=cfg.test.temporal_clips, spatial_crops=cfg.test.spatial_crops,
@@ -513,15 +606,17 @@ def resume(engine, run_dir: Path, world_size: int) -> int:
         return 0
     step, tag = latest
     marker = ckpt.read_marker(run_dir, tag)
-    if marker.get("world_size") not in (None, world_size) and marker.get("zero_stage", 0) > 0:
-        raise RuntimeError(
-            f"{run_dir}: checkpoint {tag} was written by {marker['world_size']} ranks with ZeRO stage "
-            f"{marker['zero_stage']}, and this job has {world_size}: its optimizer shards do not fit. Relaunch "
-            f"with the same --nodes x --gpus-per-node, or export it (jobs/export.py) and fine-tune from the model.")
+    saved = marker.get("world_size")
+    if saved not in (None, world_size) and marker.get("zero_stage", 0) == 3:
+        from pipeline.train.elastic import zero3_refusal
+
+        raise zero3_refusal(ckpt.checkpoint_root(run_dir) / tag, saved, world_size)
+    # another world size: the engine re-partitions a ZeRO-1/2 optimizer state (pipeline.train.elastic)
     engine.load(ckpt.checkpoint_root(run_dir), tag)
     if engine.global_step != step:
         raise RuntimeError(f"{run_dir}/{tag}: engine resumed at step {engine.global_step}, marker says {step}")
-    log.info("resumed from %s (step %d)", tag, step)
+    elastic = f", written by {saved} rank(s), now on {world_size}" if saved not in (None, world_size) else ""
+    log.info("resumed from %s (step %d%s)", tag, step, elastic)
     return step
 
 

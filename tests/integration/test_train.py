@@ -32,7 +32,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> int:
+def wait_for_step(run_dir: Path, step: int, timeout: float = 300) -> int:  # generous: ranks start slowly on a busy host
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (run_dir / "metrics.jsonl").exists():

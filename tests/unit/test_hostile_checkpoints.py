@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import struct
 import sys
 import types
@@ -277,22 +276,11 @@ def test_a_payload_inside_a_cfgnode_is_still_refused(tmp_path, monkeypatch, mark
 # DeepSpeed's own checkpoints (one rank, gloo, on the CPU)
 
 
-@pytest.fixture(scope="module")
-def deepspeed_rank():
-    from pipeline.train.engine import init_distributed
-    from pipeline.train.launch import job_environment
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+@pytest.fixture(scope="module", autouse=True)
+def restore_linear():
     linear = torch.nn.functional.linear  # a ZeRO-3 engine replaces it process-wide (DeepSpeed: "will persist")
-    with job_environment(env):
-        try:
-            yield init_distributed(load_recipe("smoke", ["data.index=unused"]), 0, 1, 0)
-        finally:
-            torch.nn.functional.linear = linear  # so later tests in this process compute as before
-            torch.distributed.destroy_process_group()
+    yield
+    torch.nn.functional.linear = linear  # so later tests in this process compute as before
 
 
 def deepspeed_engine(stage: int, precision: str):

@@ -1,0 +1,570 @@
+"""Sweeps: one recipe, several members (override sets), one job array, one GPU-hour budget, and optional
+asynchronous successive halving (ASHA).
+
+    python jobs/launch.py --recipe smoke --sweep model.attention_type=divided_space_time,joint_space_time,space_only \\
+        --sweep-budget 3 --halving "rungs=0.25,0.5 eta=2" --array-parallelism 2
+
+The sweep directory ``<runs_dir>/<sweep>/`` holds ``sweep.json`` (the members, their overrides, run directories,
+budgets, every rung report and decision), the array's logs (``submitit/``) and each member's normal run directory
+``<sweep>/<sweep>-<i>-<summary>/`` (a ``sweep_member.json`` there says which sweep it belongs to). MLflow: one parent
+run for the sweep (tags ``kind=sweep``, ``sweep``, ``members``, ``total_budget``), each member a child run (its
+``mlflow.parentRunId`` tag, set by ``pipeline.tracking.sink.create_run`` from ``sweep_member.json``).
+
+**Budget.** A total budget (``--sweep-budget``) is split equally: each member's *base* budget. Without it, every
+member keeps the recipe's ``budget.gpu_hours``. Hours a member does not use because halving stopped it are
+*freed*: they go, in equal parts, to the members still training or still waiting to start (``alive``); a member
+reads its current budget from ``sweep.json`` at each validation and whenever its own budget looks spent
+(``SweepHours``), so a survivor trains on. Freed hours with no member alive to take them stay ``unallocated``.
+
+**Successive halving.** Rungs are fractions of the *base* member budget, counted in the run's GPU-hours (the
+account of ``pipeline.train.budget``: the same unit the budget and the comparison use, and the same mark for
+every member whatever its speed per step: ASHA compares members at equal resource). At the first validation at
+or past a rung, the member reports its validation accuracy (``val_top1``, or ``val_map`` for a multi-label model)
+and decides at once, in its own process, against the members that have reported at that rung so far (including
+itself): it continues only if it ranks among the top ``max(1, floor(n / eta))`` of those ``n``; equal scores rank
+by arrival (the earlier first), so the first member to arrive continues and a later one must be strictly better
+to displace it. Nobody waits for anyone (no deadlock whatever the array parallelism); the price, as in ASHA, is
+that early arrivals are judged against fewer peers. A stopped member ends like a budget stop: checkpoint, the
+test protocol, the export, the MLflow run FINISHED with ``stopped_by=halving``.
+
+Every decision is logged in ``sweep.json`` (``decisions``), in the member's run log, on its MLflow run (tag
+``halving_rung<k>`` and metric ``sweep/rung<k>``) and on the parent (tag ``halving.<n>``). The shared state is
+read-modify-written under ``fcntl.flock`` on ``sweep.lock`` next to ``sweep.json``: members on several nodes need
+the sweep directory on a shared file system with working POSIX locks (NFSv4, Lustre, GPFS do), as the run
+directories themselves do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError
+from pipeline.train.budget import GpuHours
+
+log = logging.getLogger("pipeline.train")
+
+SWEEP_FILE = "sweep.json"
+LOCK_FILE = "sweep.lock"
+MEMBER_FILE = "sweep_member.json"  # in a member's run directory (the name pipeline.tracking.sink reads)
+ALIVE = ("pending", "running")
+# keys one job array cannot vary: every task of an array has the same resources and script
+ARRAY_FIXED = ("cluster.", "runs_dir", "name", "tracking.")
+
+
+# -- what the sweep is -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Halving:
+    rungs: list[float]  # fractions of the base member budget, increasing, each in (0, 1)
+    eta: float = 2.0  # a member continues past a rung if it is in the top 1/eta of those that reported there
+
+    def __post_init__(self) -> None:
+        if not self.rungs or any(not 0 < r < 1 for r in self.rungs) or sorted(set(self.rungs)) != list(self.rungs):
+            raise ConfigError(f"halving rungs={self.rungs}: expected increasing fractions of the member budget, each "
+                              f"between 0 and 1 (e.g. rungs=0.25,0.5)")
+        if not self.eta > 1:
+            raise ConfigError(f"halving eta={self.eta}: expected a number above 1 (2 keeps the top half at each rung)")
+
+
+@dataclass
+class SweepSpec:
+    members: list[dict[str, str]]  # each member's overrides: key -> value as typed (YAML)
+    name: str = ""
+    total_budget: float | None = None  # GPU-hours for the whole sweep, split equally; None: the recipe's each
+    halving: Halving | None = None
+    array_parallelism: int | None = None
+    source: str = "--sweep"  # where it came from, for messages
+
+    def overrides(self, i: int) -> list[str]:
+        return [f"{k}={v}" for k, v in self.members[i].items()]
+
+
+def split_values(text: str) -> list[str]:
+    """``a,b,[1,2],'x,y'`` -> ``['a', 'b', '[1,2]', "'x,y'"]``: commas inside brackets, braces or quotes do not
+    split (a list value stays one value)."""
+    out, depth, quote, cur = [], 0, "", ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+            continue
+        cur += ch
+    out.append(cur.strip())
+    return out
+
+
+def parse_axis(item: str) -> tuple[str, list[str]]:
+    """``--sweep key=v1,v2`` -> (key, [v1, v2])."""
+    key, sep, values = item.partition("=")
+    key = key.strip()
+    if not sep or not key or not values.strip():
+        raise ConfigError(f"--sweep {item!r}: expected key=value1,value2 (e.g. optim.lr=0.01,0.005)")
+    vals = split_values(values)
+    if any(not v for v in vals):
+        raise ConfigError(f"--sweep {item!r}: an empty value (two commas in a row, or a trailing comma)")
+    if len(set(vals)) != len(vals):
+        raise ConfigError(f"--sweep {item!r}: a value is listed twice")
+    return key, vals
+
+
+def grid(axes: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The product of the axes, the first axis varying slowest: ``{a: [1, 2], b: [x, y]}`` -> 4 members."""
+    keys = list(axes)
+    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(axes[k] for k in keys))]
+
+
+def grid_from_args(items: list[str]) -> list[dict[str, str]]:
+    axes: dict[str, list[str]] = {}
+    for item in items:
+        key, values = parse_axis(item)
+        if key in axes:
+            raise ConfigError(f"--sweep {key}=... is given twice: list every value in one --sweep {key}=v1,v2")
+        axes[key] = values
+    return grid(axes)
+
+
+def parse_halving(text: str, where: str = "--halving") -> Halving:
+    """``rungs=0.25,0.5 eta=2`` -> Halving."""
+    fields: dict[str, str] = {}
+    for part in text.split():
+        key, sep, value = part.partition("=")
+        if not sep or key not in ("rungs", "eta") or key in fields:
+            raise ConfigError(f"{where} {text!r}: expected 'rungs=F1,F2,... [eta=N]' (e.g. rungs=0.25,0.5 eta=2)")
+        fields[key] = value
+    if "rungs" not in fields:
+        raise ConfigError(f"{where} {text!r}: rungs=... is required (fractions of the member budget)")
+    try:
+        rungs = [float(v) for v in fields["rungs"].split(",")]
+        eta = float(fields.get("eta", 2))
+    except ValueError:
+        raise ConfigError(f"{where} {text!r}: rungs and eta are numbers (rungs=0.25,0.5 eta=2)") from None
+    return Halving(rungs, eta)
+
+
+def _yaml_value(value: Any) -> str:
+    """A sweep file's YAML value as an override's text (parsed back as YAML by the config)."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
+
+
+def load_sweep_file(path: str | Path) -> SweepSpec:
+    """A sweep file (YAML, read with the safe loader: nothing in it runs)::
+
+        name: attn                      # optional: the sweep's name
+        grid:                           # the product of these ...
+          model.attention_type: [divided_space_time, joint_space_time, space_only]
+        members:                        # ... or the members listed, each its overrides
+          - {optim.lr: 0.01}
+          - {optim.lr: 0.005, train.epochs: 30}
+        budget: 3.0                     # optional: total GPU-hours, split across members
+        halving: {rungs: [0.25, 0.5], eta: 2}
+        array_parallelism: 2
+    """
+    where = f"sweep file {path}"
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot be read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping with grid: or members: (see jobs/launch.py --help)")
+    unknown = sorted(set(data) - {"name", "grid", "members", "budget", "halving", "array_parallelism"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected name, grid, members, budget, halving, "
+                          f"array_parallelism")
+    if ("grid" in data) == ("members" in data):
+        raise ConfigError(f"{where}: give either grid: (a product of values) or members: (a list), one of them")
+    if "grid" in data:
+        g = data["grid"]
+        if not isinstance(g, dict) or not g or any(not isinstance(v, list) or not v for v in g.values()):
+            raise ConfigError(f"{where}: grid: expected key: [value, ...] entries, each with at least one value")
+        members = grid({str(k): [_yaml_value(v) for v in vs] for k, vs in g.items()})
+    else:
+        m = data["members"]
+        if not isinstance(m, list) or not m or any(not isinstance(x, dict) for x in m):
+            raise ConfigError(f"{where}: members: expected a list of mappings (key: value overrides), at least one")
+        members = [{str(k): _yaml_value(v) for k, v in x.items()} for x in m]
+    halving = None
+    if data.get("halving") is not None:
+        h = data["halving"]
+        if not isinstance(h, dict) or set(h) - {"rungs", "eta"} or "rungs" not in h:
+            raise ConfigError(f"{where}: halving: expected {{rungs: [0.25, 0.5], eta: 2}}")
+        try:
+            rungs = [float(r) for r in (h["rungs"] if isinstance(h["rungs"], list) else [h["rungs"]])]
+            halving = Halving(rungs, float(h.get("eta", 2)))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: halving: rungs and eta are numbers") from None
+    budget, par = data.get("budget"), data.get("array_parallelism")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise ConfigError(f"{where}: budget={budget!r}: expected total GPU-hours above 0")
+    if par is not None and (isinstance(par, bool) or not isinstance(par, int) or par < 1):
+        raise ConfigError(f"{where}: array_parallelism={par!r}: expected a positive integer")
+    name = data.get("name") or ""
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}: name={name!r}: expected a string")
+    return SweepSpec(members, name=name, total_budget=float(budget) if budget is not None else None,
+                     halving=halving, array_parallelism=par, source=where)
+
+
+def member_name(sweep: str, index: int, overrides: dict[str, str], limit: int = 60) -> str:
+    """``<sweep>-<i>-<summary>``: the last part of each key and its value, in characters a run name allows."""
+    summary = "_".join(f"{k.split('.')[-1]}-{v}" for k, v in overrides.items())
+    summary = re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9._-]+", "-", summary)).strip("-.")[:limit].rstrip("-.")
+    return f"{sweep}-{index}" + (f"-{summary}" if summary else "")
+
+
+def split_budget(total: float, members: int) -> list[float]:
+    """Equal shares of a total budget."""
+    return [total / members] * members
+
+
+# -- the shared state: sweep.json under a lock --------------------------------------------------------------
+
+
+class SweepState:
+    """``sweep.json``, read and rewritten under an exclusive ``fcntl.flock`` on ``sweep.lock`` (a shared file
+    system with POSIX locks when members run on several nodes). Writes go to a temporary file renamed over
+    ``sweep.json``, so a reader without the lock sees the old state or the new one, never half of one."""
+
+    def __init__(self, sweep_dir: str | Path) -> None:
+        self.dir = Path(sweep_dir)
+        self.path = self.dir / SWEEP_FILE
+
+    def read(self) -> dict[str, Any]:
+        return json.loads(self.path.read_text())
+
+    def write(self, state: dict[str, Any]) -> None:
+        tmp = self.path.with_name(f".{SWEEP_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, self.path)
+
+    @contextlib.contextmanager
+    def update(self):
+        """``with state.update() as s: ...`` -- s is the current state, written back when the block ends."""
+        import fcntl
+
+        with open(self.dir / LOCK_FILE, "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                state = self.read()
+                yield state
+                state["updated"] = time.time()
+                self.write(state)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def new_state(name: str, spec: SweepSpec, recipe: str, members: list[dict[str, Any]], executor: str,
+              parallelism: int | None) -> dict[str, Any]:
+    """The initial ``sweep.json``. ``members``: name, overrides, run_dir, base budget of each."""
+    halving = {"rungs": spec.halving.rungs, "eta": spec.halving.eta} if spec.halving else None
+    return {"name": name, "recipe": recipe, "created": time.time(), "executor": executor,
+            "array_parallelism": parallelism, "total_budget": sum(m["base_budget"] for m in members),
+            "budget_split": "total" if spec.total_budget is not None else "recipe", "halving": halving,
+            "members": [{"index": i, "status": "pending", "budget": m["base_budget"], "hours": 0.0, "rungs": {},
+                         **m} for i, m in enumerate(members)],
+            "rungs": [{"fraction": f, "reports": []} for f in (spec.halving.rungs if spec.halving else [])],
+            "decisions": [], "unallocated": 0.0, "mlflow": None, "job_ids": []}
+
+
+def rung_hours(state: dict[str, Any], member: int, rung: int) -> float:
+    """Where rung ``rung`` is for ``member``: its fraction of the member's base budget, in GPU-hours."""
+    return state["rungs"][rung]["fraction"] * state["members"][member]["base_budget"]
+
+
+def asha_continues(earlier: list[float], value: float, eta: float) -> tuple[bool, int, int]:
+    """The ASHA rule for a member arriving at a rung with ``value`` after ``earlier`` (the scores of those that
+    reported there before it, in any order): (continues, its place from 1, how many reported). It continues when
+    its place is within the top ``max(1, floor(n / eta))``; an equal score does not displace an earlier arrival."""
+    place = 1 + sum(1 for v in earlier if v >= value)
+    n = len(earlier) + 1
+    keep = max(1, math.floor(n / eta))
+    return place <= keep, place, n
+
+
+def redistribute(state: dict[str, Any], giver: int, freed: float) -> dict[int, float]:
+    """Give ``freed`` hours of member ``giver`` in equal parts to the members still alive (training or waiting);
+    returns who got what (empty: nobody alive, the hours are ``unallocated``)."""
+    takers = [m for m in state["members"] if m["status"] in ALIVE and m["index"] != giver]
+    if freed <= 0:
+        return {}
+    if not takers:
+        state["unallocated"] += freed
+        return {}
+    share = freed / len(takers)
+    for m in takers:
+        m["budget"] += share
+    return {m["index"]: share for m in takers}
+
+
+def report_rung(state: dict[str, Any], member: int, rung: int, value: float, hours: float, step: int,
+                metric: str) -> dict[str, Any]:
+    """Member ``member`` reached rung ``rung`` with ``value``: record the report, decide (``asha_continues``),
+    and on a stop free what the member has not used and give it to the survivors. Returns the decision (also
+    appended to ``state['decisions']``)."""
+    eta = state["halving"]["eta"]
+    reports = state["rungs"][rung]["reports"]
+    go_on, place, n = asha_continues([r["value"] for r in reports], value, eta)
+    m = state["members"][member]
+    decision = {"time": time.time(), "member": member, "name": m["name"], "rung": rung,
+                "fraction": state["rungs"][rung]["fraction"], "rung_hours": rung_hours(state, member, rung),
+                "step": step, "hours": hours, "metric": metric, "value": value, "place": place, "reported": n,
+                "keep": max(1, math.floor(n / eta)), "decision": "continue" if go_on else "stop"}
+    reports.append({"member": member, "value": value, "step": step, "hours": hours, "decision": decision["decision"]})
+    m["rungs"][str(rung)] = {"value": value, "step": step, "hours": hours, "decision": decision["decision"]}
+    if not go_on:
+        freed = max(0.0, m["budget"] - hours)
+        m.update(status="stopped", budget=hours, stopped_at={"rung": rung, "step": step, "hours": hours})
+        decision["freed"] = freed
+        decision["given_to"] = {state["members"][i]["name"]: share
+                                for i, share in redistribute(state, member, freed).items()}
+    state["decisions"].append(decision)
+    return decision
+
+
+def describe(decision: dict[str, Any]) -> str:
+    """One line for the run log, an MLflow tag and the comparison."""
+    d = decision
+    text = (f"{d['name']} at rung {d['rung']} ({d['fraction']:g} of its budget, {d['rung_hours']:.4g} h; step "
+            f"{d['step']}): {d['metric']}={d['value']:.4g}, place {d['place']} of {d['reported']} reported, top "
+            f"{d['keep']} continue -> {d['decision'].upper()}")
+    if d["decision"] == "stop":
+        given = ", ".join(f"{k} +{v:.4g} h" for k, v in d["given_to"].items()) or "nobody alive: unallocated"
+        text += f"; {d['freed']:.4g} h freed ({given})"
+    return text
+
+
+# -- in a member's process ----------------------------------------------------------------------------------
+
+
+def read_member(run_dir: str | Path) -> dict[str, Any] | None:
+    """``sweep_member.json`` of a run directory, or None outside a sweep."""
+    path = Path(run_dir) / MEMBER_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        int(record["index"]), str(record["sweep_dir"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {e}): the run's sweep membership is "
+                          f"damaged; restore it, or delete it to run this member on its own") from None
+    return record
+
+
+class SweepHours(GpuHours):
+    """A sweep member's GPU-hour account: when its budget looks spent, it reads its current budget from the
+    sweep state first (survivors receive the hours stopped members freed)."""
+
+    member: SweepMember
+
+    @classmethod
+    def adopt(cls, account: GpuHours, member: SweepMember) -> SweepHours:
+        new = cls.__new__(cls)
+        new.__dict__.update(account.__dict__)
+        new.member = member
+        return new
+
+    @property
+    def exhausted(self) -> bool:
+        if self.budget > 0 and self.hours >= self.budget:
+            self.member.refresh_budget()
+        return self.budget > 0 and self.hours >= self.budget
+
+
+class SweepMember:
+    """One member's side of the sweep: its budget from the shared state, the rung checks at validation time
+    (``check``, which every rank calls; rank 0 decides and the others follow), and the end of the member
+    (``ended``; the last member to end closes the parent MLflow run)."""
+
+    def __init__(self, record: dict[str, Any], trainer) -> None:
+        self.record = record
+        self.index = int(record["index"])
+        self.state = SweepState(record["sweep_dir"])
+        self.trainer = trainer
+        self.is_main = trainer.denv.is_main
+        self.device = trainer.device
+        self.step = 0
+        self.stopped = False
+        if self.is_main:
+            with self.state.update() as s:
+                m = s["members"][self.index]
+                if m["status"] == "pending":
+                    m["status"] = "running"
+                m.setdefault("attempts", []).append({"started": time.time(), "job": os.environ.get(
+                    "SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")})
+                self.halving = s["halving"]
+                self.stopped = m["status"] == "stopped"
+            self.refresh_budget()
+        else:
+            self.halving = self.state.read()["halving"]
+
+    # budget ----------------------------------------------------------------------------------------------
+
+    def refresh_budget(self) -> None:
+        """Rank 0: the account's budget from the sweep state (it grows when other members are stopped)."""
+        account = self.trainer.account
+        try:
+            budget = float(self.state.read()["members"][self.index]["budget"])
+        except (OSError, ValueError, KeyError, IndexError) as e:
+            log.warning("sweep state %s unreadable (%s): the budget stays %.4g", self.state.path, e, account.budget)
+            return
+        if budget != account.budget and budget > 0:
+            if account.budget:
+                log.info("sweep: budget %.4g -> %.4g %s-hours (hours freed by stopped members)", account.budget,
+                         budget, account.unit)
+            account.budget = budget
+            self.trainer.sinks.log_metrics({"sweep/budget": budget}, self.step)
+
+    # rungs -----------------------------------------------------------------------------------------------
+
+    def check(self, step: int, metrics: dict[str, float]) -> bool:
+        """At a validation (every rank, same step): report at each rung passed since the last check; True when
+        halving stops this member here. Rank 0 decides; a one-number all-reduce tells the others."""
+        self.step = step
+        stop = 0.0
+        if self.is_main:
+            stop = float(self._decide(step, metrics))
+        import torch
+
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            t = torch.tensor([stop], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            stop = float(t.item())
+        self.stopped = self.stopped or stop > 0
+        return stop > 0
+
+    def _decide(self, step: int, metrics: dict[str, float]) -> bool:
+        self.refresh_budget()
+        if not self.halving or self.stopped:
+            return self.stopped
+        metric = next((k for k in ("val_top1", "val_map") if metrics.get(k) is not None
+                       and math.isfinite(metrics[k])), None)
+        if metric is None:
+            return False
+        hours = self.trainer.account.hours
+        decisions = []
+        with self.state.update() as s:
+            m = s["members"][self.index]
+            for r in range(len(s["rungs"])):
+                if str(r) in m["rungs"] or hours < rung_hours(s, self.index, r):
+                    continue
+                d = report_rung(s, self.index, r, float(metrics[metric]), hours, step, metric)
+                decisions.append(d)
+                if d["decision"] == "stop":
+                    break
+            parent = (s.get("mlflow") or {}).get("run_id")
+            seq = len(s["decisions"])
+        for d in decisions:
+            self._log(d, parent, seq - len(decisions) + decisions.index(d) + 1)
+        self.stopped = any(d["decision"] == "stop" for d in decisions)
+        if self.stopped:
+            self.trainer.account.budget = hours  # what it used is what it had
+        return self.stopped
+
+    def _log(self, d: dict[str, Any], parent: str | None, seq: int) -> None:
+        text = describe(d)
+        (log.warning if d["decision"] == "stop" else log.info)("sweep %s: %s", self.record.get("sweep"), text)
+        sinks = self.trainer.sinks
+        sinks.set_tags({f"halving_rung{d['rung']}": text[:5000],
+                        **({"stopped_by": "halving", "halving_stopped_at": str(d["rung"])}
+                           if d["decision"] == "stop" else {})})
+        sinks.log_metrics({f"sweep/rung{d['rung']}": d["value"], "sweep/continue": float(d["decision"] == "continue")},
+                          d["step"])
+        if parent:
+            self._parent(lambda c: c.set_tag(parent, f"halving.{seq:03d}", text[:5000]))
+
+    def _parent(self, call) -> None:
+        """A call on the parent MLflow run; a server that refuses is a warning (sweep.json has it all)."""
+        try:
+            from pipeline.tracking.sink import mlflow_client
+
+            call(mlflow_client(self.state.read()["mlflow"]["tracking_uri"]))
+        except Exception as e:  # noqa: BLE001 -- tracking never stops training
+            from pipeline.secrets import redact_text
+
+            log.warning("sweep: the parent MLflow run could not be updated (%s); sweep.json has the decision",
+                        redact_text(str(e))[:300])
+
+    # end -------------------------------------------------------------------------------------------------
+
+    def ended(self, outcome: str, hours: float) -> None:
+        """Rank 0, after the member's test and export: its final state; the last member to end closes the
+        parent MLflow run (sweep.json as its artifact)."""
+        with self.state.update() as s:
+            m = s["members"][self.index]
+            m["hours"], m["outcome"] = hours, outcome
+            if m["status"] != "stopped":
+                m["status"] = "finished"
+            last = all(x["status"] not in ALIVE for x in s["members"]) and not s.get("parent_closed")
+            if last:
+                s["parent_closed"] = True
+            record = s.get("mlflow")
+        if last and record:
+            close_parent(self.state, record, "FINISHED")
+
+
+def close_parent(state: SweepState, record: dict[str, Any], status: str) -> None:
+    """The parent MLflow run: summary tags, ``sweep.json`` as an artifact, terminated with ``status``."""
+    try:
+        from pipeline.tracking.sink import mlflow_client
+
+        s = state.read()
+        client = mlflow_client(record["tracking_uri"])
+        stopped = [m["name"] for m in s["members"] if m["status"] == "stopped"]
+        client.set_tag(record["run_id"], "stopped_members", ",".join(stopped)[:5000] or "-")
+        client.set_tag(record["run_id"], "gpu_hours_used", f"{sum(m['hours'] for m in s['members']):.6g}")
+        client.set_tag(record["run_id"], "unallocated_hours", f"{s['unallocated']:.6g}")
+        client.log_artifact(record["run_id"], str(state.path), "sweep")
+        client.set_terminated(record["run_id"], status)
+    except Exception as e:  # noqa: BLE001 -- tracking never fails a run
+        from pipeline.secrets import redact_text
+
+        log.warning("sweep: the parent MLflow run could not be closed (%s)", redact_text(str(e))[:300])
+
+
+def attach_member(trainer) -> SweepMember | None:
+    """The Trainer's hook: None outside a sweep; else the member, with rank 0's account made a ``SweepHours``
+    (its budget follows the sweep state)."""
+    record = read_member(trainer.run_dir)
+    if record is None:
+        return None
+    member = SweepMember(record, trainer)
+    if trainer.denv.is_main:
+        trainer.account = SweepHours.adopt(trainer.account, member)
+        member.refresh_budget()
+    return member
+
+
+def summary(state: dict[str, Any]) -> str:
+    """The sweep's members and decisions, for a person."""
+    lines = [f"sweep {state['name']}: {len(state['members'])} member(s), {state['total_budget']:.6g} h in all"
+             + (f", {state['unallocated']:.4g} h unallocated" if state.get("unallocated") else "")]
+    for m in state["members"]:
+        lines.append(f"  [{m['index']}] {m['name']:48s} {m['status']:9s} {m['hours']:.4g} of {m['budget']:.4g} h "
+                     f"(base {m['base_budget']:.4g})")
+    lines += [f"  - {describe(d)}" for d in state.get("decisions", [])]
+    return "\n".join(lines)
+

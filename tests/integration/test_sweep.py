@@ -1,0 +1,149 @@
+"""Sweeps for real: members as local processes and as ONE Slurm job array on the development cluster, a total
+GPU-hour budget split across them, asynchronous successive halving deciding in the members' own processes, the
+MLflow parent and child runs, and the budget-matched comparison of the sweep (Pareto front, plot).
+
+Budgets are tiny (CPU process-hours: 0.004 h is 14 s of one process, start-up included)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.train.launch import LaunchRequest
+from pipeline.train.sweep import SweepSpec, load_sweep_file
+from pipeline.train.sweep_launch import launch_sweep
+from tests.synthetic_data import write_dataset
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+# unbounded steps: the budget ends each member; a validation every 3 steps is a rung check
+FAST = ["train.max_steps=100000", "train.val_every=3", "train.log_every=3", "train.ckpt_every=100000",
+        "train.zero_stage=0", "test.enabled=false", "tracking.register=false"]
+
+
+@pytest.fixture(scope="module")
+def colour_index(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("colour")
+    write_dataset(str(root), "colour", per_class={"train": 8, "val": 6})
+    return str(root)
+
+
+def mlflow_runs(tracking_uri: str, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id])
+
+
+def compare_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "compare.py"), *args], env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def test_local_sweep_stops_a_member_at_a_rung_and_gives_its_hours_to_a_survivor(tmp_path, colour_index):
+    # member 1 cannot learn (a learning rate of 1e-9): at the rung it is no better than member 0, which got there
+    # first, so it stops; member 2 is still waiting then and receives what member 1 did not use
+    (tmp_path / "s.yaml").write_text("name: lr\nmembers:\n  - {optim.lr: 0.002}\n  - {optim.lr: 1.0e-9}\n"
+                                     "  - {optim.lr: 0.002, train.seed: 1}\nbudget: 0.012\n"
+                                     "halving: {rungs: [0.6], eta: 2}\n")
+    spec = load_sweep_file(tmp_path / "s.yaml")
+    lines: list[str] = []
+    launched = launch_sweep(spec, LaunchRequest(recipe="smoke", nodes=1, local=True, runs_dir=str(tmp_path),
+                                                overrides=[f"data.index={colour_index}", *FAST]), out=lines.append)
+    sweep_dir = tmp_path / "lr"
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    assert state == launched.state
+    members = state["members"]
+    assert [m["name"] for m in members] == ["lr-0-lr-0.002", "lr-1-lr-1.0e-09", "lr-2-lr-0.002_seed-1"]
+    assert all(m["base_budget"] == pytest.approx(0.004) for m in members) and state["total_budget"] == 0.012
+    assert members[0]["status"] == "finished" and members[1]["status"] == "stopped", "\n".join(lines)
+    stop = next(d for d in state["decisions"] if d["member"] == 1)
+    assert stop["decision"] == "stop" and stop["rung"] == 0 and stop["hours"] >= 0.6 * 0.004
+    assert stop["given_to"] == {members[2]["name"]: pytest.approx(stop["freed"])} and stop["freed"] > 0.001
+    assert members[2]["budget"] > 0.004 or members[2]["status"] == "stopped"  # grown (or spent, if it stopped too)
+    assert any(d["member"] == 2 for d in state["decisions"])
+    for m in members:  # each member's normal run directory, tested and exported
+        run_dir = Path(m["run_dir"])
+        assert run_dir.parent == sweep_dir and (run_dir / "export" / "model.safetensors").exists()
+        assert json.loads((run_dir / "sweep_member.json").read_text())["index"] == m["index"]
+    log_text = "".join(f.read_text() for f in Path(members[1]["run_dir"]).glob("submitit/*/*_0_log.out"))
+    assert "-> STOP" in log_text  # the decision in the member's own run log
+    # the grown budget is what member 2 trained on: it used more than its base share unless it was stopped too
+    hours2 = json.loads((Path(members[2]["run_dir"]) / "gpu_hours.json").read_text())
+    assert hours2["budget"] == pytest.approx(members[2]["budget"]) or members[2]["status"] == "stopped"
+    # MLflow: one parent, three children
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, runs = mlflow_runs(uri, "smoke")
+    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(m["name"] for m in members)
+    assert parent.data.tags["sweep"] == "lr" and parent.data.tags["members"] == "3"
+    assert parent.info.status == "FINISHED" and any(k.startswith("halving.") for k in parent.data.tags)
+    stopped = next(r for r in children if r.info.run_name == members[1]["name"])
+    assert stopped.data.tags["stopped_by"] == "halving" and stopped.data.tags["outcome"] == "halted"
+    assert "sweep/rung0" in stopped.data.metrics
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "sweep")] == ["sweep/sweep.json"]
+    # the budget-matched comparison of the sweep
+    p = compare_cli(["--experiment", "smoke", "--runs-dir", str(tmp_path), "--sweep", "lr", "--at-gpu-hours",
+                     "0.003", "--out", str(tmp_path / "cmp")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Pareto front" in p.stdout and "stopped at rung 0" in p.stdout and "-> STOP" in p.stdout
+    assert "acc@0.003h" in p.stdout
+    front = [line.split()[1] for line in (tmp_path / "cmp" / "pareto.txt").read_text().splitlines()
+             if line.startswith("*")]
+    assert front and set(front) <= {m["name"] for m in members}
+    assert (tmp_path / "cmp" / "pareto.png").stat().st_size > 10_000
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} >= {
+        "comparison/pareto.png", "comparison/pareto.txt", "comparison/at_0.003h.txt"}
+
+
+def test_a_bad_member_is_refused_before_anything_is_created(tmp_path, colour_index):
+    spec = SweepSpec([{"optim.lr": "0.01"}, {"optim.lr": "-1"}])
+    with pytest.raises(Exception, match="sweep member 1"):
+        launch_sweep(spec, LaunchRequest(recipe="smoke", nodes=1, local=True, runs_dir=str(tmp_path),
+                                         overrides=[f"data.index={colour_index}"]), out=lambda *a: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slurm
+def test_attention_ablation_is_one_job_array_with_a_total_budget_and_halving(tmp_path, slurm_cluster,
+                                                                              colour_index):
+    env = {**os.environ, **slurm_cluster.env()}
+    p = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "launch.py"), "--recipe", "smoke", "--nodes", "1", "--runs-dir",
+         str(tmp_path), "--name", "attn", "--sweep",
+         "model.attention_type=divided_space_time,joint_space_time,space_only", "--sweep-budget", "0.012",
+         "--halving", "rungs=0.3,0.5,0.7 eta=2", "--array-parallelism", "2", "--wait",
+         f"data.index={colour_index}", *FAST], env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "submitted   job array" in p.stdout
+    state = json.loads((tmp_path / "attn" / "sweep.json").read_text())
+    members = state["members"]
+    array = {m["job_id"].split("_")[0] for m in members}
+    assert len(array) == 1 and sorted(m["job_id"].split("_")[1] for m in members) == ["0", "1", "2"]  # ONE array
+    assert [m["overrides"] for m in members] == [[f"model.attention_type={a}"] for a in
+                                                 ("divided_space_time", "joint_space_time", "space_only")]
+    assert all(m["base_budget"] == pytest.approx(0.004) for m in members)
+    stopped = [m for m in members if m["status"] == "stopped"]
+    assert stopped, "\n".join(d["name"] + " " + d["decision"] for d in state["decisions"])
+    assert all(m["status"] in ("stopped", "finished") for m in members)
+    assert any(d["decision"] == "stop" for d in state["decisions"])
+    logs = (tmp_path / "attn" / "submitit")
+    assert len(list(logs.glob("*_*/*_0_log.out"))) == 3  # the array's tasks log in the sweep directory
+    client, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")
+    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {m["name"] for m in members} and parent.info.status == "FINISHED"
+    assert {children[m["name"]].data.tags["attention_type"] for m in members} == {
+        "divided_space_time", "joint_space_time", "space_only"}
+    assert all(children[m["name"]].data.tags.get("stopped_by") == "halving" for m in stopped)
+    p = compare_cli(["--experiment", "smoke", "--runs-dir", str(tmp_path), "--sweep", "attn", "--out",
+                     str(tmp_path / "cmp")])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "cmp" / "pareto.png").stat().st_size > 10_000 and "Pareto front" in p.stdout
