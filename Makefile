@@ -23,6 +23,7 @@ bench: venv
 # Re-resolve the dependency set (after editing pyproject.toml) into requirements.lock.
 lock:
 	rm -rf /tmp/pipeline-lock && python3 -m venv /tmp/pipeline-lock
+	/tmp/pipeline-lock/bin/pip install -q torch==2.13.0  # the CPU wheel on disk first: pyproject's range would take a CUDA build
 	/tmp/pipeline-lock/bin/pip install -q -e '.[dev]'
 	{ echo "# Pinned, tested dependency set (Python 3.11, Linux x86_64). Regenerate with: make lock"; \
 	  /tmp/pipeline-lock/bin/pip freeze --exclude-editable | sed 's/^torch==.*/torch==2.13.0/'; } > requirements.lock

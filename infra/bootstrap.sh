@@ -31,6 +31,19 @@ if [ "$KEEP_TORCH" = 1 ]; then
   lock=$(mktemp); grep -v '^torch==' requirements.lock > "$lock"
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$lock" 2> >(grep -v "is ignored: it is neither" >&2)
+# The distribution was named "pipeline" until it became timesformer-pipeline ("pipeline" on the public index is
+# another project): a venv bootstrapped before has that editable install of this checkout still; drop it.
+if "$VENV/bin/python" -P - <<'EOF'  # -P: not the egg-info a build leaves in the checkout
+import importlib.metadata as md, json, pathlib, sys
+try:
+    url = json.loads(md.distribution("pipeline").read_text("direct_url.json") or "{}").get("url", "")
+except md.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if url == pathlib.Path.cwd().resolve().as_uri() else 1)
+EOF
+then
+  "$VENV/bin/python" -m pip uninstall -q -y pipeline
+fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e . \
   2> >(grep -v "is ignored: it is neither" >&2)
 echo "$want" > "$STAMP"

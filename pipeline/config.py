@@ -27,7 +27,25 @@ import yaml
 
 from pipeline.models.config import VARIANTS, TimeSformerConfig
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+
+def _recipes_dir() -> Path:
+    """Where the named recipes are: ``configs/recipes`` of the checkout this package runs from, else the copy an
+    installed package ships (pyproject's data-files: ``<prefix>/share/timesformer-pipeline/recipes``, under the
+    environment's prefix or the user base of ``pip install --user``)."""
+    import site
+    import sys
+
+    checkout = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+    if checkout.is_dir():
+        return checkout
+    for base in (sys.prefix, getattr(site, "USER_BASE", None) or ""):
+        shipped = Path(base) / "share" / "timesformer-pipeline" / "recipes"
+        if base and shipped.is_dir():
+            return shipped
+    return checkout  # neither: recipe_path's message names this path and lists no recipe
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 class ConfigError(ValueError):

@@ -38,6 +38,7 @@ dataset or checkpoint (nothing was created), 3 the scheduler refused the submiss
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from pipeline.config import ConfigError, list_recipes
@@ -117,8 +118,9 @@ def sweep_main(args, req) -> int:
             raise ConfigError("give --sweep axes or --sweep-file, not both")
         spec = load_sweep_file(args.sweep_file) if args.sweep_file else SweepSpec(grid_from_args(args.sweep))
         if args.sweep_budget is not None:
-            if not args.sweep_budget > 0:
-                raise ConfigError(f"--sweep-budget {args.sweep_budget}: expected total GPU-hours above 0")
+            if not (math.isfinite(args.sweep_budget) and args.sweep_budget > 0):
+                raise ConfigError(f"--sweep-budget {args.sweep_budget}: expected the sweep's total GPU-hours, a finite "
+                                  f"number above 0")
             spec.total_budget = args.sweep_budget
         if args.halving:
             spec.halving = parse_halving(args.halving)

@@ -598,7 +598,7 @@ def loading_view(index: DatasetIndex, split: str) -> DatasetIndex:
     quarantine the ingest keeps. At HowTo100M's 1.2M videos the full index is ~330 MB in memory; this view is
     a few MB (benchmarks/bench_plan_scale.py, docs/performance.md "Planning and indexes at scale")."""
     shards = [ShardInfo(s.url, s.split, s.samples, s.bytes, s.sha256, [], s.dropped) for s in index.split(split)]
-    return dataclasses.replace(index, shards=shards, source_checksums={}, quarantine={})
+    return dataclasses.replace(index, shards=shards, source_checksums={}, quarantine={}, entry_digests={})
 
 
 def view_loader(index: DatasetIndex, storage: Storage, split: str, *, clip: ClipConfig, protocol: str,

@@ -13,7 +13,10 @@ sha256 and sample keys; ``multi_label: true`` for a dataset with several labels 
 every index written before, for one label per video). A shard's ``dropped`` lists the keys of its samples
 that left the dataset after it was written (their videos were deleted, changed or moved; shards are never
 rewritten, so the tar still holds them): readers skip them and every count leaves them out. It is written
-only when not empty, so an index without tombstones is the same JSON as before. Index objects are written
+only when not empty, so an index without tombstones is the same JSON as before. ``entry_digests`` maps each
+live video to a digest of its manifest entry (clip bounds and labels, ``pipeline.ingest.plan.entry_digest``), so
+the next ingest sees a relabel or new bounds; absent in indexes written before (every entry then counts as
+unchanged) and, like ``dropped``, written only when not empty. Index objects are written
 once, create-if-absent, and never rewritten; the newest version under ``indexes/`` is the dataset. Readers
 only ever see committed indexes.
 """
@@ -162,6 +165,9 @@ class DatasetIndex:
     # several labels per video (samples' ``label`` is a list of class indices); written only when true, so a
     # single-label index is the same JSON as before and older readers still load it
     multi_label: bool = False
+    # video id -> digest of its manifest entry (split, start, end | label, label name: 24 hex digits), compared
+    # by the next ingest; empty in indexes written before (their entries count as unchanged) and then not written
+    entry_digests: dict[str, str] = field(default_factory=dict)
 
     def split(self, name: str) -> list[ShardInfo]:
         return [s for s in self.shards if s.split == name]
@@ -183,6 +189,8 @@ class DatasetIndex:
         d["shards"] = [s.to_dict() for s in self.shards]
         if not self.multi_label:
             del d["multi_label"]
+        if not self.entry_digests:
+            del d["entry_digests"]
         return json.dumps(d, indent=1, sort_keys=True)
 
     @classmethod
@@ -207,9 +215,10 @@ class DatasetIndex:
 
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{24}$")
 _INDEX_FIELDS = {"dataset": str, "version": int, "classes": list, "preprocessing": dict, "shards": list,
                  "created": (int, float), "format": str, "source_checksums": dict, "quarantine": dict,
-                 "decode_limits": dict, "multi_label": bool}
+                 "decode_limits": dict, "multi_label": bool, "entry_digests": dict}
 
 
 def _is_int(v: Any) -> bool:
@@ -256,6 +265,9 @@ def _check_index(d: Any, where: str) -> None:
     for k, v in d.get("source_checksums", {}).items():
         if not isinstance(v, str):
             raise bad(f"source_checksums[{k!r}]", v, "a checksum string")
+    for k, v in d.get("entry_digests", {}).items():
+        if not isinstance(v, str) or not _DIGEST_RE.match(v):
+            raise bad(f"entry_digests[{k!r}]", v, "24 lowercase hex digits")
     for k, v in d.get("quarantine", {}).items():
         if not isinstance(v, dict):
             raise bad(f"quarantine[{k!r}]", v, "an object")

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from pipeline.data.datasets import (
 from pipeline.data.shards import (
     DatasetIndex,
     ShardError,
+    ShardInfo,
     commit_index,
     index_key,
     index_versions,
@@ -44,7 +45,7 @@ from pipeline.data.shards import (
 )
 from pipeline.data.storage import ObjectChangedError, ObjectMissingError, Storage, StorageError, open_storage
 from pipeline.data.video import DecodeLimits
-from pipeline.ingest.plan import TRANSIENT, Plan, Source, is_permanent, make_plan
+from pipeline.ingest.plan import TRANSIENT, Plan, Source, entry_digest, is_permanent, make_plan
 from pipeline.ingest.worker import (
     TranscodeConfig,
     build_shard,
@@ -90,6 +91,10 @@ class IngestConfig:
     # a shard whose live samples (not dropped: deleted, changed or moved videos) fall below this fraction is
     # repacked by copying its survivors' transcoded bytes into a new shard (0: never)
     compact_below: float = 0.5
+    # refuse to commit a version that removes more than this fraction of the last version's live videos (a
+    # manifest or folder listing cut short by mistake); 1: never refuse. A video whose source is only missing
+    # (still listed) is not removed: it stays as it was.
+    max_removed_fraction: float = 0.5
 
     def decode_limits(self) -> DecodeLimits:
         return DecodeLimits(**asdict(self.limits))
@@ -170,6 +175,8 @@ def validate_ingest(cfg: IngestConfig, origin: dict[str, str] | None = None) -> 
         raise fail("lease_seconds", cfg.lease_seconds, "a positive number of seconds")
     if not (math.isfinite(cfg.compact_below) and 0 <= cfg.compact_below <= 1):
         raise fail("compact_below", cfg.compact_below, "a fraction in [0, 1] (0: never compact)")
+    if not (math.isfinite(cfg.max_removed_fraction) and 0 <= cfg.max_removed_fraction <= 1):
+        raise fail("max_removed_fraction", cfg.max_removed_fraction, "a fraction in [0, 1] (1: never refuse)")
     fps = cfg.transcode.fps
     if not (math.isfinite(fps) and 0 < fps <= 1000):
         raise fail("transcode.fps", fps, "a frame rate > 0 and <= 1000 frames per second")
@@ -257,23 +264,31 @@ SOURCES_CACHE_KEY = "sources-cache.json.gz"
 
 
 class SourceCache:
-    """The checksums of local source files, keyed by path and checked against the file's size and
-    modification time (``mtime_ns``), the way object stores detect change: a file whose size and mtime are
-    those recorded is not read again; a new file, or one whose size or mtime changed, is hashed in full
-    (``sha256_file``) and recorded. S3 sources need none of it (their listing's ETag and size are the
-    checksum).
+    """The checksums of local source files, keyed by path and checked against the file's size, modification
+    time (``mtime_ns``), inode number and status change time (``ctime_ns``): a file whose four are those
+    recorded is not read again; a new file, or one where any of them changed, is hashed in full
+    (``sha256_file``) and recorded. Size and mtime alone are what object stores use, but a program can set
+    mtime: a file replaced by other bytes of the same size with its times preserved (``cp -p``, ``rsync -t``,
+    ``tar x``, ``touch -r``) would keep its old checksum. ctime cannot be set (every write, ``utime``, rename
+    sets it to now) and a replacement by rename is another inode. Entries written before (size, mtime and
+    checksum only) never match: such a file is hashed once more. The file must also be as it was after it
+    was hashed (all four) to be recorded. A same-size replacement with its mtime restored within the same
+    ctime tick right after it was hashed could still go unseen. S3 sources need none of it (their listing's
+    ETag and size are the checksum).
 
     Kept in the dataset root (``sources-cache.json.gz``, next to the indexes) so every host that runs the
     schedule shares it, and written under the lease at the end of a run, with the files this run saw (a
     source deleted since drops out). It is a cache: unreadable or missing, every file is hashed once more. A
     file modified less than ``RACY_S`` seconds before it was hashed is not recorded (a write in the same
     mtime tick could follow unseen); it is hashed again by the next run. It assumes, as the ingest config
-    does, that one path names the same file on every host running the schedule."""
+    does, that one path names the same file on every host running the schedule (on a shared file system the
+    inode and ctime are the server's; separate copies of the sources per host would be hashed again whenever
+    the host changes)."""
 
     RACY_S = 2.0
 
     def __init__(self, files: dict[str, list] | None = None) -> None:
-        self.old: dict[str, list] = files or {}  # path -> [size, mtime_ns, checksum], as loaded
+        self.old: dict[str, list] = files or {}  # path -> [size, mtime_ns, checksum, ino, ctime_ns], as loaded
         self.new: dict[str, list] = {}  # what this run saw
         self.hits = 0
         self.hashed = 0
@@ -309,7 +324,8 @@ class SourceCache:
     def checksum(self, path: str) -> str:
         st = os.stat(path)
         known = self.old.get(path)
-        if known is not None and known[0] == st.st_size and known[1] == st.st_mtime_ns:
+        if (known is not None and len(known) == 5 and known[0] == st.st_size and known[1] == st.st_mtime_ns
+                and known[3] == st.st_ino and known[4] == st.st_ctime_ns):
             self.new[path] = known
             self.hits += 1
             return known[2]
@@ -317,9 +333,10 @@ class SourceCache:
         digest = sha256_file(path)
         self.hashed += 1
         after = os.stat(path)
-        if ((after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-                and st.st_mtime_ns < started - int(self.RACY_S * 1e9)):
-            self.new[path] = [st.st_size, st.st_mtime_ns, digest]
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+        if (after.st_size, after.st_mtime_ns, after.st_ino, after.st_ctime_ns) == stamp \
+                and st.st_mtime_ns < started - int(self.RACY_S * 1e9):
+            self.new[path] = [st.st_size, st.st_mtime_ns, digest, st.st_ino, st.st_ctime_ns]
         return digest
 
     def save(self, storage: Storage) -> None:
@@ -389,12 +406,18 @@ def resolve_sources(manifest: Manifest, source: str,
 # -- the lease -------------------------------------------------------------------------------------
 
 
+def lease_clock() -> float:
+    """The lease's clock, seconds since the epoch (a lease is read on other hosts). A seam for tests, which
+    replace it (``monkeypatch.setattr(run, "lease_clock", ...)``) to move time by hand instead of sleeping."""
+    return time.time()
+
+
 def acquire_lease(storage: Storage, seconds: float) -> dict[str, Any]:
     """Take the dataset's lease (``lease.json``, created only if absent) for ``seconds``, or raise
     ``LeaseHeldError`` naming who holds it since when. A lease past its expiry, or taken on this host by a
     process that is gone, is removed (only if it is still the one that was read) and taken over. The
     returned dict carries the stored version for ``renew_lease`` and ``release_lease``."""
-    now = time.time()
+    now = lease_clock()
     lease = {"owner": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}", "started": now,
              "expires": now + seconds}
     for _ in range(3):
@@ -409,14 +432,14 @@ def acquire_lease(storage: Storage, seconds: float) -> dict[str, Any]:
         except ObjectMissingError:
             continue  # released in between: try again
         held = _parse_lease(data, storage.uri(LEASE_KEY))
-        if held.get("expires", 0) > time.time() and not _holder_is_dead(held):
+        if held.get("expires", 0) > lease_clock() and not _holder_is_dead(held):
             raise LeaseHeldError(
                 f"skipped: another ingest run holds the dataset lease {storage.uri(LEASE_KEY)} since "
                 f"{_when(held.get('started', 0))} ({held.get('owner')}; last renewed "
                 f"{_when(held.get('renewed', held.get('started', 0)))}, expires {_when(held['expires'])}); this run "
                 f"exits without changes (exit code 3). Delete the lease only if that run is dead.")
         log.warning("taking over the lease of %s (%s)", held.get("owner"),
-                    "expired" if held.get("expires", 0) <= time.time() else "its process is gone")
+                    "expired" if held.get("expires", 0) <= lease_clock() else "its process is gone")
         with contextlib.suppress(ObjectChangedError):  # changed meanwhile (renewed, taken): look again
             storage.delete(LEASE_KEY, if_match=version)
     raise LeaseHeldError(f"skipped: {storage.uri(LEASE_KEY)}: could not take the dataset lease (other runs are "
@@ -464,7 +487,7 @@ def renew_lease(storage: Storage, lease: dict[str, Any], seconds: float) -> None
     """Push the lease's expiry to ``seconds`` from now, by a conditional write: only if the stored lease is
     still the version this run wrote. ``LeaseLostError`` when it is not (another run took it over after it
     expired, or someone deleted it): the caller must not commit."""
-    now = time.time()
+    now = lease_clock()
     renewed = {**lease, "renewed": now, "expires": now + seconds}
     try:
         version = storage.put_bytes(LEASE_KEY, _lease_doc(renewed), if_match=lease["version"])
@@ -512,7 +535,7 @@ class LeaseKeeper:
                 self.lost = e
                 raise
             except StorageError as e:
-                if time.time() >= self.lease["expires"]:
+                if lease_clock() >= self.lease["expires"]:
                     self.lost = LeaseLostError(f"{self.storage.uri(LEASE_KEY)}: the dataset lease expired before "
                                                f"it could be renewed ({e}); nothing is committed by this run")
                     raise self.lost from e
@@ -735,9 +758,16 @@ def assemble_index(dataset: str, manifest: Manifest, preprocessing: dict[str, An
                    sources: list[Source], missing: dict[str, dict[str, str]], last: DatasetIndex | None, plan: Plan,
                    built: list[dict[str, Any]]) -> DatasetIndex:
     """The next version's index (not yet committed): the kept shards (with their tombstones) and the shards
-    the tasks made (transcoded or copied), the checksums of the videos they hold, and the quarantine: this
-    run's failures and missing sources, plus the last version's content failures that were not retried. A
-    video is live in at most one shard and never both in a shard and in the quarantine."""
+    the tasks made (transcoded or copied), the checksums and entry digests of the videos they hold, and the
+    quarantine: this run's failures and missing sources, plus the last version's content failures that were
+    not retried. A video is live in at most one shard and never both in a shard and in the quarantine.
+
+    A copy shard whose task failed (compaction: its old shard was to leave the index) does not cost its
+    survivors: the old shards it copies from that are not kept anyway go back into the index with those
+    survivors live (every other member tombstoned, as planned), and the next run plans the copy again. A
+    relabelled video it held stays out (quarantined as transient: its old sample has the old labels), and so
+    does every video of a copy that failed because an old shard is not what its index entry says (a
+    ``ShardError``: damaged or replaced since; the next run transcodes them from their sources)."""
     quarantine = dict(missing)
     if last is not None:  # content failures of unchanged sources that were not retried stay quarantined
         by_id = {s.entry.video_id: s for s in sources}
@@ -745,10 +775,23 @@ def assemble_index(dataset: str, manifest: Manifest, preprocessing: dict[str, An
         quarantine.update({k: q for k, q in last.quarantine.items() if k in by_id and k not in planned
                            and is_permanent(q, by_id[k].sha256, limits)})
     shards = list(plan.keep)
+    planned_shards = {p.url: p for p in plan.build}
+    restore: dict[str, tuple[ShardInfo, set[str]]] = {}  # old shards of failed copies -> survivors to put back
+    relabelled = set(plan.relabelled)
     for r in built:
         quarantine.update(r["quarantine"])
         if r["shard"] is not None:
             shards.append(r["shard"])
+        elif (r["stats"].get("task_failed") and not r["stats"].get("shard_error")
+              and (failed := planned_shards.get(r.get("url", ""))) is not None):
+            for old, keys in failed.copy_from:
+                restore.setdefault(old.url, (old, set()))[1].update(k for k in keys if k not in relabelled)
+    kept_urls = {s.url for s in shards}
+    for url, (old, alive) in restore.items():
+        if url not in kept_urls and alive:
+            shards.append(replace(old, dropped=[k for k in old.keys if k not in alive]))
+            log.warning("the copy of %s failed: it stays in the index with its %d survivor(s); the next run "
+                        "copies them again", url, len(alive))
     live = [k for s in shards for k in s.live_keys()]
     in_shards = set(live)
     if len(in_shards) != len(live):  # a planning bug: a video would be trained on twice
@@ -757,9 +800,44 @@ def assemble_index(dataset: str, manifest: Manifest, preprocessing: dict[str, An
         raise IngestError(f"videos {twice} would be live in two shards of the next version; nothing committed")
     quarantine = {k: q for k, q in quarantine.items() if k not in in_shards}  # never both
     checksums = {s.entry.video_id: s.sha256 for s in sources if s.entry.video_id in in_shards}
+    digests = {k: plan.entry_digests.get(k) or entry_digest(s.entry) for s in sources
+               if (k := s.entry.video_id) in in_shards}
+    if last is not None:  # held as they were (source missing now): their checksums and digests as they were
+        for k in plan.held:
+            if k in in_shards:
+                if k in last.source_checksums:
+                    checksums[k] = last.source_checksums[k]
+                if k in last.entry_digests:
+                    digests[k] = last.entry_digests[k]
+                else:
+                    digests.pop(k, None)
     version = (last.version + 1) if last is not None else 1
     return DatasetIndex(dataset, version, manifest.classes, preprocessing, shards, source_checksums=checksums,
-                        quarantine=quarantine, decode_limits=asdict(limits), multi_label=manifest.multi_label)
+                        quarantine=quarantine, decode_limits=asdict(limits), multi_label=manifest.multi_label,
+                        entry_digests=digests)
+
+
+def check_removals(last: DatasetIndex | None, plan: Plan, max_fraction: float) -> str | None:
+    """Why this plan must not be committed, or None: it removes more than ``max_fraction`` of the last
+    version's live videos (their entries are gone from the manifest: annotations, or a folder dataset's
+    listing), which is what a source cut short by mistake looks like (a folder half mounted, a manifest
+    truncated). Sources that are only missing (still listed) are held, not removed, and do not count."""
+    if last is None or not plan.removed:
+        return None
+    total = last.num_samples()
+    if not total or len(plan.removed) <= max_fraction * total:
+        return None
+    shown = ", ".join(plan.removed[:5]) + (", ..." if len(plan.removed) > 5 else "")
+    return (f"refusing to commit: this run would remove {len(plan.removed)} of the {total} videos of version "
+            f"{last.version} ({len(plan.removed) / total:.0%} > max_removed_fraction={max_fraction:g}): {shown}; "
+            f"they are no longer in the manifest (the annotations, or a folder dataset's listing). If the "
+            f"source is only unavailable or cut short, fix it and run again; if the deletion is intended, run "
+            f"with max_removed_fraction=1 (or set it in the ingest config). Nothing was changed (exit code 2)")
+
+
+class RemovalRefusedError(ValueError):
+    """The plan removes more of the last version than ``max_removed_fraction`` allows (the CLI's exit code 2,
+    bad input: a source or manifest that is cut short); nothing is built or committed."""
 
 
 def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bool = False,
@@ -777,22 +855,37 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
     def plan_now() -> tuple[DatasetIndex | None, Plan]:
         last = load_index(cfg.output)[0] if index_versions(storage) else None
         return last, make_plan(sources, preprocessing, cfg.samples_per_shard, last, limits=limits,
-                               labels=(manifest.classes, manifest.multi_label), compact_below=cfg.compact_below)
+                               labels=(manifest.classes, manifest.multi_label), compact_below=cfg.compact_below,
+                               missing=missing)
 
     if dry_run:
-        _, plan = plan_now()
+        last, plan = plan_now()
+        refused = check_removals(last, plan, cfg.max_removed_fraction)
         return IngestResult(None, plan.summary(), videos_in=len(manifest.entries),
-                            message=f"dry run: {plan.summary()}; {len(missing)} source file(s) missing")
+                            message=f"dry run: {plan.summary()}; {len(missing)} source file(s) missing"
+                                    + (f"; a run would be refused: {refused}" if refused else ""))
     lease = acquire_lease(storage, cfg.lease_seconds)
     keeper = LeaseKeeper(storage, lease, cfg.lease_seconds).start()  # renewed while the run works
     result = IngestResult(None, {}, videos_in=len(manifest.entries))
     try:
         last, plan = plan_now()  # under the lease: no other run can commit in between
         result.plan = plan.summary()
-        new_missing = {k: v for k, v in missing.items() if last is None or k not in last.quarantine}
+        if plan.held:
+            log.warning("%d video(s) of version %d are listed but their source is missing or unreadable now "
+                        "(e.g. %s): kept as they were, not deleted", len(plan.held), last.version,
+                        ", ".join(plan.held[:5]))
+        refused = check_removals(last, plan, cfg.max_removed_fraction)
+        if refused:
+            raise RemovalRefusedError(refused)
+        held = set(plan.held)
+        new_missing = {k: v for k, v in missing.items()
+                       if k not in held and (last is None or k not in last.quarantine)}
         if plan.is_noop and not new_missing:
             result.message = (f"nothing to do: version {last.version} is up to date ({last.num_samples()} videos)"
                               if last is not None else "nothing to do: the manifest lists no videos")
+            if plan.held:
+                result.message += (f"; {len(plan.held)} listed video(s) whose source is missing now are kept "
+                                   f"as they were")
             return result
         built = _build_all(plan, cfg, ray_address, progress)
         failed_tasks = [r for r in built if r["stats"].get("task_failed")]
@@ -812,6 +905,8 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
         result.message = (f"committed {storage.uri(index_key(version))}: {result.videos_out} videos in {len(shards)} "
                           f"shards ({len(plan.keep)} kept, {len(plan.compacted)} compacted), "
                           f"{len(quarantine)} quarantined")
+        if plan.held:
+            result.message += f"; {len(plan.held)} listed video(s) whose source is missing now kept as they were"
         if result.transient:
             result.message += (f" ({result.transient} for a passing reason: the next run tries them again; "
                                f"see reports/v{version:06d}-quarantine.json)")
@@ -827,5 +922,6 @@ def run_ingest(cfg: IngestConfig, *, ray_address: str | None = None, dry_run: bo
             result.mlflow_run_id = log_to_mlflow(cfg, result, tracking_uri)
 
 
-__all__ = ["ConfigError", "IngestConfig", "IngestError", "IngestResult", "LeaseHeldError", "run_ingest",
+__all__ = ["ConfigError", "IngestConfig", "IngestError", "IngestResult", "LeaseHeldError", "RemovalRefusedError",
+           "run_ingest",
            "start_local_ray", "ShardError", "validate_ingest"]

@@ -14,7 +14,9 @@ resumable without duplicates.
 
 Compaction (a ``ShardPlan`` with ``copy_from``): the surviving samples of sparse shards of the last version
 are copied into a new shard, their clip and metadata bytes as they are; each old shard is read whole and
-checked against its index entry (size and sha256) first, and nothing is transcoded.
+checked against its index entry (size and sha256) first, and nothing is transcoded. The same path rewrites the
+metadata of a relabelled video (same source, same clip bounds, other label): its clip bytes are copied and its
+``label`` and ``label_name`` are the manifest entry's (for every other copied sample they are the same values).
 """
 
 from __future__ import annotations
@@ -115,8 +117,12 @@ def shard_failure(plan: ShardPlan, err: BaseException) -> dict[str, Any]:
     reason = f"the shard task for {plan.url} failed ({type(err).__name__}: {last_line})"
     quarantine = {s.entry.video_id: {"sha256": s.sha256, "reason": f"{s.uri}: {reason}", "kind": TRANSIENT}
                   for s in plan.sources}
-    return {"shard": None, "quarantine": quarantine, "stats": {"reused": 0, "videos": 0, "bytes_in": 0,
-                                                               "task_failed": 1}}
+    # "url": which planned shard failed, so the run can put back the old shards a failed copy was to replace;
+    # "shard_error": a shard that is not what its index entry says (an old shard damaged or replaced since):
+    # those are not put back, their videos are transcoded from their sources by the next run
+    bad_shard = isinstance(err, ShardError) or isinstance(getattr(err, "cause", None), ShardError)  # Ray wraps it
+    return {"shard": None, "url": plan.url, "quarantine": quarantine,
+            "stats": {"reused": 0, "videos": 0, "bytes_in": 0, "task_failed": 1, "shard_error": int(bad_shard)}}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -265,7 +271,8 @@ def _stored_shard(storage: Storage, plan: ShardPlan) -> ShardInfo | None:
 
 
 def copy_samples(storage: Storage, plan: ShardPlan) -> list[ShardSample]:
-    """The samples a copy shard takes from the last version's shards, in the planned order. Each old shard
+    """The samples a copy shard takes from the last version's shards, in the planned order, with the labels of
+    their manifest entries (``plan.sources``: a relabel rewrites the metadata, never the clip). Each old shard
     is verified against its index entry before anything is taken from it: a shard that was damaged or
     replaced since is a ``ShardError`` (the task fails, its videos are quarantined as transient, and the
     next run transcodes them from their sources)."""
@@ -284,6 +291,11 @@ def copy_samples(storage: Storage, plan: ShardPlan) -> list[ShardSample]:
             raise ShardError(f"{where}: lacks the samples {missing[:5]} its index entry lists; cannot copy them "
                              f"into {plan.url}")
         samples.extend(found[k] for k in keys)
+    entries = {s.entry.video_id: s.entry for s in plan.sources}
+    for sample in samples:  # the entry's labels: a relabelled video's new ones, the same for the others
+        e = entries.get(sample.key)
+        if e is not None:
+            sample.meta = {**sample.meta, "label": e.label, "label_name": e.label_name}
     return samples
 
 

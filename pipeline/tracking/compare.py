@@ -440,11 +440,23 @@ def write_cost_report(summaries: list[RunSummary], out_dir: Path, title: str, at
 
 
 def sweep_parent(tracking_uri: str, experiment: str, sweep: str) -> tuple[str | None, list[str]]:
-    """The sweep's parent run id and its halving decisions (its ``halving.<n>`` tags, in order)."""
+    """The sweep's parent run id and its halving decisions (its ``halving.<n>`` tags, in order). A sweep's name is
+    a run name (``check_run_name``: no quote, no space), which is what makes it safe inside MLflow's filter; any
+    other name is refused, as is an experiment that does not exist (``ValueError``)."""
     from mlflow.tracking import MlflowClient
 
+    from pipeline.config import ConfigError, check_run_name
+    from pipeline.secrets import redact_text
+
+    try:
+        check_run_name(sweep, "sweep")
+    except ConfigError as e:
+        raise ValueError(f"{e} (a sweep is named like a run)") from None
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = [e.name for e in client.search_experiments()]
+        raise ValueError(f"no experiment {experiment!r} at {redact_text(tracking_uri)}; experiments there: {names}")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.kind = 'sweep' and tags.sweep = '{sweep}'")
     if not runs:
         return None, []

@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError
-from pipeline.train.budget import GpuHours
+from pipeline.train.budget import GpuHours, fake_step_seconds
 
 log = logging.getLogger("pipeline.train")
 
@@ -75,8 +75,9 @@ class Halving:
         if not self.rungs or any(not 0 < r < 1 for r in self.rungs) or sorted(set(self.rungs)) != list(self.rungs):
             raise ConfigError(f"halving rungs={self.rungs}: expected increasing fractions of the member budget, each "
                               f"between 0 and 1 (e.g. rungs=0.25,0.5)")
-        if not self.eta > 1:
-            raise ConfigError(f"halving eta={self.eta}: expected a number above 1 (2 keeps the top half at each rung)")
+        if not (math.isfinite(self.eta) and self.eta > 1):
+            raise ConfigError(f"halving eta={self.eta}: expected a finite number above 1 (2 keeps the top half at each "
+                              f"rung)")
 
 
 @dataclass
@@ -92,9 +93,10 @@ class SweepSpec:
         return [f"{k}={v}" for k, v in self.members[i].items()]
 
 
-def split_values(text: str) -> list[str]:
+def split_values(text: str, where: str = "--sweep") -> list[str]:
     """``a,b,[1,2],'x,y'`` -> ``['a', 'b', '[1,2]', "'x,y'"]``: commas inside brackets, braces or quotes do not
-    split (a list value stays one value)."""
+    split (a list value stays one value). An unclosed quote or bracket is refused (``ConfigError``): split
+    anyway, it would make a member of a value nobody meant (``'0.2``)."""
     out, depth, quote, cur = [], 0, "", ""
     for ch in text:
         if quote:
@@ -105,11 +107,18 @@ def split_values(text: str) -> list[str]:
             depth += 1
         elif ch in "]}":
             depth -= 1
+            if depth < 0:
+                raise ConfigError(f"{where} {text!r}: {ch!r} closes a bracket that was never opened")
         elif ch == "," and depth == 0:
             out.append(cur.strip())
             cur = ""
             continue
         cur += ch
+    if quote:
+        raise ConfigError(f"{where} {text!r}: the quote {quote} is never closed (quote a value whole, e.g. "
+                          f"optim.lr=0.1,'0.2', or not at all)")
+    if depth:
+        raise ConfigError(f"{where} {text!r}: a bracket is never closed (a list value is whole: [32,40])")
     out.append(cur.strip())
     return out
 
@@ -120,7 +129,7 @@ def parse_axis(item: str) -> tuple[str, list[str]]:
     key = key.strip()
     if not sep or not key or not values.strip():
         raise ConfigError(f"--sweep {item!r}: expected key=value1,value2 (e.g. optim.lr=0.01,0.005)")
-    vals = split_values(values)
+    vals = split_values(values, f"--sweep {key}=")
     if any(not v for v in vals):
         raise ConfigError(f"--sweep {item!r}: an empty value (two commas in a row, or a trailing comma)")
     if len(set(vals)) != len(vals):
@@ -201,7 +210,13 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
         g = data["grid"]
         if not isinstance(g, dict) or not g or any(not isinstance(v, list) or not v for v in g.values()):
             raise ConfigError(f"{where}: grid: expected key: [value, ...] entries, each with at least one value")
-        members = grid({str(k): [_yaml_value(v) for v in vs] for k, vs in g.items()})
+        axes = {str(k): [_yaml_value(v) for v in vs] for k, vs in g.items()}
+        for k, vs in axes.items():
+            twice = sorted({v for v in vs if vs.count(v) > 1})
+            if twice:
+                raise ConfigError(f"{where}: grid: {k}: {', '.join(twice)} listed twice (each value makes members of "
+                                  f"its own: list it once)")
+        members = grid(axes)
     else:
         m = data["members"]
         if not isinstance(m, list) or not m or any(not isinstance(x, dict) for x in m):
@@ -214,12 +229,17 @@ def load_sweep_file(path: str | Path) -> SweepSpec:
             raise ConfigError(f"{where}: halving: expected {{rungs: [0.25, 0.5], eta: 2}}")
         try:
             rungs = [float(r) for r in (h["rungs"] if isinstance(h["rungs"], list) else [h["rungs"]])]
-            halving = Halving(rungs, float(h.get("eta", 2)))
+            eta = float(h.get("eta", 2))
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: halving: rungs and eta are numbers") from None
+        try:
+            halving = Halving(rungs, eta)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
     budget, par = data.get("budget"), data.get("array_parallelism")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
-        raise ConfigError(f"{where}: budget={budget!r}: expected total GPU-hours above 0")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget <= 0):
+        raise ConfigError(f"{where}: budget={budget!r}: expected the sweep's total GPU-hours, a finite number above 0")
     if par is not None and (isinstance(par, bool) or not isinstance(par, int) or par < 1):
         raise ConfigError(f"{where}: array_parallelism={par!r}: expected a positive integer")
     name = data.get("name") or ""
@@ -386,6 +406,16 @@ class SweepHours(GpuHours):
         new.__dict__.update(account.__dict__)
         new.member = member
         return new
+
+    @property
+    def this_attempt_hours(self) -> float:
+        per_step = fake_step_seconds()  # a test seam (PIPELINE_FAKE_CLOCK): None in production
+        if per_step is None:
+            return super().this_attempt_hours
+        trainer = self.member.trainer
+        engine = getattr(trainer, "engine", None)  # made after the account: no step before it exists
+        steps = engine.global_step - getattr(trainer, "resumed", 0) if engine is not None else 0
+        return steps * per_step * self.devices / 3600
 
     @property
     def exhausted(self) -> bool:

@@ -2,7 +2,10 @@
 GPU-hour budget split across them, asynchronous successive halving deciding in the members' own processes, the
 MLflow parent and child runs, and the budget-matched comparison of the sweep (Pareto front, plot).
 
-Budgets are tiny (CPU process-hours: 0.004 h is 14 s of one process, start-up included)."""
+Budgets are tiny (CPU process-hours: 0.004 h is 14.4 s of one process) and counted on a virtual clock: with
+``PIPELINE_FAKE_CLOCK`` (a test seam, ``pipeline.train.budget.fake_step_seconds``) a member's account counts
+STEP_S seconds per optimizer step and nothing else, so where each member reaches a rung or its budget is a step
+number, whatever the load of the machine (start-up alone can take a loaded CI box longer than a budget)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from tests.synthetic_data import write_dataset
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 # unbounded steps: the budget ends each member; a validation every 3 steps is a rung check
+STEP_S = 0.5  # virtual seconds per optimizer step: a member budget of 0.004 h is 28.8 steps
 FAST = ["train.max_steps=100000", "train.val_every=3", "train.log_every=3", "train.ckpt_every=100000",
         "train.zero_stage=0", "test.enabled=false", "tracking.register=false"]
 
@@ -31,6 +35,37 @@ def colour_index(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("colour")
     write_dataset(str(root), "colour", per_class={"train": 8, "val": 6})
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def one_val_clip_index(tmp_path_factory) -> str:
+    """The colour dataset with ONE validation clip (v2: the other val clips tombstoned): every val_top1 is 0 or
+    100, so three members reporting at a rung cannot all beat those before them, and one is stopped."""
+    from dataclasses import replace
+
+    from pipeline.data.shards import commit_index, load_index
+
+    root = tmp_path_factory.mktemp("colour1")
+    write_dataset(str(root), "colour", per_class={"train": 8, "val": 1})
+    index, storage = load_index(str(root))
+    shards = [replace(s, dropped=s.keys[1:]) if s.split == "val" else s for s in index.shards]
+    commit_index(storage, replace(index, version=2, shards=shards))
+    assert load_index(str(root))[0].num_samples("val") == 1
+    return str(root)
+
+
+def check_decisions(state: dict) -> None:
+    """Every decision in sweep.json is the ASHA rule applied to the scores reported at its rung before it (in the
+    order they were recorded: arrival order under the state's lock)."""
+    from pipeline.train.sweep import asha_continues
+
+    eta = state["halving"]["eta"]
+    for r, rung in enumerate(state["rungs"]):
+        for k, report in enumerate(rung["reports"]):
+            go_on, _, _ = asha_continues([x["value"] for x in rung["reports"][:k]], report["value"], eta)
+            assert report["decision"] == ("continue" if go_on else "stop"), (r, k, rung["reports"])
+            d = next(d for d in state["decisions"] if d["member"] == report["member"] and d["rung"] == r)
+            assert d["decision"] == report["decision"] and d["value"] == report["value"]
 
 
 def mlflow_runs(tracking_uri: str, experiment: str):
@@ -46,12 +81,17 @@ def compare_cli(args: list[str], env: dict[str, str] | None = None) -> subproces
                           capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
-def test_local_sweep_stops_a_member_at_a_rung_and_gives_its_hours_to_a_survivor(tmp_path, colour_index):
-    # member 1 cannot learn (a learning rate of 1e-9): at the rung it is no better than member 0, which got there
-    # first, so it stops; member 2 is still waiting then and receives what member 1 did not use
-    (tmp_path / "s.yaml").write_text("name: lr\nmembers:\n  - {optim.lr: 0.002}\n  - {optim.lr: 1.0e-9}\n"
+def test_local_sweep_stops_a_member_at_a_rung_and_gives_its_hours_to_a_survivor(tmp_path, colour_index,
+                                                                                monkeypatch):
+    # members 0 and 1 cannot move their weights (learning rates of 1e-30 and 2e-30 are below float32's resolution
+    # of every weight), from the same seed: whenever each reaches the rung, both score the same. Members run one
+    # after the other (local, parallelism 1): member 0 arrives first and continues; member 1 ties it, and a tie
+    # does not displace an earlier arrival, so it stops; member 0 has finished by then and member 2 is still
+    # waiting, so member 2 receives all that member 1 did not use
+    (tmp_path / "s.yaml").write_text("name: lr\nmembers:\n  - {optim.lr: 1.0e-30}\n  - {optim.lr: 2.0e-30}\n"
                                      "  - {optim.lr: 0.002, train.seed: 1}\nbudget: 0.012\n"
                                      "halving: {rungs: [0.6], eta: 2}\n")
+    monkeypatch.setenv("PIPELINE_FAKE_CLOCK", str(STEP_S))  # the members' processes inherit it
     spec = load_sweep_file(tmp_path / "s.yaml")
     lines: list[str] = []
     launched = launch_sweep(spec, LaunchRequest(recipe="smoke", nodes=1, local=True, runs_dir=str(tmp_path),
@@ -60,14 +100,26 @@ def test_local_sweep_stops_a_member_at_a_rung_and_gives_its_hours_to_a_survivor(
     state = json.loads((sweep_dir / "sweep.json").read_text())
     assert state == launched.state
     members = state["members"]
-    assert [m["name"] for m in members] == ["lr-0-lr-0.002", "lr-1-lr-1.0e-09", "lr-2-lr-0.002_seed-1"]
+    assert [m["name"] for m in members] == ["lr-0-lr-1.0e-30", "lr-1-lr-2.0e-30", "lr-2-lr-0.002_seed-1"]
     assert all(m["base_budget"] == pytest.approx(0.004) for m in members) and state["total_budget"] == 0.012
     assert members[0]["status"] == "finished" and members[1]["status"] == "stopped", "\n".join(lines)
-    stop = next(d for d in state["decisions"] if d["member"] == 1)
-    assert stop["decision"] == "stop" and stop["rung"] == 0 and stop["hours"] >= 0.6 * 0.004
-    assert stop["given_to"] == {members[2]["name"]: pytest.approx(stop["freed"])} and stop["freed"] > 0.001
-    assert members[2]["budget"] > 0.004 or members[2]["status"] == "stopped"  # grown (or spent, if it stopped too)
-    assert any(d["member"] == 2 for d in state["decisions"])
+    reports = state["rungs"][0]["reports"]
+    assert [r["member"] for r in reports] == [0, 1, 2] and reports[0]["value"] == reports[1]["value"]  # the tie
+    check_decisions(state)
+    assert [d["member"] for d in state["decisions"]] == [0, 1, 2]  # one report each, at the one rung
+    stop = state["decisions"][1]
+    assert stop["decision"] == "stop" and stop["rung"] == 0 and stop["place"] == 2
+    # the rung is 0.6 x 28.8 = 17.28 steps: the first validation past it is step 18, at 9 s; the rest is freed,
+    # exactly, all to member 2 (the only member alive)
+    assert stop["rung_hours"] == 0.6 * members[1]["base_budget"] and stop["step"] == 18
+    assert stop["hours"] == pytest.approx(18 * STEP_S / 3600, rel=1e-12)
+    assert stop["freed"] == members[1]["base_budget"] - stop["hours"] == pytest.approx(0.004 - 0.0025, rel=1e-9)
+    assert [r["step"] for r in reports] == [18, 18, 18] and members[0]["hours"] >= 0.004  # its budget ended it
+    assert stop["given_to"] == {members[2]["name"]: stop["freed"]} and members[1]["budget"] == stop["hours"]
+    if state["decisions"][2]["decision"] == "continue":  # member 2 beat the tie: it trained on the grown budget
+        assert members[2]["budget"] == members[2]["base_budget"] + stop["freed"] and members[2]["status"] == "finished"
+    else:
+        assert members[2]["status"] == "stopped" and members[2]["budget"] == state["decisions"][2]["hours"]
     for m in members:  # each member's normal run directory, tested and exported
         run_dir = Path(m["run_dir"])
         assert run_dir.parent == sweep_dir and (run_dir / "export" / "model.safetensors").exists()
@@ -113,14 +165,14 @@ def test_a_bad_member_is_refused_before_anything_is_created(tmp_path, colour_ind
 
 @pytest.mark.slurm
 def test_attention_ablation_is_one_job_array_with_a_total_budget_and_halving(tmp_path, slurm_cluster,
-                                                                              colour_index):
-    env = {**os.environ, **slurm_cluster.env()}
+                                                                              one_val_clip_index):
+    env = {**os.environ, **slurm_cluster.env(), "PIPELINE_FAKE_CLOCK": str(STEP_S)}
     p = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "launch.py"), "--recipe", "smoke", "--nodes", "1", "--runs-dir",
          str(tmp_path), "--name", "attn", "--sweep",
          "model.attention_type=divided_space_time,joint_space_time,space_only", "--sweep-budget", "0.012",
          "--halving", "rungs=0.3,0.5,0.7 eta=2", "--array-parallelism", "2", "--wait",
-         f"data.index={colour_index}", *FAST], env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
+         f"data.index={one_val_clip_index}", *FAST], env=env, capture_output=True, text=True, timeout=400, cwd=REPO)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "submitted   job array" in p.stdout
     state = json.loads((tmp_path / "attn" / "sweep.json").read_text())
@@ -130,10 +182,15 @@ def test_attention_ablation_is_one_job_array_with_a_total_budget_and_halving(tmp
     assert [m["overrides"] for m in members] == [[f"model.attention_type={a}"] for a in
                                                  ("divided_space_time", "joint_space_time", "space_only")]
     assert all(m["base_budget"] == pytest.approx(0.004) for m in members)
+    # every member reports at the first rung (0.3 of its budget); with one validation clip the three scores take
+    # at most two values, so they cannot rise strictly in arrival order: at least one member is stopped there
+    check_decisions(state)
+    first = state["rungs"][0]["reports"]
+    assert sorted(r["member"] for r in first) == [0, 1, 2] and {r["value"] for r in first} <= {0.0, 100.0}, first
+    assert any(r["decision"] == "stop" for r in first), first
     stopped = [m for m in members if m["status"] == "stopped"]
-    assert stopped, "\n".join(d["name"] + " " + d["decision"] for d in state["decisions"])
+    assert {m["index"] for m in stopped} == {d["member"] for d in state["decisions"] if d["decision"] == "stop"}
     assert all(m["status"] in ("stopped", "finished") for m in members)
-    assert any(d["decision"] == "stop" for d in state["decisions"])
     logs = (tmp_path / "attn" / "submitit")
     assert len(list(logs.glob("*_*/*_0_log.out"))) == 3  # the array's tasks log in the sweep directory
     client, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")

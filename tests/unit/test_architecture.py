@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
+import pipeline
+
+PACKAGE = Path(pipeline.__file__).resolve().parent  # the checkout's, or the installed one (infra/check_install.sh)
 
 
 def import_graph() -> dict[str, set[str]]:

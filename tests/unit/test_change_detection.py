@@ -131,3 +131,53 @@ def test_s3_sources_keep_their_listing_checksum(tmp_path, hashed):
     uri = "s3://bucket/videos/a.mp4"
     assert _checksum(uri, {uri: "s3:etag:123"}, cache) == "s3:etag:123"
     assert hashed == [] and cache.new == {}
+
+
+def rewrite_keeping_times(path, data: bytes, before: os.stat_result) -> None:
+    """Other bytes of the same size, written in place with the old mtime restored (``cp -p``, ``touch -r``);
+    repeated until the file system's ctime tick moved on (a few milliseconds), which no program can prevent."""
+    for _ in range(200):
+        with open(path, "wb") as f:
+            f.write(data)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        if os.stat(path).st_ctime_ns != before.st_ctime_ns:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the file's ctime never changed")
+
+
+def test_a_same_size_replacement_with_its_times_restored_is_hashed_again(tmp_path, hashed):
+    path = tmp_path / "a.mp4"
+    path.write_bytes(b"A" * 1000)
+    os.utime(path, (PAST, PAST))
+    first = SourceCache()
+    assert first.checksum(str(path)) == sha256_file(path)
+    before = os.stat(path)
+    # in place (the same inode), other bytes of the same size, mtime restored: only the ctime tells
+    rewrite_keeping_times(path, b"B" * 1000, before)
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    second = SourceCache(first.new)
+    assert second.checksum(str(path)) == sha256_file(path) and (second.hits, second.hashed) == (0, 1)
+    # replaced by rename (rsync -t: a new file moved over the old one): another inode
+    other = tmp_path / "tmp.mp4"
+    other.write_bytes(b"C" * 1000)
+    os.utime(other, (PAST, PAST))
+    os.replace(other, path)
+    third = SourceCache(second.new)
+    assert third.checksum(str(path)) == sha256_file(path) and (third.hits, third.hashed) == (0, 1)
+    # unchanged: a hit, no bytes read
+    fourth = SourceCache(third.new)
+    assert fourth.checksum(str(path)) == sha256_file(path) and (fourth.hits, fourth.hashed) == (1, 0)
+
+
+def test_a_cache_entry_written_before_inode_and_ctime_is_hashed_once_more(tmp_path, hashed):
+    path = tmp_path / "a.mp4"
+    path.write_bytes(b"A" * 1000)
+    os.utime(path, (PAST, PAST))
+    st = os.stat(path)
+    stale = SourceCache({str(path): [st.st_size, st.st_mtime_ns, "0" * 64]})  # the old format: 3 fields
+    assert stale.checksum(str(path)) == sha256_file(path) and stale.hashed == 1
+    assert stale.new[str(path)][3:] == [st.st_ino, st.st_ctime_ns]
+    again = SourceCache(stale.new)
+    assert again.checksum(str(path)) == sha256_file(path) and (again.hits, again.hashed) == (1, 0)

@@ -246,8 +246,8 @@ def test_compaction_copies_the_survivors_bytes_and_never_transcodes(stored, monk
         raise AssertionError("compaction transcoded a video")
 
     monkeypatch.setattr(worker, "transcode", no_transcode)
-    sources = [Source(ManifestEntry(k, (f"{k}.mp4",), 0, "red", "val"), f"/v/{k}.mp4", "s") for s in v1.shards
-               for k in s.keys]
+    sources = [Source(ManifestEntry(k, (f"{k}.mp4",), int(k[-1]), COLOUR_CLASSES[int(k[-1])], "val"),
+                      f"/v/{k}.mp4", "s") for s in v1.shards for k in s.keys]  # each with the label it was given
     last = dataclasses.replace(v1, source_checksums={s.entry.video_id: "s" for s in sources})
     keep = {"s0v2", "s1v1"}  # one survivor in each shard: both below 0.5 live
     plan = make_plan([s for s in sources if s.entry.video_id in keep], last.preprocessing, 4, last)
@@ -326,3 +326,172 @@ def test_an_incremental_ingest_keeps_untouched_shards_and_transcodes_only_the_ch
     assert {s.url for s in v3.shards}.isdisjoint({by_key[gone].url, by_key[changed].url})
     loader = make_loader(v3, store, "train", train=False, batch_size=2, num_workers=0, clip=CLIP)
     assert sorted(k for b in loader for k in b.get("key", [])) == keys
+
+
+# -- a missing source is held, not deleted; relabels and new bounds; a failed copy ----------------------------
+
+
+def test_a_listed_video_whose_source_is_missing_is_held_as_it_was_not_deleted():
+    sources = [src(f"v{i:02d}") for i in range(8)]
+    v1, _ = next_index(sources, None)
+    # the source of every video is gone for a moment (an unmounted directory): still listed, so not deleted
+    plan = make_plan([], PRE, 4, v1, labels=(CLASSES, False), missing=[s.entry.video_id for s in sources])
+    assert plan.is_noop and plan.removed == [] and plan.dropped == 0
+    assert plan.held == sorted(s.entry.video_id for s in sources) and len(plan.keep) == len(v1.shards)
+    # one source missing, another deleted from the manifest, in the same shard: only the deleted one is dropped
+    a = v1.shards[0]
+    held, gone = a.keys[0], a.keys[1]
+    now = [s for s in sources if s.entry.video_id not in (held, gone)]
+    manifest = Manifest("d", CLASSES, [s.entry for s in now])
+    plan = make_plan(now, PRE, 4, v1, labels=(CLASSES, False), missing=[held], compact_below=0.9)
+    assert plan.held == [held] and plan.removed == [gone] and not plan.compacted  # a held member: not repacked
+    missing = {held: {"sha256": "", "reason": "not found", "kind": "transient"}}
+    v2 = assemble_index("d", manifest, PRE, DecodeLimits(), now, missing, v1, plan, fake_built(plan))
+    assert held in shard_of(v2, held).live_keys() and shard_of(v2, held).url == a.url
+    assert next(s for s in v2.shards if s.url == a.url).dropped == [gone]
+    assert v2.num_samples() == 7 and held not in v2.quarantine  # live, so not quarantined too
+    assert v2.source_checksums[held] == v1.source_checksums[held]  # kept as it was: the next run compares it
+    assert v2.entry_digests[held] == v1.entry_digests[held]
+    # the source is back, unchanged: nothing to do, nothing transcoded
+    assert make_plan(now + [next(s for s in sources if s.entry.video_id == held)], PRE, 4, v2,
+                     labels=(CLASSES, False)).is_noop
+
+
+def test_a_run_that_would_remove_most_of_the_last_version_is_refused_unless_allowed():
+    sources = [src(f"v{i:02d}") for i in range(8)]
+    v1, _ = next_index(sources, None)
+    plan = make_plan(sources[:3], PRE, 4, v1, labels=(CLASSES, False))
+    assert len(plan.removed) == 5
+    why = ingest_run.check_removals(v1, plan, 0.5)
+    assert why and "remove 5 of the 8 videos of version 1" in why and "max_removed_fraction=1" in why
+    assert ingest_run.check_removals(v1, plan, 1.0) is None
+    assert ingest_run.check_removals(v1, make_plan(sources[4:], PRE, 4, v1, labels=(CLASSES, False)), 0.5) is None
+    # a new class list keeps nothing, but the videos that left the manifest are still counted as removed
+    plan = make_plan(sources[:3], PRE, 4, v1, labels=(["x", "y"], False))
+    assert len(plan.removed) == 5 and ingest_run.check_removals(v1, plan, 0.5)
+
+
+def relabel(s: Source, **changes) -> Source:
+    return Source(dataclasses.replace(s.entry, **changes), s.uri, s.sha256)
+
+
+def test_a_relabel_is_copied_with_its_new_labels_and_new_bounds_are_transcoded_again():
+    sources = [src(f"v{i:02d}") for i in range(8)]
+    v1, _ = next_index(sources, None)
+    assert v1.entry_digests.keys() == v1.source_checksums.keys()
+    a = v1.shards[0]
+    relabelled, bounds = a.keys[0], a.keys[1]
+    now = [relabel(s, label=1, label_name="y") if s.entry.video_id == relabelled
+           else relabel(s, start=5.0, end=9.0) if s.entry.video_id == bounds else s for s in sources]
+    plan = make_plan(now, PRE, 4, v1, labels=(CLASSES, False))
+    assert plan.relabelled == [relabelled] and plan.changed == [bounds] and not plan.is_noop
+    assert built_ids(plan) == [bounds]  # only the new clip bounds are transcoded
+    copy = next(p for p in plan.build if p.is_copy)  # the relabel: its clip copied from its shard
+    assert [(old.url, keys) for old, keys in copy.copy_from] == [(a.url, [relabelled])]
+    assert copy.sources[0].entry.label == 1
+    v2, _ = next_index(now, v1)
+    assert sorted(next(s for s in v2.shards if s.url == a.url).dropped) == sorted([bounds, relabelled])
+    assert v2.num_samples() == 8 and v2.entry_digests[relabelled] != v1.entry_digests[relabelled]
+    assert make_plan(now, PRE, 4, v2, labels=(CLASSES, False)).is_noop  # recorded: nothing to do next time
+    # an index written before entry digests: every entry counts as unchanged (an upgrade rebuilds nothing)
+    old = DatasetIndex.from_json(v1.to_json())
+    old.entry_digests = {}
+    assert "entry_digests" not in json.loads(old.to_json())
+    assert make_plan(now, PRE, 4, old, labels=(CLASSES, False)).is_noop
+    hostile = json.loads(v1.to_json())
+    hostile["entry_digests"]["v00"] = "$(x)"
+    with pytest.raises(ShardError, match=r"entry_digests\['v00'\].*24 lowercase hex digits"):
+        DatasetIndex.from_json(json.dumps(hostile))
+
+
+def test_a_failed_compaction_copy_puts_its_old_shard_back_with_the_survivors_live():
+    sources = [src(f"v{i:02d}") for i in range(8)]
+    v1, _ = next_index(sources, None)
+    a = v1.shards[0]
+    gone = set(a.keys[:3])  # 3 of 4 deleted: the survivor is to be copied and the shard to leave the index
+    now = [s for s in sources if s.entry.video_id not in gone]
+    plan = make_plan(now, PRE, 4, v1, labels=(CLASSES, False))
+    assert plan.compacted == [a.url]
+    built = [worker.shard_failure(p, OSError("the worker died")) if p.is_copy else b
+             for p, b in zip(plan.build, fake_built(plan), strict=True)]
+    manifest = Manifest("d", CLASSES, [s.entry for s in now])
+    v2 = assemble_index("d", manifest, PRE, DecodeLimits(), now, {}, v1, plan, built)
+    back = next(s for s in v2.shards if s.url == a.url)
+    assert (back.sha256, back.keys, sorted(back.dropped)) == (a.sha256, a.keys, sorted(gone))
+    assert v2.num_samples() == 5 and not v2.quarantine  # every present video is live; none quarantined
+    # the next run plans the copy again
+    assert make_plan(now, PRE, 4, v2, labels=(CLASSES, False)).compacted == [a.url]
+    # but an old shard that is not what its index says (the copy found it damaged) is never put back
+    built = [worker.shard_failure(p, ShardError(f"{a.url}: differs from the index")) if p.is_copy else b
+             for p, b in zip(plan.build, fake_built(plan), strict=True)]
+    v2 = assemble_index("d", manifest, PRE, DecodeLimits(), now, {}, v1, plan, built)
+    assert a.url not in {s.url for s in v2.shards} and v2.num_samples() == 4
+    assert v2.quarantine[a.keys[3]]["kind"] == "transient"  # transcoded from its source by the next run
+
+
+def manifest_dataset(tmp_path, rows: list[str]) -> None:
+    (tmp_path / "m.csv").write_text("path,label,split,start,end\n" + "\n".join(rows) + "\n")
+
+
+def test_an_ingest_holds_listed_videos_through_a_source_outage_and_refuses_a_mass_removal(tmp_path, serial):
+    from pipeline.cli.ingest import main
+
+    (tmp_path / "videos").mkdir()
+    rows = []
+    for i in range(6):
+        (tmp_path / "videos" / f"v{i}.mp4").write_bytes(video(8 + i))
+        rows.append(f"v{i}.mp4,{'ab'[i % 2]},train,,")
+    manifest_dataset(tmp_path, rows)
+    extra = [f"annotations={tmp_path / 'm.csv'}"]
+    cfg = ingest_config(tmp_path, "manifest", *extra)
+    assert run_ingest(cfg, progress=False).version == 1
+    # the source directory is empty for a while (an NFS or automount hiccup): nothing is deleted or committed
+    (tmp_path / "videos").rename(tmp_path / "away")
+    (tmp_path / "videos").mkdir()
+    outage = run_ingest(cfg, progress=False)
+    assert outage.version is None and "nothing to do: version 1 is up to date (6 videos)" in outage.message
+    assert "6 listed video(s) whose source is missing now are kept" in outage.message
+    (tmp_path / "videos").rmdir()
+    (tmp_path / "away").rename(tmp_path / "videos")
+    assert run_ingest(cfg, progress=False).version is None  # back: still nothing to do
+    # the manifest is cut short: 5 of 6 would be removed, refused (exit 2) with what would go and how to allow it
+    manifest_dataset(tmp_path, rows[:1])
+    with pytest.raises(ingest_run.RemovalRefusedError, match=r"remove 5 of the 6 videos of version 1"):
+        run_ingest(cfg, progress=False)
+    args = ["dataset=mine", "format=manifest", f"source={tmp_path / 'videos'}", f"output={tmp_path / 'out'}",
+            "samples_per_shard=4", "transcode.short_side=32", "transcode.fps=10", "transcode.keyframe_interval=4",
+            "transcode.min_frames=1", *extra]
+    assert main(["--no-progress", *args]) == 2
+    assert load_index(str(tmp_path / "out"))[0].version == 1
+    allowed = run_ingest(ingest_config(tmp_path, "manifest", *extra, "max_removed_fraction=1"), progress=False)
+    assert allowed.version == 2 and allowed.videos_out == 1
+
+
+def test_an_ingest_picks_up_a_relabel_by_copy_and_new_bounds_by_transcoding(tmp_path, serial, monkeypatch):
+    (tmp_path / "videos").mkdir()
+    rows = []
+    for i in range(4):
+        (tmp_path / "videos" / f"v{i}.mp4").write_bytes(video(30))
+        rows.append(f"v{i}.mp4,{'ab'[i % 2]},train,,,v{i}")
+    header = "path,label,split,start,end,id\n"  # ids given: otherwise an id says its clip bounds
+    (tmp_path / "m.csv").write_text(header + "\n".join(rows) + "\n")
+    cfg = ingest_config(tmp_path, "manifest", f"annotations={tmp_path / 'm.csv'}")
+    assert run_ingest(cfg, progress=False).version == 1
+    calls = []
+    real = worker.transcode
+    monkeypatch.setattr(worker, "transcode", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    # v0 relabelled (a -> b), v1 given clip bounds: the same source bytes
+    (tmp_path / "m.csv").write_text(header + "\n".join(["v0.mp4,b,train,,,v0", "v1.mp4,b,train,1,2,v1"] + rows[2:]))
+    second = run_ingest(cfg, progress=False)
+    assert second.version == 2 and second.plan["relabelled_videos"] == 1 and second.plan["changed_videos"] == 1
+    assert [c.rsplit("/", 1)[-1] for c in calls] == ["v1.mp4"]  # the relabel was not transcoded
+    v2, store = load_index(str(tmp_path / "out"))
+    meta = {}
+    for shard in v2.shards:
+        verify_shard(store, shard)
+        live = set(shard.live_keys())
+        meta.update({s.key: s.meta for s in read_shard(io.BytesIO(store.get_bytes(shard.url))) if s.key in live})
+    assert (meta["v0"]["label"], meta["v0"]["label_name"]) == (v2.classes.index("b"), "b")
+    assert (meta["v1"]["start"], meta["v1"]["end"], meta["v1"]["num_frames"]) == (1.0, 2.0, 10)
+    assert v2.num_samples() == 4
+    assert run_ingest(cfg, progress=False).version is None  # recorded: nothing to do next time

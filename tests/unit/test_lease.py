@@ -3,13 +3,16 @@ all along), a lease taken over makes the first run commit nothing, and the condi
 (local files and a real SeaweedFS: ``If-Match``) refuse a version that is no longer there.
 
 Shards are built in this process (run_ingest with Ray replaced by a slow serial loop over build_shard); the
-videos are real H.264 files encoded here."""
+videos are real H.264 files encoded here. Time is the test's: the lease's clock (``run.lease_clock``) is virtual
+and the keeper's background thread renews at the ticks the test gives, so no stall of a loaded machine can let a
+lease expire or a renewal come late."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,7 +34,7 @@ from pipeline.ingest.worker import build_shard
 
 from .test_video import numbered_frames
 
-LEASE_S = 1.5  # renewed every 0.5 s
+LEASE_S = 60.0  # renewed every 20 s of the lease's clock, which the tests move by hand (HandTicked)
 
 
 def folder_config(tmp_path, *extra: str) -> IngestConfig:
@@ -77,40 +80,109 @@ def stored_lease(cfg) -> dict:
     return json.loads(open_storage(cfg.output).get_bytes(LEASE_KEY))
 
 
-def test_a_run_longer_than_its_lease_keeps_it_and_a_second_run_is_refused_all_along(tmp_path, slow_build):
-    gate, building = slow_build
-    cfg = folder_config(tmp_path)
-    t, out = in_thread(lambda: run_ingest(cfg, progress=False))
-    assert building.wait(30)
-    first = stored_lease(cfg)
-    deadline = first["expires"] + 2 * LEASE_S  # well past the lease's first expiry
-    refusals = 0
-    while time.time() < deadline:
-        with pytest.raises(LeaseHeldError, match=r"skipped: another ingest run holds the dataset lease .*lease\.json "
-                                                 r"since .* \(.*:\d+:\w+; last renewed"):
-            acquire_lease(open_storage(cfg.output), 60)
-        refusals += 1
-        time.sleep(0.2)
-    now = stored_lease(cfg)
-    assert now["owner"] == first["owner"] and now["expires"] > time.time()  # renewed, still ours
-    assert now["renewed"] > first["expires"] - LEASE_S  # renewed after it started
-    gate.set()
-    t.join(60)
-    assert "error" not in out, out.get("error")
-    assert out["result"].version == 1 and out["result"].videos_out == 2
-    assert refusals >= 10
-    assert not open_storage(cfg.output).exists(LEASE_KEY)  # released at the end
+class Ticks:
+    """Stands in for the keeper's stop event: its background thread's ``wait(interval)`` returns at each tick the
+    test gives (False: renew now) or when the keeper is stopped (True), never because real time passed."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ticks = 0
+        self._stopped = False
+
+    def wait(self, timeout=None) -> bool:
+        with self._cond:
+            seen = self._ticks
+            self._cond.wait_for(lambda: self._stopped or self._ticks != seen)
+            return self._stopped
+
+    def tick(self) -> None:
+        with self._cond:
+            self._ticks += 1
+            self._cond.notify_all()
+
+    def set(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
 
 
-def test_a_run_whose_lease_was_taken_over_commits_nothing(tmp_path, slow_build, caplog):
+@pytest.fixture
+def hand_time(monkeypatch):
+    """The lease's clock as a number the test moves, and the run's ``LeaseKeeper`` (its real background thread)
+    renewing at the test's ticks: ``tick(seconds)`` moves the clock, lets the keeper's thread run one renewal and
+    waits (at most 30 s, a hang guard only) until it is done."""
+    clock = {"now": 1_700_000_000.0}
+    keepers: list = []
+
+    class HandTicked(ingest_run.LeaseKeeper):
+        def __init__(self, *args) -> None:
+            super().__init__(*args)
+            self._stop = Ticks()
+            keepers.append(self)
+
+    def tick(seconds: float) -> None:
+        keeper = keepers[-1]
+        clock["now"] += seconds
+        done = keeper.renewals + (keeper.lost is not None)
+        keeper._stop.tick()
+        deadline = time.monotonic() + 30
+        while keeper.renewals + (keeper.lost is not None) == done and keeper._thread.is_alive():
+            assert time.monotonic() < deadline, "the lease keeper's thread never renewed"
+            time.sleep(0.01)
+
+    monkeypatch.setattr(ingest_run, "lease_clock", lambda: clock["now"])
+    monkeypatch.setattr(ingest_run, "LeaseKeeper", HandTicked)
+    return SimpleNamespace(clock=clock, keepers=keepers, tick=tick)
+
+
+def test_a_run_longer_than_its_lease_keeps_it_and_a_second_run_is_refused_all_along(tmp_path, slow_build,
+                                                                                   hand_time):
     gate, building = slow_build
     cfg = folder_config(tmp_path)
     storage = open_storage(cfg.output)
     t, out = in_thread(lambda: run_ingest(cfg, progress=False))
     assert building.wait(30)
-    other = {"owner": "elsewhere:1:thief", "started": time.time(), "expires": time.time() + 3600}
+    first, version = storage.get_versioned(LEASE_KEY)
+    first = json.loads(first)
+    assert first["expires"] == hand_time.clock["now"] + LEASE_S
+    versions = [version]
+    for i in range(1, 7):  # every third of the lease, to twice past its first expiry
+        hand_time.tick(LEASE_S / 3)
+        data, version = storage.get_versioned(LEASE_KEY)
+        now = json.loads(data)
+        assert hand_time.keepers[-1].renewals == i and version not in versions  # renewed at each tick
+        versions.append(version)
+        assert now["owner"] == first["owner"] and now["started"] == first["started"]  # still ours
+        assert now["renewed"] == hand_time.clock["now"] and now["expires"] == hand_time.clock["now"] + LEASE_S
+        with pytest.raises(LeaseHeldError, match=r"skipped: another ingest run holds the dataset lease .*lease\.json "
+                                                 r"since .* \(.*:\d+:\w+; last renewed"):
+            acquire_lease(storage, 60)
+    assert hand_time.clock["now"] == first["expires"] + LEASE_S  # a lease never renewed would be long gone
+    gate.set()
+    t.join(60)
+    assert "error" not in out, out.get("error")
+    assert out["result"].version == 1 and out["result"].videos_out == 2
+    assert hand_time.keepers[-1].renewals == 7  # and once more right before the commit (confirm)
+    assert not hand_time.keepers[-1]._thread.is_alive()  # stopped with the run
+    assert not storage.exists(LEASE_KEY)  # released at the end
+
+
+def test_a_run_whose_lease_was_taken_over_commits_nothing(tmp_path, slow_build, hand_time, caplog):
+    gate, building = slow_build
+    cfg = folder_config(tmp_path)
+    storage = open_storage(cfg.output)
+    t, out = in_thread(lambda: run_ingest(cfg, progress=False))
+    assert building.wait(30)
+    hand_time.tick(LEASE_S / 3)  # one renewal of its own first
+    now = hand_time.clock["now"]
+    other = {"owner": "elsewhere:1:thief", "started": now, "expires": now + 3600}
     storage.put_bytes(LEASE_KEY, json.dumps(other).encode())  # e.g. taken over after a long stall
-    time.sleep(LEASE_S)  # a renewal tick notices
+    hand_time.tick(LEASE_S / 3)  # the next renewal tick notices
+    keeper = hand_time.keepers[-1]
+    assert keeper.renewals == 1 and isinstance(keeper.lost, LeaseLostError)
+    keeper._thread.join(30)
+    assert not keeper._thread.is_alive()  # a lost lease stops the renewals
+    assert "lost the dataset lease, it is now held by elsewhere:1:thief" in caplog.text
     gate.set()
     t.join(60)
     assert isinstance(out.get("error"), LeaseLostError), out

@@ -138,3 +138,64 @@ def test_pareto_front_and_accuracy_at_a_gpu_hour_mark():
     text = pareto_text([a, b, c, d])
     marked = {line.split()[1] for line in text.splitlines()[3:] if line.startswith("*")}
     assert marked == {"a", "b", "d"} and "35.00 (val)" in text
+
+
+def test_sweep_inputs_that_are_not_finite_or_not_whole_are_refused_naming_the_input(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    for text, says in (("grid: {a: [1, 2]}\nbudget: .nan\n", "budget=nan: expected the sweep's total GPU-hours, a "
+                        "finite number"),
+                       ("grid: {a: [1, 2]}\nbudget: .inf\n", "budget=inf: expected the sweep's total GPU-hours"),
+                       ("grid: {a: [1, 2]}\nhalving: {rungs: [0.5], eta: .inf}\n", "halving eta=inf: expected a "
+                        "finite number above 1"),
+                       ("grid: {a: [1, 2]}\nhalving: {rungs: [.nan]}\n", "halving rungs=[nan]"),
+                       ("grid: {optim.lr: [0.1, 0.2, 0.1]}\n", "grid: optim.lr: 0.1 listed twice"),
+                       ("grid: {data.scale: [[32, 40], [32, 40]]}\n", r"grid: data.scale: [32, 40] listed twice")):
+        f.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            load_sweep_file(f)
+        assert str(e.value).startswith(f"sweep file {f}: ") and says in str(e.value), str(e.value)
+    f.write_text("grid: {optim.lr: [1, 1.0]}\n")  # two values as typed (the CLI compares what was typed, too)
+    assert len(load_sweep_file(f).members) == 2
+    with pytest.raises(ConfigError, match=r"halving eta=inf: expected a finite number above 1"):
+        parse_halving("rungs=0.5 eta=inf")
+    with pytest.raises(ConfigError, match="halving eta=nan"):
+        parse_halving("rungs=0.5 eta=nan")
+    # quotes and brackets must close: "0.1,'0.2" is not a member with the value '0.2
+    for item, says in (("optim.lr=0.1,'0.2", "the quote ' is never closed"),
+                       ('optim.lr=0.1,"0.2', 'the quote " is never closed'),
+                       ("data.scale=[32,40", "a bracket is never closed"),
+                       ("data.scale=32,40]", "']' closes a bracket that was never opened")):
+        with pytest.raises(ConfigError) as e:
+            grid_from_args([item])
+        assert str(e.value).startswith(f"--sweep {item.partition('=')[0]}=") and says in str(e.value), str(e.value)
+    assert grid_from_args(["optim.lr=0.1,'0.2'"]) == [{"optim.lr": "0.1"}, {"optim.lr": "'0.2'"}]
+    # the command line's total budget: blamed on --sweep-budget, before any member is looked at or created
+    from pipeline.cli.launch import main as launch_main
+
+    for value in ("inf", "nan", "-1"):
+        code = launch_main(["--recipe", "smoke", "--local", "--runs-dir", str(tmp_path / "runs"), "--sweep",
+                            "optim.lr=0.1,0.2", "--sweep-budget", value])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"launch: --sweep-budget {float(value)}: expected the sweep's total "
+                                            f"GPU-hours, a finite number above 0"), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_parent_refuses_names_that_would_break_the_filter_and_unknown_experiments(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking.compare import sweep_parent
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("smoke")
+    parent = client.create_run(exp, run_name="lr", tags={"kind": "sweep", "sweep": "lr", "halving.002": "second",
+                                                         "halving.001": "first"})
+    client.create_run(exp, run_name="other", tags={"kind": "sweep", "sweep": "lr2"})
+    assert sweep_parent(uri, "smoke", "lr") == (parent.info.run_id, ["first", "second"])
+    assert sweep_parent(uri, "smoke", "nope") == (None, [])
+    for name in ("lr' or tags.sweep = 'lr2", "a b", "../x", ""):
+        with pytest.raises(ValueError, match="sweep=.*expected letters, digits"):
+            sweep_parent(uri, "smoke", name)
+    with pytest.raises(ValueError, match=r"no experiment 'missing' at sqlite:.*experiments there: \[.*'smoke'"):
+        sweep_parent(uri, "missing", "lr")
