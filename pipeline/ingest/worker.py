@@ -21,7 +21,6 @@ metadata of a relabelled video (same source, same clip bounds, other label): its
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pipeline.data.shards import ShardError, ShardInfo, ShardSample, put_shard, read_shard, sha256_of
+from pipeline.data.shards import ShardError, ShardInfo, ShardSample, put_shard, read_shard, sha256_file, sha256_of
 from pipeline.data.storage import ObjectMissingError, Storage, StorageError, open_storage, split_s3_uri
 from pipeline.data.video import DEFAULT_LIMITS, DecodeLimits, VideoDecodeError, VideoReader
 from pipeline.ingest.plan import CONTENT, TRANSIENT, ShardPlan, Source
@@ -123,14 +122,6 @@ def shard_failure(plan: ShardPlan, err: BaseException) -> dict[str, Any]:
     bad_shard = isinstance(err, ShardError) or isinstance(getattr(err, "cause", None), ShardError)  # Ray wraps it
     return {"shard": None, "url": plan.url, "quarantine": quarantine,
             "stats": {"reused": 0, "videos": 0, "bytes_in": 0, "task_failed": 1, "shard_error": int(bad_shard)}}
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Encoder:

@@ -41,8 +41,8 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
     recorded = checkpoint_normalization(path)
     if recorded is not None:
         asked = [k for k in ("mean", "std") if k in overrides]
-        if asked and any(abs(a - b) > 1e-6 for a, b in zip(probe.mean + probe.std, recorded[0] + recorded[1],
-                                                             strict=False)):
+        ours, theirs = probe.mean + probe.std, recorded[0] + recorded[1]
+        if asked and (len(ours) != len(theirs) or any(abs(a - b) > 1e-6 for a, b in zip(ours, theirs, strict=True))):
             raise ValueError(f"{source} was trained on inputs normalised with mean {list(recorded[0])} and std "
                              f"{list(recorded[1])}; the {'/'.join(asked)} given differ(s): leave them out (the model "
                              f"takes the source's) or start from other weights")

@@ -128,14 +128,10 @@ class LoadedModel:
 
 
 def file_digest(path: Path) -> str:
-    """``sha256:<hex>`` of a weights file (read in 8 MB blocks): the same bytes, the same model, whatever its path."""
-    import hashlib
+    """``sha256:<hex>`` of a weights file: the same bytes, the same model, whatever its path."""
+    from pipeline.data.shards import sha256_file
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return f"sha256:{h.hexdigest()}"
+    return f"sha256:{sha256_file(path)}"
 
 
 def state_digest(state: dict[str, torch.Tensor]) -> str:

@@ -25,12 +25,6 @@ CARD_FILE = "README.md"
 SHOWN_CLASSES = 50  # class names listed in the card; the rest are in config.json's id2label
 
 
-def split_digest(index: Any, split: str) -> str:
-    """The digest of a dataset split as the run logs it to MLflow (``Trainer._log_datasets``): the sha256 of
-    its shards' sha256s, 16 hex digits. The same shards give the same digest, whatever their location."""
-    return index.split_digest(split)
-
-
 def run_facts(run_dir: str | Path, cfg: Any, index: Any = None) -> dict[str, Any]:
     """What a run directory says about its model, for the card and the model registry. ``index`` (the run's
     dataset index, when at hand) adds the training split's digest and sample count; a file that is missing or
@@ -58,7 +52,7 @@ def run_facts(run_dir: str | Path, cfg: Any, index: Any = None) -> dict[str, Any
         facts["dataset"] = facts["dataset"] or index.dataset
         facts["dataset_version"] = facts["dataset_version"] or index.version
         if index.version == facts["dataset_version"]:  # the digest of the version the run read, not another
-            facts["dataset_digest"] = split_digest(index, cfg.data.train_split)
+            facts["dataset_digest"] = index.split_digest(cfg.data.train_split)
             facts["train_samples"] = index.num_samples(cfg.data.train_split)
     report = _read_json(run_dir / "eval" / "test.json")
     if isinstance(report, dict):

