@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.models.config import VARIANTS, TimeSformerConfig
+from pipeline.models.registry import FAMILIES, MODELS, family_of
 
 
 def _recipes_dir() -> Path:
@@ -52,11 +52,13 @@ class ConfigError(ValueError):
     """A recipe, an override or a combination of values that cannot run; the message says where."""
 
 
-# The model section: which variant, where its weights start, and every field of the model's own config
-# (pipeline.models.config.TimeSformerConfig) as a recipe key, so that a field added to the model is
+# The model section: which registered model (pipeline.models.registry), where its weights start, and every field
+# of the models' own configs (TimeSformerConfig, ResNet3DConfig, ...: the union over the registered families, a
+# field shared by two families meaning the same in both) as a recipe key, so that a field added to a model is
 # configurable at once and checked like every other key. Frames and resolution are the data's (data.num_frames,
-# data.crop). A field left out (null) takes the variant's value; loading a recipe fills them in, so a resolved
-# config (the run directory's config.yaml, MLflow's params) names the whole model.
+# data.crop). A field left out (null) takes the model's value; loading a recipe fills in the fields of the model's
+# family, so a resolved config (the run directory's config.yaml, MLflow's params) names the whole model, and a
+# field of another family stays null (setting one is an error that names the family it belongs to).
 MODEL_FROM_DATA = {"num_frames": "data.num_frames", "img_size": "data.crop"}
 # Model fields that null leaves to the dataset index, settled at launch (launch.check_data) and by a rank that
 # finds them unset (a config written in code): multi_label is the index's (several labels per video or one).
@@ -85,33 +87,85 @@ def settable(source: type, name: str | None = None, *, optional: bool = False, e
         namespace={"__module__": __name__, "__doc__": doc or f"{source.__name__}, as configured"})
 
 
+def _every_model_field() -> type:
+    """One dataclass with the fields of every registered family's config, in registration order (the registry
+    refuses a shared name with two types)."""
+    seen: dict[str, tuple[str, Any, Any]] = {}
+    for fam in FAMILIES.values():
+        for f in fields(fam.config):
+            seen.setdefault(f.name, (f.name, f.type, field(default=None)))
+    return dataclasses.make_dataclass("AnyModelConfig", list(seen.values()))
+
+
 ModelConfig = settable(
-    TimeSformerConfig, "ModelConfig", optional=True, exclude=MODEL_FROM_DATA,
-    first=[("variant", str, field(default="timesformer_base")),  # pipeline.models.config.VARIANTS
+    _every_model_field(), "ModelConfig", optional=True, exclude=MODEL_FROM_DATA,
+    first=[("variant", str, field(default="timesformer_base")),  # pipeline.models.registry.MODELS
            # "": random; a checkpoint (timm ViT, official .pyth, HF dir, our safetensors): a path, s3://bucket/key
            # or hf-hub:<org>/<name>[@revision], which launch resolves once to the local path the ranks read
            ("init", str, field(default="")),
            # the s3:// or hf-hub: reference model.init was resolved from at launch ("": given as a path)
            ("init_source", str, field(default="")),
            ("init_reset_head", bool, field(default=False))],  # fine-tuning on other classes: a fresh classifier
-    doc="The run's model: a registered variant, its initial weights, and any TimeSformerConfig field (None: the "
-        "variant's own).")
+    doc="The run's model: a registered model (model.variant), its initial weights, and any field of its family's "
+        "config (None: the model's own).")
 # Resolved configs written before the model section followed TimeSformerConfig used 0 for "the variant's own"
 LEGACY_ZERO_MEANS_VARIANT = ("patch_size", "embed_dim", "depth", "num_heads")
 
 
+def model_fields(cfg: RunConfig) -> set[str]:
+    """The model section's fields that belong to the run's model (its family's config, without frames and crop)."""
+    return family_of(cfg.model.variant).field_names() - set(MODEL_FROM_DATA)
+
+
+# What a layer that changes the model's family keeps of the model section: the dataset's facts. The rest (the
+# architecture's fields, the initial weights and the normalisation that came with them) was the other family's.
+KEPT_ACROSS_FAMILIES = ("num_classes", "multi_label", "in_chans")
+
+
+def _switch_family(cfg: RunConfig, layer: Any) -> None:
+    """Before a layer (a recipe file, the command line) that names a model of another family than the one set so
+    far (``inherits: smoke`` then ``model.variant: i3d_tiny``; ``--sweep model.variant=timesformer_tiny,i3d_tiny``),
+    clear what the earlier layers set for the other family, so that a recipe can inherit a task and change the
+    model. A field of the other family set in the same layer or later is still refused (``fill_model``)."""
+    model = layer.get("model") if isinstance(layer, dict) else None
+    new = model.get("variant") if isinstance(model, dict) else None
+    if not isinstance(new, str) or new not in MODELS or cfg.model.variant not in MODELS:
+        return  # an unknown name is refused with the list of models by fill_model
+    if family_of(new) is family_of(cfg.model.variant):
+        return
+    for f in fields(cfg.model):
+        if f.name in ("init", "init_source"):
+            setattr(cfg.model, f.name, "")
+        elif f.name == "init_reset_head":
+            setattr(cfg.model, f.name, False)
+        elif f.name not in KEPT_ACROSS_FAMILIES and f.name != "variant":
+            setattr(cfg.model, f.name, None)
+
+
 def fill_model(cfg: RunConfig, where: str = "resolved recipe", legacy: bool = False) -> None:
-    """Set every model field the recipe left out (None) to its variant's value. ``legacy``: a config written
-    by an earlier version, where 0 in ``LEGACY_ZERO_MEANS_VARIANT`` meant the variant's own."""
+    """Set every model field the recipe left out (None) to its model's value. A field of another family that is
+    set is refused (it would silently do nothing). ``legacy``: a config written by an earlier version, where 0
+    in ``LEGACY_ZERO_MEANS_VARIANT`` meant the variant's own."""
     m = cfg.model
-    if m.variant not in VARIANTS:
-        raise ConfigError(f"{where}: model.variant={shown(m.variant)}: expected one of {', '.join(VARIANTS)}")
-    if legacy:
+    if m.variant not in MODELS:
+        raise ConfigError(f"{where}: model.variant={shown(m.variant)}: expected one of {', '.join(MODELS)} "
+                          "(pipeline.models.registry)")
+    fam = family_of(m.variant)
+    if legacy and fam.name == "timesformer":
         for name in LEGACY_ZERO_MEANS_VARIANT:
             if getattr(m, name) == 0:
                 setattr(m, name, None)
-    base = {**TimeSformerConfig().to_dict(), **VARIANTS[m.variant].overrides}
-    for name in (f.name for f in fields(TimeSformerConfig) if f.name not in MODEL_FROM_DATA):
+    own = model_fields(cfg)
+    foreign = sorted(f.name for f in fields(m) if f.name not in own and f.name not in MODEL_FROM_DATA
+                     and f.name not in ("variant", "init", "init_source", "init_reset_head")
+                     and getattr(m, f.name) is not None)
+    if foreign:
+        owners = {n: [f.name for f in FAMILIES.values() if n in f.field_names()] for n in foreign}
+        raise ConfigError(f"{where}: model.variant={m.variant} is a {fam.name} model, and "
+                          + "; ".join(f"model.{n} belongs to {'/'.join(o)}" for n, o in owners.items())
+                          + f": remove it (the {fam.name} fields are {', '.join(sorted(own))})")
+    base = {**fam.config().to_dict(), **MODELS[m.variant].overrides}
+    for name in own:
         if getattr(m, name) is None and name not in MODEL_FROM_DATASET:
             setattr(m, name, base[name])
     for name in ("mean", "std"):  # one value for every channel (the original's) fits any channel count
@@ -212,6 +266,9 @@ class TestConfig:
     protocol: str = "multi_view"  # multi_view: k clips x crops per video; long_video: all covering clips
     temporal_clips: int = 1
     spatial_crops: int = 3
+    # the test views' size: the short side scaled to it, then the crops (0: data.crop). The paper's 3D CNNs test
+    # at 256 after training at 224 (PySlowFast's TEST_CROP_SIZE); a TimeSformer tests at its training size
+    crop: int = 0
     batch_size: int = 8  # views per forward pass
     max_videos: int = 0  # 0 = all
 
@@ -219,9 +276,9 @@ class TestConfig:
 @dataclass
 class BudgetConfig:
     gpu_hours: float = 0.0  # stop cleanly at this many accelerator-hours; 0 = no budget
-    # train.plan_by=budget: the fit aims at gpu_hours x (1 - plan_margin) (estimates' errors, the export); it
-    # re-fits when the plan's projected end misses that aim by more than one step and by more than refit_drift
-    # of the hours it has left
+    # train.plan_by=budget: the fit aims at gpu_hours - plan_margin x the hours left (the projection's error,
+    # which shrinks as the end nears); it re-fits when the plan's projected end falls short of that aim by more
+    # than one step and by more than refit_drift of the hours it has left, or passes it by more than that share
     plan_margin: float = 0.02
     refit_drift: float = 0.05
 
@@ -266,7 +323,12 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The resolved tree; the model section without the fields of other model families (all null)."""
+        d = dataclasses.asdict(self)
+        if self.model.variant in MODELS:
+            own = model_fields(self) | {"variant", "init", "init_source", "init_reset_head"}
+            d["model"] = {k: v for k, v in d["model"].items() if k in own or v is not None}
+        return d
 
     def flat(self) -> dict[str, Any]:
         """``{"train.zero_stage": 2, ...}``: the resolved tree as dotted keys (MLflow params)."""
@@ -484,10 +546,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None,
         if not Path(extra).is_file():
             raise ConfigError(f"cluster/extra config {extra!r} not found")
         layers.extend(_layers(Path(extra)))
-    for where, layer in layers:
-        apply_layer(cfg, layer, where)
     if overrides:
-        apply_layer(cfg, parse_overrides(overrides), "command line")
+        layers.append(("command line", parse_overrides(overrides)))
+    for where, layer in layers:
+        _switch_family(cfg, layer)
+        apply_layer(cfg, layer, where)
     if not cfg.recipe:
         cfg.recipe = path.stem
     fill_model(cfg, f"recipe {cfg.recipe!r}")
@@ -556,10 +619,17 @@ INT_MINIMUMS: dict[str, tuple[int, str]] = {
     "model.depth": (1, "a positive integer (or null: the variant's own)"),
     "model.num_heads": (1, "a positive integer (or null: the variant's own)"),
     "model.in_chans": (3, "3: clips are decoded as RGB"),
+    # the 3D CNNs' (pipeline.models.resnet3d_config; its config checks the combinations)
+    "model.stem_width": (1, "a positive number of channels (or null: the model's own)"),
+    "model.stem_temporal_kernel": (1, "a positive kernel size in frames (or null: the model's own)"),
+    "model.bottleneck_width": (1, "a positive number of channels (or null: the model's own)"),
+    "model.bottleneck_expansion": (1, "a positive factor (or null: the model's own)"),
+    "model.temporal_pool": (1, "a positive pooling stride in frames, 1: none (or null: the model's own)"),
     "data.version": (0, "an integer >= 0 (0: the newest committed version)"),
     "data.num_frames": (1, "a positive integer"),
     "data.sampling_rate": (1, "a positive integer"),
     "data.crop": (1, "a positive integer"),
+    "test.crop": (0, "a size in pixels, or 0: data.crop"),
     "data.num_workers": (0, "an integer >= 0 (0: load in the training process)"),
     "data.shuffle_buffer": (0, "an integer >= 0 (0 or 1: no shuffle buffer)"),
     "data.epoch_clips": (0, "an integer >= 0 (0: the train split's sample count)"),
@@ -605,6 +675,8 @@ FLOAT_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
     "model.attn_drop_rate": (0.0, True, 1.0, False),
     "model.mlp_ratio": (0.0, False, None, False),
     "model.norm_eps": (0.0, False, None, False),
+    "model.head_dropout": (0.0, True, 1.0, False),
+    "model.bn_eps": (0.0, False, None, False),
     "data.ref_fps": (0.0, False, None, False),
     "data.max_skip_fraction": (0.0, True, 1.0, True),
     "optim.lr": (0.0, False, None, False),
@@ -645,28 +717,35 @@ def _in_range(value: float, low: float | None, low_in: bool, high: float | None,
 def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
     """Every field of ``cfg`` against its meaning: choices, ranges, combinations. The first problem is a
     one-line ConfigError naming the field, its value and what is expected."""
+    from pipeline.models.checkpointing import parse_checkpoint_policy
     from pipeline.models.config import ATTENTION_TYPES, POS_EMBED_TYPES
-    from pipeline.models.timesformer import parse_checkpoint_policy
 
     where = f"{where} {cfg.recipe!r}" if cfg.recipe else where
     fill_model(cfg, where)  # a config built in code may leave model fields to the variant too
     values: dict[str, Any] = {}
     for name in ("model", "data", "optim", "train", "test", "budget", "tracking", "cluster"):
         values.update(_fields(getattr(cfg, name), name))
+    own = model_fields(cfg)  # another family's fields are null (fill_model refused any set); its config checks them
+    values = {k: v for k, v in values.items() if not k.startswith("model.") or k.split(".", 1)[1] in own
+              or k.split(".", 1)[1] in ("variant", "init", "init_source", "init_reset_head")}
 
     def refuse(key: str, expected: str) -> ConfigError:
         return ConfigError(f"{where}: {key}={shown(values.get(key))}: expected {expected}")
 
     for key, (low, expected) in INT_MINIMUMS.items():
-        if values[key] < low:
+        if key in values and values[key] < low:
             raise refuse(key, expected)
     for key, bounds in FLOAT_RANGES.items():
-        if not _in_range(values[key], *bounds):  # NaN fails every comparison; _check_value refused it already
+        # NaN fails every comparison; _check_value refused it already
+        if key in values and not _in_range(values[key], *bounds):
             raise refuse(key, _describe_range(*bounds))
-    _choice(cfg.model.attention_type, ATTENTION_TYPES, "model.attention_type", where)
-    _choice(cfg.model.pos_embed, POS_EMBED_TYPES, "model.pos_embed", where)
-    _choice(cfg.model.pos_embed_resize, ("nearest", "bilinear", "bicubic"), "model.pos_embed_resize", where)
-    _choice(cfg.model.time_embed_resize, ("nearest", "linear"), "model.time_embed_resize", where)
+    if cfg.test.crop and "patch_size" in own and cfg.test.crop % cfg.model.patch_size:
+        raise refuse("test.crop", f"a multiple of model.patch_size={cfg.model.patch_size} (or 0: data.crop)")
+    if "attention_type" in own:  # TimeSformer's choices; other families' configs check their own
+        _choice(cfg.model.attention_type, ATTENTION_TYPES, "model.attention_type", where)
+        _choice(cfg.model.pos_embed, POS_EMBED_TYPES, "model.pos_embed", where)
+        _choice(cfg.model.pos_embed_resize, ("nearest", "bilinear", "bicubic"), "model.pos_embed_resize", where)
+        _choice(cfg.model.time_embed_resize, ("nearest", "linear"), "model.time_embed_resize", where)
     _choice(cfg.data.sampler, ("fixed_rate", "segment"), "data.sampler", where)
     _choice(cfg.optim.name, ("sgd", "adamw"), "optim.name", where)
     _choice(cfg.optim.schedule, ("steps", "cosine"), "optim.schedule", where)
@@ -727,7 +806,7 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
     for key, (high, expected) in INT_MAXIMUMS.items():
-        if values[key] > high:
+        if key in values and values[key] > high:
             raise refuse(key, expected)
     from pipeline.data.video import DEFAULT_LIMITS
 
@@ -760,10 +839,10 @@ def _check_finetune_options(cfg: RunConfig, where: str) -> None:
 
 
 def check_model(cfg: RunConfig) -> Any:
-    """The model config the recipe builds (``TimeSformerConfig``), or a ConfigError saying which model
-    field combination cannot be built (a width that the heads do not divide, a patch the crop does not fit)."""
-    from pipeline.models.flops import parameter_count
-    from pipeline.models.timesformer import model_config
+    """The model config the recipe builds (its family's: ``TimeSformerConfig``, ``ResNet3DConfig``...), or a
+    ConfigError saying which model field combination cannot be built (a width that the heads do not divide, a patch
+    the crop does not fit)."""
+    from pipeline.models.registry import model_config, parameter_count
 
     try:
         mc = model_config(cfg)
@@ -772,10 +851,11 @@ def check_model(cfg: RunConfig) -> Any:
                           "data.crop)") from None
     params = parameter_count(mc)
     if params > MAX_MODEL_PARAMETERS:
-        raise ConfigError(f"recipe {cfg.recipe!r}: the model would have {params:.3g} parameters (embed_dim "
-                          f"{mc.embed_dim}, depth {mc.depth}, {mc.num_patches} patches, {mc.num_frames} frames, "
-                          f"{mc.num_classes} classes), over {MAX_MODEL_PARAMETERS:.0e}: check model.*, data.crop, "
-                          "data.num_frames and model.num_classes")
+        shape = (f"embed_dim {mc.embed_dim}, depth {mc.depth}, {mc.num_patches} patches, "
+                 if hasattr(mc, "embed_dim") else "")
+        raise ConfigError(f"recipe {cfg.recipe!r}: the model would have {params:.3g} parameters ({shape}"
+                          f"{mc.num_frames} frames, {mc.num_classes} classes), over {MAX_MODEL_PARAMETERS:.0e}: check "
+                          "model.*, data.crop, data.num_frames and model.num_classes")
     return mc
 
 

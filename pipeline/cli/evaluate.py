@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from pipeline.config import ConfigError, apply_layer, load_recipe, load_resolved, parse_overrides, validate
-    from pipeline.data.loader import clip_config
+    from pipeline.data.loader import test_clip_config
     from pipeline.data.shards import ShardError, load_index
     from pipeline.data.storage import StorageError
     from pipeline.data.video import VideoDecodeError
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device, dtype).eval()
     try:
-        report = test_protocol(model, dtype, index, storage, split=split, clip=clip_config(cfg),
+        report = test_protocol(model, dtype, index, storage, split=split, clip=test_clip_config(cfg),
                                protocol=cfg.test.protocol, temporal_clips=cfg.test.temporal_clips,
                                spatial_crops=cfg.test.spatial_crops, batch_size=cfg.test.batch_size, device=device,
                                num_workers=args.workers, max_videos=args.max_videos, progress=True, classes=classes)

@@ -38,6 +38,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline.models.registry import scheme_of
+
 
 def positive(text: str) -> int:
     value = int(text)
@@ -120,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.explain is not None:
             from pipeline.predict.explain import SUPPORTED
 
-            if loaded.model.cfg.attention_type not in SUPPORTED:
+            if getattr(loaded.model.cfg, "attention_type", None) not in SUPPORTED:
                 raise PredictError(f"--explain supports {', '.join(SUPPORTED)} attention; this model uses "
-                                   f"{loaded.model.cfg.attention_type}")
+                                   f"{scheme_of(loaded.model.cfg)}")
         inputs, notes = expand_inputs(args.inputs)
         device = torch.device(args.device) if args.device else None
     except PredictError as e:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = loaded.model.cfg
     kind = "multi-label (sigmoid, every class >= --threshold and the top-k)" if loaded.multi_label else \
         "single-label (softmax)"
-    print(f"predict: model {loaded.description}: {cfg.attention_type}, {cfg.num_frames}x{cfg.img_size}, "
+    print(f"predict: model {loaded.description}: {scheme_of(cfg)}, {cfg.num_frames}x{cfg.img_size}, "
           f"{cfg.num_classes} classes ({loaded.classes_from}), {kind}, input mean {list(cfg.mean)} std {list(cfg.std)}",
           file=sys.stderr)
     print(f"predict: protocol: {protocol.describe()}", file=sys.stderr)

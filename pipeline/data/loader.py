@@ -703,6 +703,11 @@ def iterate_samples(storage: Storage, url: str) -> Iterator[dict]:
                                                                              "stream": io.BytesIO(data)}]))
 
 
+def test_clip_config(cfg: Any) -> ClipConfig:
+    """The clips of the test protocol: the training clip at the test views' size (``test.crop``, 0: data.crop)."""
+    return dataclasses.replace(clip_config(cfg), crop=cfg.test.crop or cfg.data.crop)
+
+
 def clip_config(cfg: Any) -> ClipConfig:
     """The loader's clips for a run config (``pipeline.config.RunConfig``). On GPUs they stay uint8 and are
     normalised on the device (normalize_on_device): less work for the loader's cores (benchmarks/bench_loader.py)

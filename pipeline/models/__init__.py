@@ -1,4 +1,5 @@
-"""TimeSformer models: the architecture, its configuration, checkpoint conversion and cost accounting.
+"""Video models: the registry (pipeline.models.registry: TimeSformer, the reference family, and the 3D CNNs of the
+paper's Table 2), each family's architecture and configuration, checkpoint conversion and cost accounting.
 
 Names are loaded on first use (PEP 562), so that ``pipeline.models.config`` (the configuration schema and the
 variants, which the run config reads) imports without torch."""
@@ -11,8 +12,10 @@ from typing import Any
 _HOME = {
     "CheckpointMismatchError": "convert", "inflate_vit": "convert", "load_checkpoint": "convert",
     "load_safetensors": "convert", "save_safetensors": "convert",
-    "flops_per_view": "flops", "parameter_count": "flops",
-    "ATTENTION_TYPES": "config", "VARIANTS": "config", "TimeSformerConfig": "config", "variant_config": "config",
+    "flops_per_view": "registry", "parameter_count": "registry", "build": "registry", "model_config_of": "registry",
+    "ATTENTION_TYPES": "config", "TimeSformerConfig": "config",
+    "VARIANTS": "registry", "MODELS": "registry", "FAMILIES": "registry", "variant_config": "registry",
+    "register_model": "registry", "family_of": "registry",
     "TimeSformer": "timesformer", "apply_activation_checkpointing": "timesformer", "create_model": "factory",
     "SourceError": "hub", "resolve_source": "hub",
 }

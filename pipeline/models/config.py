@@ -1,11 +1,12 @@
-"""The TimeSformer's configuration and its registered variants, apart from the model code (no torch import):
-the run config (pipeline.config) builds its ``model`` section from these fields, and the ingest and launch
-commands read them without loading torch. ``pipeline.models.timesformer`` re-exports every name here."""
+"""The TimeSformer's configuration, apart from the model code (no torch import): the run config (pipeline.config)
+builds its ``model`` section from these fields (and the other families'), and the ingest and launch commands read
+them without loading torch. The registered models (TimeSformer's variants among them) are in
+``pipeline.models.registry``. ``pipeline.models.timesformer`` re-exports every name here."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 # The original TimeSformer's input normalisation (its issue #10), per channel
@@ -120,6 +121,11 @@ class TimeSformerConfig:
         return self.grid_size[0] * self.grid_size[1]
 
     @property
+    def feature_dim(self) -> int:
+        """The width of ``forward_features`` (every family's config names it so)."""
+        return self.embed_dim
+
+    @property
     def mlp_dim(self) -> int:
         return int(self.embed_dim * self.mlp_ratio)
 
@@ -149,54 +155,14 @@ def check_local_global_shape(num_frames: int, grid: tuple[int, int], where: str)
         )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Variants
-
-
-@dataclass(frozen=True)
-class Variant:
-    description: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    # The weights ``create_model(name, pretrained=True)`` starts from (a model source: hf-hub:, s3:// or a path,
-    # pipeline.models.hub); "" where there are none.
-    pretrained: str = ""
-
-
-# The paper's ImageNet start (ImageNet-21k, fine-tuned on 1k: the original's jx_vit_base_p16_224-80ecf9dd.pth)
-IMAGENET_VIT = "hf-hub:timm/vit_base_patch16_224.orig_in21k_ft_in1k"
-
-VARIANTS: dict[str, Variant] = {
-    "timesformer_base": Variant("TimeSformer 8x224, ViT-B/16, divided space-time (paper Table 5)",
-                                dict(num_frames=8, img_size=224),
-                                pretrained="hf-hub:facebook/timesformer-base-finetuned-k400"),
-    "timesformer_hr": Variant("TimeSformer-HR 16x448, ViT-B/16", dict(num_frames=16, img_size=448),
-                              pretrained="hf-hub:facebook/timesformer-hr-finetuned-k400"),
-    # facebook/ publishes no TimeSformer-L (a third-party conversion exists: fcakyon/timesformer-large-finetuned-k400,
-    # see docs/model.md); the default is the paper's start, the ImageNet ViT inflated to 96 frames
-    "timesformer_l": Variant("TimeSformer-L 96x224, ViT-B/16", dict(num_frames=96, img_size=224),
-                             pretrained=IMAGENET_VIT),
-    "timesformer_tiny": Variant(
-        "tiny test/demo model: 4 frames of 32x32, 8x8 patches, 2 blocks of width 64",
-        dict(num_frames=4, img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=10,
-             drop_path_rate=0.0),
-    ),
-}
-
-
-def variant_config(name: str, **overrides: Any) -> TimeSformerConfig:
-    """The config of a registered variant with field overrides (e.g. ``attention_type="joint_space_time"``)."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model variant {name!r}; known: {', '.join(VARIANTS)}")
-    return TimeSformerConfig.from_dict({**VARIANTS[name].overrides, **overrides}, where=f"variant {name}")
-
-
 def normalization_of(model: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The (mean, std) a model's inputs are normalised with: its config's, found through the wrappers training
-    puts around it (DistributedDataParallel, DeepSpeed, autocast: each keeps the model as ``.module``). A model
-    without a TimeSformerConfig (a Hugging Face one in a benchmark) gets the original's."""
+    puts around it (DistributedDataParallel, DeepSpeed, autocast: each keeps the model as ``.module``). Every
+    registered family's config carries them (pipeline.models.registry); a model without such a config (a Hugging
+    Face one in a benchmark) gets the original's."""
     for _ in range(4):
         cfg = getattr(model, "cfg", None)
-        if isinstance(cfg, TimeSformerConfig):
+        if isinstance(getattr(cfg, "mean", None), tuple) and isinstance(getattr(cfg, "std", None), tuple):
             return cfg.mean, cfg.std
         model = getattr(model, "module", None)
         if model is None:

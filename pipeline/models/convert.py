@@ -34,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.models.config import DEFAULT_MEAN, DEFAULT_STD
+from pipeline.models.registry import config_from_dict, family_of
 from pipeline.models.timesformer import (
     EXTRA_STEPS,
     TimeSformer,
@@ -472,9 +474,11 @@ def config_from_hf(hf: Mapping[str, Any]) -> TimeSformerConfig:
 # safetensors
 
 
-def save_safetensors(model: TimeSformer, path: str | os.PathLike, classes: list[str] | None = None,
+def save_safetensors(model: nn.Module, path: str | os.PathLike, classes: list[str] | None = None,
                      protocol: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` with the config in its metadata, so ``load_safetensors`` can rebuild it,
+    """Write ``model.safetensors`` (a model of any registered family) with its family and config in the metadata
+    (``model_family``, ``model_config``; a TimeSformer's also as ``timesformer_config``, what earlier versions
+    read), so ``load_safetensors`` can rebuild it,
     the class names when given (evaluation compares them with a dataset's: ``classes`` key, a JSON list) and
     the test protocol it was trained for (``test_protocol``: frames, sampling rate, clips x crops; predict
     uses it for a model without its run)."""
@@ -485,7 +489,7 @@ def save_safetensors(model: TimeSformer, path: str | os.PathLike, classes: list[
         path = path / "model.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"format": "pt", "timesformer_config": json.dumps(model.cfg.to_dict())}
+    metadata = model_metadata(model)
     if classes is not None:
         metadata["classes"] = json.dumps(list(classes))
     if protocol is not None:
@@ -538,9 +542,46 @@ def check_config_against_shapes(cfg: TimeSformerConfig, shapes: Mapping[str, tup
             f"run again (jobs/export.py), or build the model yourself and use load_checkpoint(model, path).")
 
 
-def load_safetensors(path: str | os.PathLike) -> TimeSformer:
-    """Rebuild a model from a file written by ``save_safetensors`` (strict). The config in the metadata is
-    checked against the tensors' shapes in the header before the model is built."""
+def model_metadata(model: nn.Module) -> dict[str, str]:
+    """The safetensors metadata that names a model's family and config (``load_safetensors`` rebuilds from it)."""
+    family = family_of(model).name
+    text = json.dumps(model.cfg.to_dict())
+    meta = {"format": "pt", "model_family": family, "model_config": text}
+    if family == "timesformer":
+        meta["timesformer_config"] = text
+    return meta
+
+
+def config_from_metadata(meta: Mapping[str, str], where: str) -> Any:
+    """The model config a safetensors file's metadata records (any family), or a ValueError naming the file."""
+    family = meta.get("model_family", "timesformer")
+    key = "timesformer_config" if family == "timesformer" and "timesformer_config" in meta else "model_config"
+    if key not in meta:
+        raise ValueError(f"{where}: no '{key}' in the safetensors metadata; build the model yourself and use "
+                         f"load_checkpoint(model, path)")
+    try:
+        fields = json.loads(meta[key])
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{where}: the metadata's {key} is not valid JSON ({e}); export the run again "
+                         f"(jobs/export.py)") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{where}: the metadata's {key} is a {type(fields).__name__}, not an object")
+    try:
+        cfg = config_from_dict(family, fields, where=where)
+    except (TypeError, ValueError) as e:  # a field of the wrong type or value (NaN mlp_ratio): name the file
+        if where in str(e):
+            raise
+        raise ValueError(f"{where}: the metadata's {key} is not a valid model config ({e})") from None
+    odd = [f"{k}={v!r}" for k, v in fields.items() if isinstance(v, float) and not math.isfinite(v)]
+    if odd:  # NaN passes every range check (all comparisons are false), then fails deep in the model's sizes
+        raise ValueError(f"{where}: the metadata's {key} has non-finite values ({', '.join(odd)}); "
+                         f"export the run again (jobs/export.py)")
+    return cfg
+
+
+def load_safetensors(path: str | os.PathLike) -> nn.Module:
+    """Rebuild a model (any registered family) from a file written by ``save_safetensors`` (strict). The config in
+    the metadata is checked against the tensors in the header before the model is built."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -549,26 +590,15 @@ def load_safetensors(path: str | os.PathLike) -> TimeSformer:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such safetensors file")
     meta, shapes = _safetensors_header(path)
-    if "timesformer_config" not in meta:
-        raise ValueError(f"{path}: no 'timesformer_config' in the safetensors metadata; build the model "
-                         f"yourself and use load_checkpoint(model, path)")
-    try:
-        fields = json.loads(meta["timesformer_config"])
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: the metadata's timesformer_config is not valid JSON ({e}); export the run "
-                         f"again (jobs/export.py)") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"{path}: the metadata's timesformer_config is a {type(fields).__name__}, not an object")
-    try:
-        cfg = TimeSformerConfig.from_dict(fields, where=str(path))
-    except (TypeError, ValueError) as e:  # a field of the wrong type or value (NaN mlp_ratio): name the file
-        if str(path) in str(e):
-            raise
-        raise ValueError(f"{path}: the metadata's timesformer_config is not a valid model config ({e})") from None
-    odd = [f"{k}={v!r}" for k, v in fields.items() if isinstance(v, float) and not math.isfinite(v)]
-    if odd:  # NaN passes every range check (all comparisons are false), then fails deep in the model's sizes
-        raise ValueError(f"{path}: the metadata's timesformer_config has non-finite values ({', '.join(odd)}); "
-                         f"export the run again (jobs/export.py)")
+    cfg = config_from_metadata(meta, str(path))
+    if not isinstance(cfg, TimeSformerConfig):
+        family = family_of(cfg)
+        wanted, held = family.parameter_count(cfg), sum(math.prod(s) for s in shapes.values())
+        if wanted > held:
+            raise CheckpointMismatchError(
+                f"{path}: its metadata ({family.name} config) describes a model of {wanted:,} parameters, the file's "
+                f"tensors hold {held:,} numbers. No model was built. Export the run again (jobs/export.py).")
+        return family.load_weights(family.build(cfg), load_file(str(path)))
     check_config_against_shapes(cfg, shapes, str(path))
     return load_into(TimeSformer(cfg), load_file(str(path)), where=str(path))
 

@@ -1,28 +1,32 @@
-"""Building a registered variant, with or without its default weights: the one place that knows both the
-architecture (``timesformer``) and where weights come from (``hub``, ``convert``), so neither imports the other."""
+"""Building a registered model, with or without its default weights: the one place that knows both the
+architectures (the registry's families) and where weights come from (``hub``, ``convert``), so neither imports the
+other."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
 
-from pipeline.models.config import VARIANTS, variant_config
+from pipeline.models.registry import MODELS, family_of, model_config_of
 from pipeline.models.timesformer import TimeSformer
 
 
-def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> TimeSformer:
-    """Build a registered variant: ``create_model("timesformer_l", num_classes=600)``.
+def create_model(name: str, pretrained: bool | str = False, **overrides: Any) -> nn.Module:
+    """Build a registered model (pipeline.models.registry): ``create_model("timesformer_l", num_classes=600)``,
+    ``create_model("i3d_r50", pretrained=True)``.
 
-    ``pretrained=True`` starts from the variant's default weights (``VARIANTS[name].pretrained``), the timm way;
+    ``pretrained=True`` starts from the variant's default weights (``MODELS[name].pretrained``), the timm way;
     a string names another source (``hf-hub:<org>/<name>``, ``s3://...``, a path). The source is fetched once
     (``pipeline.models.hub``, huggingface_hub's cache; ``HF_HUB_OFFLINE=1`` reads the cache only) and loaded
     strictly (an image ViT is inflated); the model's ``mean``/``std`` are the source's where it records them
     (a ``mean``/``std`` override that contradicts it is refused), and its class count too unless ``num_classes``
     says otherwise, in which case the head starts fresh."""
-    probe = variant_config(name, **overrides)  # an unknown variant or a bad override: said before any download
+    probe = model_config_of(name, **overrides)  # an unknown model or a bad override: said before any download
+    family = family_of(name)
     if not pretrained:
-        return TimeSformer(probe)
+        return family.build(probe)
     from pipeline.models.convert import (
         checkpoint_normalization,
         detect_format,
@@ -32,7 +36,7 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
     )
     from pipeline.models.hub import resolve_source
 
-    source = pretrained if isinstance(pretrained, str) else VARIANTS[name].pretrained
+    source = pretrained if isinstance(pretrained, str) else MODELS[name].pretrained
     if not source:
         raise ValueError(f"variant {name!r} has no default weights (pretrained=True); give a source, "
                          f"create_model({name!r}, pretrained='hf-hub:<org>/<name>' or a path), or build it "
@@ -47,6 +51,12 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
                              f"{list(recorded[1])}; the {'/'.join(asked)} given differ(s): leave them out (the model "
                              f"takes the source's) or start from other weights")
         overrides = {**overrides, "mean": recorded[0], "std": recorded[1]}
+    if family.name != "timesformer":  # the family's loader converts its layouts (an image model is inflated)
+        model = family.build(model_config_of(name, **overrides))
+        try:
+            return family.load_weights(model, path, reset_head="num_classes" in overrides)
+        except ValueError as e:
+            raise type(e)(f"{source} ({path}): {e}") from None
     state = read_checkpoint(path)
     fmt = detect_format(state)
     head = {"hf": state.get("classifier.weight"), "ours": state.get("head.weight"),
@@ -56,7 +66,7 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
     # a video model's classes are kept; an image model's (ImageNet's 1000) never become the variant's
     if theirs is not None and "num_classes" not in overrides and fmt != "timm_vit":
         overrides = {**overrides, "num_classes": theirs}
-    model = TimeSformer(variant_config(name, **overrides))
+    model = TimeSformer(model_config_of(name, **overrides))
     reset = theirs is not None and theirs != model.cfg.num_classes
     try:
         return load_checkpoint(model, state, reset_head=reset)

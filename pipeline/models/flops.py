@@ -119,8 +119,11 @@ def parameter_count(cfg: TimeSformerConfig, include_head: bool = True) -> int:
 def training_flops_per_clip(cfg: TimeSformerConfig, recompute_forward: bool | float = False) -> int:
     """Multiply-adds of one training step per clip: forward + backward (2x forward), plus the forward that
     activation checkpointing recomputes (True: all of it; a number: that share, ``recompute_fraction``).
-    Used for achieved TFLOP/s: without recompute the model FLOPs (MFU), with it the hardware FLOPs (HFU)."""
-    fwd = flops_per_view(cfg)
+    Used for achieved TFLOP/s: without recompute the model FLOPs (MFU), with it the hardware FLOPs (HFU). Any
+    registered family's config (its own FLOPs accounting, pipeline.models.registry)."""
+    from pipeline.models.registry import flops_per_view as family_flops
+
+    fwd = family_flops(cfg)
     return 3 * fwd + round(fwd * float(recompute_forward))
 
 

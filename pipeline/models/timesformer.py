@@ -45,25 +45,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import fields
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from pipeline.models.checkpointing import (  # noqa: F401 -- re-exported: every family's models use them
+    SELECTIVE,
+    apply_activation_checkpointing,
+    parse_checkpoint_policy,
+    selective_checkpoint,
+)
 from pipeline.models.config import (  # noqa: F401 -- re-exported: the model's config lives beside it, torch-free
     ATTENTION_TYPES,
     EXTRA_STEPS,
     POS_EMBED_TYPES,
-    VARIANTS,
     TimeSformerConfig,
-    Variant,
     check_local_global_shape,
-    variant_config,
 )
+from pipeline.models.registry import VARIANTS, Variant, model_config, variant_config  # noqa: F401 -- re-exported
 
 # ---------------------------------------------------------------------------------------------------
 # Layers
@@ -323,6 +324,24 @@ class TimeSformer(nn.Module):
                 nn.init.zeros_(fc.weight)
                 nn.init.zeros_(fc.bias)
 
+    def checkpoint_units(self) -> list[nn.Module]:
+        """What activation checkpointing wraps (pipeline.models.checkpointing): the blocks, in order."""
+        return list(self.blocks)
+
+    @property
+    def num_layers(self) -> int:
+        """Layers for layer-wise learning-rate decay: the embeddings (0), each block, the top (norm and head)."""
+        return len(self.blocks) + 1
+
+    def layer_of(self, name: str) -> int:
+        """A parameter's layer for layer-wise learning-rate decay: 0 for the patch, position and time embeddings
+        and the cls token, ``i + 1`` for block ``i``, ``num_layers`` (the top) for the final norm and the head."""
+        if name.startswith(("cls_token", "pos_embed", "time_embed", "patch_embed.")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers
+
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names that recipes may exempt from weight decay (the original decays all)."""
@@ -456,98 +475,6 @@ def resize_time_embed(time_embed: torch.Tensor, num_frames: int, mode: str = "ne
     kwargs = {} if mode == "nearest" else {"align_corners": False}
     t = F.interpolate(time_embed.float().transpose(1, 2), size=num_frames, mode=mode, **kwargs)
     return t.transpose(1, 2).to(time_embed.dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Activation checkpointing, applied from outside
-
-
-SELECTIVE = "selective"
-
-
-def parse_checkpoint_policy(policy: str | int | None) -> int | str:
-    """``none``/0 -> 0; ``full``/``every_block``/1 -> 1; ``every_k`` or an int k -> every k-th block;
-    ``selective`` -> every block, keeping matmul and attention outputs (see ``apply_activation_checkpointing``)."""
-    if policy is None or policy in ("none", 0, False):
-        return 0
-    if policy in ("full", "every_block", True):
-        return 1
-    if policy == SELECTIVE:
-        return SELECTIVE
-    if isinstance(policy, int) and policy > 0:
-        return policy
-    if isinstance(policy, str) and policy.startswith("every_") and policy[6:].isdigit() and int(policy[6:]) > 0:
-        return int(policy[6:])
-    raise ValueError(
-        f"activation checkpointing policy {policy!r}: expected 'none', 'full' (every block), "
-        f"'every_<k>' (every k-th block), 'selective' (every block, matmul outputs kept) or a positive integer k"
-    )
-
-
-def _ops(*names: str) -> set:
-    return {getattr(torch.ops.aten, n).default for n in names if hasattr(torch.ops.aten, n)}
-
-
-# Outputs kept by the selective policy: the expensive ops. Everything else (norms, GELU, adds,
-# copies) is recomputed in the backward pass, which costs memory bandwidth, not matmul time.
-_SELECTIVE_SAVE = _ops(
-    "mm", "addmm", "bmm",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-)
-
-
-def _selective_policy(ctx, op, *args, **kwargs):
-    from torch.utils.checkpoint import CheckpointPolicy
-
-    return CheckpointPolicy.MUST_SAVE if op in _SELECTIVE_SAVE else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def selective_checkpoint(function: Callable, *args):
-    """Non-reentrant checkpoint that keeps matmul and attention outputs (torchtitan's "op-level
-    selective AC"): the backward recomputes only cheap elementwise work."""
-    from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-    return torch_checkpoint(function, *args, use_reentrant=False,
-                            context_fn=partial(create_selective_checkpoint_contexts, _selective_policy))
-
-
-def apply_activation_checkpointing(
-    model: TimeSformer,
-    policy: str | int | None,
-    checkpoint_fn: Callable[..., tuple[torch.Tensor, ...]] | None = None,
-) -> list[int]:
-    """Recompute chosen blocks in the backward pass instead of keeping their activations.
-
-    Policies: ``none``; ``full`` (every block; least memory); ``every_<k>``; ``selective`` (every
-    block, but the outputs of matmuls and attention are kept, so only elementwise work is recomputed:
-    most of full's saving of norm/GELU/copy activations at almost no extra compute). ``checkpoint_fn(
-    function, *args)`` defaults to non-reentrant ``torch.utils.checkpoint``; pass DeepSpeed's
-    ``deepspeed.checkpointing.checkpoint`` to use its implementation (not with ``selective``).
-    Returns the indices of checkpointed blocks. State-dict keys do not change.
-    """
-    every = parse_checkpoint_policy(policy)
-    if every == SELECTIVE:
-        if checkpoint_fn is not None:
-            raise ValueError("the 'selective' policy uses torch.utils.checkpoint; do not pass checkpoint_fn")
-        fn, every = selective_checkpoint, 1
-    else:
-        fn = checkpoint_fn or partial(torch_checkpoint, use_reentrant=False)
-    chosen = []
-    for i, blk in enumerate(model.blocks):
-        on = every > 0 and i % every == 0
-        blk.checkpoint_fn = fn if on else None
-        if on:
-            chosen.append(i)
-    return chosen
-
-
-def model_config(cfg: Any) -> TimeSformerConfig:
-    """The model of a run config (``pipeline.config.RunConfig``): its variant, with every field the recipe
-    sets (``model.*``, None: the variant's own) and the data's frames and crop."""
-    m = cfg.model
-    own = {f.name: getattr(m, f.name) for f in fields(TimeSformerConfig) if getattr(m, f.name, None) is not None}
-    return variant_config(m.variant, **{**own, "num_frames": cfg.data.num_frames, "img_size": cfg.data.crop})
 
 
 def count_parameters(model: nn.Module) -> int:

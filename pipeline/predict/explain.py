@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.models.registry import scheme_of
 from pipeline.models.timesformer import Attention, TimeSformer
 from pipeline.predict.model import PredictError, Protocol, read_views
 
@@ -48,9 +49,9 @@ def attention_maps(model: TimeSformer, clip_1CTHW: torch.Tensor) -> dict[str, np
     """``space`` and ``rollout`` ``(T, gh, gw)``, ``frame_share`` ``(T,)`` (the rollout's mass per frame) and, for
     divided attention, ``temporal`` ``(T, T)``, for one normalised clip ``(1, C, T, H, W)``."""
     cfg = model.cfg
-    if cfg.attention_type not in SUPPORTED:
+    if getattr(cfg, "attention_type", None) not in SUPPORTED:
         raise PredictError(f"--explain supports {', '.join(SUPPORTED)} attention; this model uses "
-                           f"{cfg.attention_type}")
+                           f"{scheme_of(cfg)}")
     captured: list[tuple[int, str, torch.Tensor]] = []  # (block, module, its input), in the order they ran
     hooks = []
     for i, blk in enumerate(model.blocks):

@@ -238,7 +238,7 @@ def _load_run_dir(run: Path) -> LoadedModel:
     (nothing is written into the run directory)."""
     from pipeline.config import ConfigError, load_resolved
     from pipeline.models.convert import load_safetensors
-    from pipeline.models.timesformer import model_config
+    from pipeline.models.registry import build, model_config
     from pipeline.train import checkpoint as ckpt
     from pipeline.train.engine import consolidated_state_dict
     from pipeline.train.evaluate import EvaluationError, model_classes, recorded_dataset
@@ -256,7 +256,7 @@ def _load_run_dir(run: Path) -> LoadedModel:
             if ckpt.latest_complete(run) is None:
                 raise PredictError(f"{run}: no export and no complete checkpoint: nothing to predict with yet")
             tag, ema = run_weights(run, cfg)  # what its export would hold: the best checkpoint, its EMA
-            model = TimeSformer(model_config(cfg))
+            model = build(model_config(cfg))
             state = consolidated_state_dict(ckpt.checkpoint_root(run), tag, ema=ema)
             digest = state_digest(state)
             model.load_state_dict(state, strict=True)

@@ -14,6 +14,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TextIO
 
+from pipeline.models.registry import scheme_of
 from pipeline.predict.model import LoadedModel, PredictError, Predictor, Protocol, Result, describe_error
 from pipeline.predict.outputs import FeatureStore, RowWriter, check_record, read_done, result_row
 
@@ -172,9 +173,9 @@ def _explainer(loaded: LoadedModel, protocol: Protocol, device):
     from pipeline.predict.inputs import read_source
     from pipeline.predict.model import PredictError, default_device
 
-    if loaded.model.cfg.attention_type not in SUPPORTED:
+    if getattr(loaded.model.cfg, "attention_type", None) not in SUPPORTED:
         raise PredictError(f"--explain supports {', '.join(SUPPORTED)} attention; this model uses "
-                           f"{loaded.model.cfg.attention_type}")
+                           f"{scheme_of(loaded.model.cfg)}")
     # a copy: the predictor's model may be in bf16 on a GPU, and stays so
     model = copy.deepcopy(loaded.model).to(device or default_device(), torch.float32).eval()
 

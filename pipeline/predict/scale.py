@@ -30,20 +30,22 @@ def model_payload(model) -> bytes:
     """The model as safetensors bytes with its config in the metadata (what ``load_safetensors`` reads)."""
     from safetensors.torch import save
 
+    from pipeline.models.convert import model_metadata
+
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-    return save(state, metadata={"format": "pt", "timesformer_config": json.dumps(model.cfg.to_dict())})
+    return save(state, metadata=model_metadata(model))
 
 
 def model_from_payload(payload: bytes):
     from safetensors.torch import load
 
-    from pipeline.models.convert import load_into
-    from pipeline.models.timesformer import TimeSformer, TimeSformerConfig
+    from pipeline.models.convert import config_from_metadata
+    from pipeline.models.registry import family_of
 
-    state = load(payload)
-    meta = _payload_metadata(payload)
-    cfg = TimeSformerConfig.from_dict(json.loads(meta["timesformer_config"]), where="the model sent to the actor")
-    return load_into(TimeSformer(cfg), state, where="the model sent to the actor")
+    where = "the model sent to the actor"
+    cfg = config_from_metadata(_payload_metadata(payload), where)
+    family = family_of(cfg)
+    return family.load_weights(family.build(cfg), load(payload))
 
 
 def _payload_metadata(payload: bytes) -> dict[str, str]:
@@ -63,7 +65,7 @@ class PredictActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         cfg = self.predictor.cfg
-        k, d = max(cfg.num_classes, 1), cfg.embed_dim
+        k, d = max(cfg.num_classes, 1), cfg.feature_dim
         results = [self.predictor.predict(str(x)) for x in batch["input"]]
         return {
             "i": np.asarray(batch["i"]),

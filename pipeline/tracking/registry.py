@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.models.registry import family_of, scheme_of
 from pipeline.secrets import redact_text, reveal_uri
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,8 @@ def input_example(cfg: Any) -> np.ndarray:
     variants a shorter and smaller one (the model reads frame count and size from its input), so the example
     stays a few MB of JSON."""
     frames = min(cfg.num_frames, EXAMPLE_MAX_FRAMES)
-    size = cfg.img_size if cfg.img_size <= EXAMPLE_MAX_SIZE else EXAMPLE_MAX_SIZE // cfg.patch_size * cfg.patch_size
+    step = getattr(cfg, "patch_size", 32)  # a 3D CNN takes any size; 32 is its stride
+    size = cfg.img_size if cfg.img_size <= EXAMPLE_MAX_SIZE else EXAMPLE_MAX_SIZE // step * step
     return np.random.default_rng(0).integers(0, 256, (1, cfg.in_chans, frames, size, size), dtype=np.uint8)
 
 
@@ -100,7 +102,8 @@ def version_tags(facts: dict[str, Any], model_cfg: Any) -> dict[str, str]:
         tags["gpu_hours"] = f"{facts['gpu_hours']:.4g}"
         tags["gpu_hours_unit"] = str(facts.get("gpu_hours_unit", "gpu"))
     tags.update(run_dir=str(facts["run_dir"]), recipe=str(facts["recipe"]), variant=str(facts["variant"]),
-                attention_type=model_cfg.attention_type, clip=f"{model_cfg.num_frames}x{model_cfg.img_size}",
+                attention_type=scheme_of(model_cfg), family=family_of(model_cfg).name,
+                clip=f"{model_cfg.num_frames}x{model_cfg.img_size}",
                 classes=str(model_cfg.num_classes),
                 normalization=f"mean={list(model_cfg.mean)} std={list(model_cfg.std)}")
     return tags
@@ -118,7 +121,8 @@ def describe_version(facts: dict[str, Any], model_cfg: Any) -> str:
     test = facts.get("test") or {}
     tested = (f"test {result} over {test.get('videos')} videos ({test.get('protocol')}, {test_views(test)} per "
               f"video)" if result else "no test accuracy")
-    return (f"TimeSformer {facts['variant']} ({model_cfg.attention_type}, {model_cfg.num_frames}x{model_cfg.img_size}, "
+    name = "TimeSformer" if family_of(model_cfg).name == "timesformer" else family_of(model_cfg).name
+    return (f"{name} {facts['variant']} ({scheme_of(model_cfg)}, {model_cfg.num_frames}x{model_cfg.img_size}, "
             f"{model_cfg.num_classes} classes) from run {facts['run_name']} on {data}: {tested}. Run directory: "
             f"{facts['run_dir']}. Input: uint8 clips (batch, 3, frames, height, width), normalised by the model.")
 

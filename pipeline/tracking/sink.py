@@ -429,13 +429,17 @@ def end_run(run_dir: str | Path, status: str, tags: dict[str, str] | None = None
 
 def mlflow_tags(cfg: Any, nodes: int, git: dict[str, Any]) -> dict[str, str]:
     """A run's MLflow tags: what it trains (recipe, model, clip), on what, from which commit."""
-    from pipeline.models.flops import flops_per_view, parameter_count
-    from pipeline.models.timesformer import model_config
+    from pipeline.models.registry import family_of, flops_per_view, model_config, parameter_count
 
     mc = model_config(cfg)
-    return {"recipe": cfg.recipe, "variant": cfg.model.variant, "attention_type": cfg.model.attention_type,
+    # the inference cost of one test view (the test protocol's size: a 3D CNN tests at 256 after training at 224)
+    test_gflops = flops_per_view(mc, img_size=cfg.test.crop or cfg.data.crop)
+    # the attention scheme is a TimeSformer's; a 3D CNN's "attention" column says what it is instead
+    scheme = getattr(cfg.model, "attention_type", None) or family_of(mc).name
+    return {"recipe": cfg.recipe, "variant": cfg.model.variant, "family": family_of(mc).name,
+            "attention_type": scheme,
             "frames": str(cfg.data.num_frames), "sampling_rate": str(cfg.data.sampling_rate),
             "resolution": str(cfg.data.crop), "nodes": str(nodes), "gpus_per_node": str(cfg.cluster.gpus_per_node),
             "accelerator": cfg.cluster.accelerator, "git_sha": git.get("sha", ""),
-            "params": str(parameter_count(mc)), "gflops_per_view": f"{flops_per_view(mc) / 1e9:.2f}",
+            "params": str(parameter_count(mc)), "gflops_per_view": f"{test_gflops / 1e9:.4g}",
             "mlflow.note.content": cfg.description}

@@ -153,36 +153,31 @@ def classification_loss(logits: torch.Tensor, label: torch.Tensor, multi_label: 
     return F.binary_cross_entropy_with_logits(logits, target)
 
 
-EMBEDDING_NAMES = ("cls_token", "pos_embed", "time_embed", "patch_embed.")  # layer 0 of layer-wise lr decay
-
-
-def layer_of(name: str, depth: int) -> int:
-    """A parameter's layer for layer-wise learning-rate decay: 0 for the patch, position and time embeddings and
-    the cls token, ``i + 1`` for block ``i``, ``depth + 1`` (the top) for the final norm and the head."""
-    if name.startswith(EMBEDDING_NAMES):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
 
 
 def build_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
     """SGD with Nesterov momentum (the paper) or AdamW over the parameters that train (``train.freeze``);
     weight decay on every parameter, as the original, unless ``optim.decay_embeddings`` is off (then cls token,
     position and time embeddings are exempt); the classifier head at ``optim.head_lr_scale`` times the rate;
-    with ``optim.layer_decay`` d < 1, each layer ``l`` of ``layer_of`` at ``d ** (depth + 1 - l)`` times it (the
-    head's scale on top). On a GPU the optimizer is torch's fused one (one kernel for all parameters instead of
+    with ``optim.layer_decay`` d < 1, each layer ``l`` (the model's ``layer_of(name)``: 0 for the embeddings or
+    stem, one per block, ``num_layers`` for the top) at ``d ** (num_layers - l)`` times it (the head's scale on
+    top). On a GPU the optimizer is torch's fused one (one kernel for all parameters instead of
     a few per tensor)."""
     o = cfg.optim
     exempt = set() if o.decay_embeddings else set(getattr(model, "no_weight_decay", lambda: set())())
     groups: dict[tuple[int, bool, bool], list[nn.Parameter]] = {}
     apart = o.head_lr_scale != 1.0  # the head in groups of its own only when its rate differs: the optimizer's
     layered = o.layer_decay != 1.0  # groups (and so its checkpoints) keep their layout otherwise; likewise one
-    depth = len(getattr(model, "blocks", ()))  # group per layer only with layer decay
-    top = depth + 1
+    core = model  # the family's own model, under training's wrappers: it knows its layers
+    while not hasattr(core, "layer_of") and hasattr(core, "module"):
+        core = core.module
+    if layered and not hasattr(core, "layer_of"):
+        raise ValueError(f"optim.layer_decay={o.layer_decay:g} needs the model's layers (a layer_of(name) method, "
+                         f"which every registered family has); {type(core).__name__} has none: set layer_decay 1.0")
+    top = core.num_layers if layered else 0  # group per layer only with layer decay
     for name, p in model.named_parameters():
         if p.requires_grad:
-            layer = layer_of(name, depth) if layered else top
+            layer = core.layer_of(name) if layered else top
             groups.setdefault((layer, apart and name.startswith(HEAD_PREFIX), name in exempt), []).append(p)
     if not groups:
         raise ValueError("no parameter of the model trains (all frozen): check train.freeze")

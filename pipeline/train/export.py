@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
+from pipeline.models.config import TimeSformerConfig
 from pipeline.models.convert import load_safetensors, save_hf, save_safetensors
-from pipeline.models.timesformer import TimeSformer, model_config
+from pipeline.models.registry import build, family_of, model_config
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.engine import consolidated_state_dict
 from pipeline.train.evaluate import RUN_DATASET_FILE
@@ -22,7 +23,7 @@ def recipe_protocol(cfg: RunConfig) -> dict[str, Any]:
     """How the recipe samples a video for its test protocol: what ``pipeline.predict.Protocol`` takes, and what
     an exported model records (so a model without its run is predicted on as it was tested)."""
     d, t = cfg.data, cfg.test
-    return {"num_frames": d.num_frames, "sampling_rate": d.sampling_rate, "crop": d.crop,
+    return {"num_frames": d.num_frames, "sampling_rate": d.sampling_rate, "crop": t.crop or d.crop,
             "temporal_clips": t.temporal_clips, "spatial_crops": t.spatial_crops, "mode": t.protocol,
             "sampler": d.sampler, "ref_fps": d.ref_fps}
 
@@ -51,7 +52,7 @@ def export_model(run_dir: Path, cfg: RunConfig, tag: str | None = None, out: Pat
     in the metadata. ``ema``: the EMA of the weights (default: when the run exports it, ``train.ema_export``)."""
     tag, ema = run_weights(run_dir, cfg, tag, ema)
     state = consolidated_state_dict(ckpt.checkpoint_root(run_dir), tag, ema=ema)
-    model = TimeSformer(model_config(cfg))
+    model = build(model_config(cfg))
     model.load_state_dict(state, strict=True)
     record = run_dir / RUN_DATASET_FILE
     if classes is None and record.exists():
@@ -82,6 +83,11 @@ def export_hf(model_path: str | Path, directory: str | Path, *, labels: list[str
     from pipeline.train.model_card import run_facts, write_model_card
 
     model = load_safetensors(model_path)
+    if not isinstance(model.cfg, TimeSformerConfig):
+        raise ValueError(f"{model_path}: a {family_of(model).name} model; a Hugging Face directory holds a "
+                         "TimesformerForVideoClassification, and transformers has no class for this family. Its "
+                         "model.safetensors is the whole export (pipeline.models.load_safetensors, "
+                         "timesformer-predict, the MLflow registry): leave out --hf / --push-to-hub")
     if labels is None:
         with contextlib.suppress(ValueError):
             labels = model_classes(model_path)[0]

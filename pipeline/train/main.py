@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pipeline.config import ConfigError, RunConfig, batch_plan, load_resolved, steps_per_epoch, total_steps
-from pipeline.data.loader import clip_config, make_loader
+from pipeline.data.loader import clip_config, make_loader, test_clip_config
 from pipeline.data.shards import load_index, settle_multi_label
 from pipeline.distributed import DistEnv
-from pipeline.models.convert import load_checkpoint
-from pipeline.models.timesformer import TimeSformer, model_config
+from pipeline.models.registry import build, family_of, model_config
 from pipeline.secrets import reveal_env
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.budget import GpuHours
@@ -56,12 +56,12 @@ log = logging.getLogger("pipeline.train")
 EXIT_REQUEUED = 3
 
 
-def build_model(cfg: RunConfig, load_init: bool = True) -> TimeSformer:
-    """The run's model with its initial weights: ``model.init`` loaded, unless ``load_init`` is False (a run that
-    resumes from a checkpoint, which replaces every weight: model.init is then neither needed nor read, so a
-    cleaned cache does not stop a requeued job)."""
+def build_model(cfg: RunConfig, load_init: bool = True) -> nn.Module:
+    """The run's model (any registered family's, pipeline.models.registry) with its initial weights: ``model.init``
+    loaded, unless ``load_init`` is False (a run that resumes from a checkpoint, which replaces every weight:
+    model.init is then neither needed nor read, so a cleaned cache does not stop a requeued job)."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every restart
-    model = TimeSformer(model_config(cfg))
+    model = build(model_config(cfg))
     if cfg.model.init and load_init:
         if not Path(cfg.model.init).exists():
             source = f" (resolved at launch from {cfg.model.init_source})" if cfg.model.init_source else ""
@@ -69,7 +69,7 @@ def build_model(cfg: RunConfig, load_init: bool = True) -> TimeSformer:
                 f"model.init={cfg.model.init}{source}: no such file or directory, and the run has no complete "
                 f"checkpoint to resume from, so it needs these weights: relaunch with `python jobs/launch.py "
                 f"--resume <run dir>` (launch fetches model.init_source again), or restore the file")
-        load_checkpoint(model, cfg.model.init, reset_head=cfg.model.init_reset_head)
+        family_of(model).load_weights(model, cfg.model.init, reset_head=cfg.model.init_reset_head)
     return model
 
 
@@ -212,10 +212,10 @@ class Trainer:
         if cfg.train.freeze != "none" and self.denv.is_main:
             log.info("train.freeze=%s: %d of %d parameters train", cfg.train.freeze, trainable,
                      sum(p.numel() for p in self.model.parameters()))
-        self.policy = prepare_model(self.model, cfg, self.device, build=lambda: TimeSformer(mcfg),
+        self.policy = prepare_model(self.model, cfg, self.device, build=lambda: build(mcfg),
                                     micro_batch=self.plan.micro_batch)
         self.engine = make_engine(self.model, cfg, self.plan, self.per_epoch, self.device,
-                                  model_factory=lambda: TimeSformer(mcfg))
+                                  model_factory=lambda: build(mcfg))
         self.resumed = resume(self.engine, self.run_dir, self.denv.world_size)
         self._data_layout()
 
@@ -314,10 +314,11 @@ class Trainer:
     # -- train -------------------------------------------------------------------------------------------
 
     def loop_state(self) -> LoopState:
+        from pipeline.models.checkpointing import checkpoint_units
         from pipeline.models.flops import device_peak_tflops, training_flops_per_clip
 
         mcfg = model_config(self.cfg)
-        recomputed = recompute_fraction(self.policy, mcfg.depth)
+        recomputed = recompute_fraction(self.policy, len(checkpoint_units(self.model)))
         return LoopState(cfg=self.cfg, engine=self.engine, plan=self.plan, index=self.index, storage=self.storage,
                          clip=clip_config(self.cfg), rank=self.denv.rank, world_size=self.denv.world_size,
                          device=self.device, per_epoch=self.per_epoch, total=self.total, run_dir=self.run_dir,
@@ -451,7 +452,7 @@ class Trainer:
         cfg = self.cfg
         with self.engine.eval_module(ema=getattr(self, "final", {}).get("ema", False)) as (module, dtype):
             return test_protocol(module, dtype, self.index, self.storage, split=cfg.data.test_split,
-                                 clip=clip_config(cfg), protocol=cfg.test.protocol,
+                                 clip=test_clip_config(cfg), protocol=cfg.test.protocol,
                                  temporal_clips=cfg.test.temporal_clips, spatial_crops=cfg.test.spatial_crops,
                                  batch_size=cfg.test.batch_size, device=self.device,
                                  num_workers=min(cfg.data.num_workers, 2), max_videos=cfg.test.max_videos)

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.models.registry import family_of
 from pipeline.models.timesformer import TimeSformerConfig
 
 CARD_FILE = "README.md"
@@ -34,7 +35,8 @@ def run_facts(run_dir: str | Path, cfg: Any, index: Any = None) -> dict[str, Any
     run_dir = Path(run_dir)
     facts: dict[str, Any] = {
         "run_dir": str(run_dir), "run_name": run_dir.name, "recipe": cfg.recipe, "description": cfg.description,
-        "variant": cfg.model.variant, "attention_type": cfg.model.attention_type,
+        "variant": cfg.model.variant,
+        "attention_type": getattr(cfg.model, "attention_type", None) or family_of(cfg.model.variant).name,
         "num_frames": cfg.data.num_frames, "sampling_rate": cfg.data.sampling_rate, "crop": cfg.data.crop,
         "init": getattr(cfg.model, "init_source", "") or cfg.model.init,
         "optimizer": cfg.optim.name, "lr": cfg.optim.lr, "global_batch": cfg.train.global_batch,

@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.distributed import group_rank_world
-from pipeline.models.timesformer import SELECTIVE, apply_activation_checkpointing, parse_checkpoint_policy
+from pipeline.models.checkpointing import (
+    SELECTIVE,
+    apply_activation_checkpointing,
+    checkpoint_units,
+    parse_checkpoint_policy,
+)
 
 log = logging.getLogger("pipeline.train")
 
@@ -108,7 +113,8 @@ def resolve_checkpointing(policy: str, build: Callable[[], nn.Module], micro_bat
 
 
 def recompute_fraction(policy: str, depth: int) -> float:
-    """The share of the blocks' forward that a policy recomputes in the backward pass, in matmul FLOPs
+    """The share of the forward of a model's ``depth`` checkpointing units (TimeSformer's blocks, a 3D ResNet's
+    residual blocks) that a policy recomputes in the backward pass, in matmul FLOPs
     (hardware-FLOPs utilisation counts it): every block for full, one in k for every_k, none for selective
     (it keeps every matmul and attention output; only elementwise work, which FLOP counts leave out)."""
     every = parse_checkpoint_policy(policy)
@@ -118,10 +124,10 @@ def recompute_fraction(policy: str, depth: int) -> float:
 
 
 def compile_blocks(model: nn.Module, mode: str | None = None) -> None:
-    """Regional compilation: each transformer block compiled in place (one graph, reused by every block
-    of the same shape), activation checkpointing traced inside it; embeddings and head stay eager.
-    State-dict keys do not change. ``mode``: torch.compile's (None: its default)."""
-    for blk in model.blocks:
+    """Regional compilation: each checkpointing unit (a transformer block, a residual block) compiled in place
+    (one graph, reused by every unit of the same shape), activation checkpointing traced inside it; embeddings
+    and head stay eager. State-dict keys do not change. ``mode``: torch.compile's (None: its default)."""
+    for blk in checkpoint_units(model):
         blk.compile(dynamic=False, mode=mode)
 
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, load_recipe
-from pipeline.models import config as model_config_module
-from pipeline.models.config import Variant
+from pipeline.models import registry as registry_module
+from pipeline.models.registry import Variant
 from pipeline.models.convert import (
     UnsafeCheckpointError,
     checkpoint_normalization,
@@ -210,9 +210,9 @@ def test_a_pytorch_model_bin_that_carries_code_is_refused_and_nothing_runs(hub, 
 def tiny_variants(monkeypatch):
     """Two variants of the tiny model whose default weights are the cache's repositories (removed after)."""
     shape = {k: v for k, v in TINY.items() if k != "num_classes"}
-    monkeypatch.setitem(model_config_module.VARIANTS, "tiny_from_k3",
+    monkeypatch.setitem(registry_module.MODELS, "tiny_from_k3",
                         Variant("tiny, from the tiny HF TimeSformer", shape, pretrained=f"hf-hub:{TSF_BIN}"))
-    monkeypatch.setitem(model_config_module.VARIANTS, "tiny_from_vit",
+    monkeypatch.setitem(registry_module.MODELS, "tiny_from_vit",
                         Variant("tiny, from the tiny ViT", shape, pretrained=f"hf-hub:{VIT}"))
 
 
@@ -232,7 +232,7 @@ def test_create_model_pretrained_takes_the_variants_source_its_classes_and_norma
 
 
 def test_the_registered_variants_name_their_default_weights():
-    from pipeline.models.config import IMAGENET_VIT, VARIANTS
+    from pipeline.models.registry import IMAGENET_VIT, VARIANTS
 
     assert VARIANTS["timesformer_base"].pretrained == "hf-hub:facebook/timesformer-base-finetuned-k400"
     assert VARIANTS["timesformer_hr"].pretrained == "hf-hub:facebook/timesformer-hr-finetuned-k400"
