@@ -9,6 +9,7 @@
     python jobs/launch.py --resume runs/k400_long-20261126-101500           # continue a stopped run
     python jobs/launch.py --recipe smoke --sweep model.attention_type=divided_space_time,joint_space_time,space_only \\
         --sweep-budget 0.3 --halving "rungs=0.25,0.5 eta=2" --array-parallelism 2   # one Slurm job array
+    python jobs/launch.py --sweep-status attn    # its members, hours used/granted, job states, decisions
 
 Sweeps (--sweep key=v1,v2, repeated for a grid, or --sweep-file FILE) check every member first, then submit ONE
 Slurm job array (--array-parallelism N at a time), or with --local run the members as local processes N at a
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", metavar="RUN_DIR", help="submit a run again (resumes from its newest checkpoint)")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     p.add_argument("--list", action="store_true", help="list the recipes and exit")
+    p.add_argument("--list-models", action="store_true",
+                   help="list the registered models (model.variant; pipeline/models/registry.py) and exit")
     p.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                    help="a sweep axis (repeat for a grid: the product of the axes)")
     p.add_argument("--sweep-file", help="a YAML sweep file (members: or grid:, budget:, halving:, array_parallelism:)")
@@ -70,8 +73,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="asynchronous successive halving at these fractions of the member budget")
     p.add_argument("--array-parallelism", type=int, metavar="N",
                    help="members running at once (Slurm array %%N; local: default 1)")
+    p.add_argument("--sweep-status", metavar="SWEEP",
+                   help="a sweep's members (status, GPU-hours used of granted, job state) and decisions, after "
+                        "recording members whose job died as crashed (SWEEP: its name under --runs-dir, or its "
+                        "directory)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (train.zero_stage=3 data.num_workers=4 ...)")
     args = p.parse_intermixed_args(argv)
+    if args.list_models:
+        from pipeline.models.registry import model_table
+
+        print("\n".join(model_table()))
+        return 0
     if args.list:
         from pipeline.config import load_recipe
 
@@ -83,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from pipeline.train.launch import LaunchRequest, SubmissionError, launch
 
+    if args.sweep_status:
+        from pipeline.train.sweep_launch import sweep_status
+
+        try:
+            sweep_status(args.sweep_status, args.runs_dir)
+        except ConfigError as e:
+            print(f"launch: {redact_text(str(e))}", file=sys.stderr)
+            return 2
+        return 0
     sweeping = bool(args.sweep or args.sweep_file)
     if not sweeping and (args.sweep_budget is not None or args.halving or args.array_parallelism is not None):
         print("launch: --sweep-budget, --halving and --array-parallelism go with --sweep or --sweep-file",
@@ -143,7 +164,7 @@ def sweep_main(args, req) -> int:
     if launched.state is not None and (req.local or args.wait):
         print(summary(launched.state))
         if req.local:
-            code = 1 if any(m["status"] == "failed" for m in launched.state["members"]) else 0
+            code = 1 if any(m["status"] in ("crashed", "failed") for m in launched.state["members"]) else 0
     return code
 
 

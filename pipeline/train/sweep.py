@@ -27,8 +27,21 @@ to displace it. Nobody waits for anyone (no deadlock whatever the array parallel
 that early arrivals are judged against fewer peers. A stopped member ends like a budget stop: checkpoint, the
 test protocol, the export, the MLflow run FINISHED with ``stopped_by=halving``.
 
+**Members that end early or die.** A member that ends before its budget is spent (its steps ran out, or its
+plan ended with the planner's margin left) returns what it did not use, by the same rule (``finish`` decision).
+A member whose job died without recording its end (killed, out of memory, a failed node, a Python exception) is
+*reconciled* wherever the state is read for a decision or a report (``reconcile``: before a rung report, before
+a member's end gives hours away, in ``jobs/launch.py --sweep-status``, ``--wait`` and ``jobs/compare.py
+--sweep``): a member marked ``pending``/``running`` whose job Slurm reports ended (``FAILED``, ``CANCELLED``,
+``TIMEOUT``, ``OUT_OF_MEMORY``, ``NODE_FAIL``, ...: ``sacct``, else ``scontrol``) or whose local process is gone
+is recorded ``crashed`` with that state (``crash`` decision), its unused hours go to the survivors, its MLflow
+run is marked FAILED, and the last member to end closes the parent run. A job that is pending, running,
+preempted or requeued is alive; a job nobody can tell about (no Slurm command here, another host's process) is
+left as it is.
+
 Every decision is logged in ``sweep.json`` (``decisions``), in the member's run log, on its MLflow run (tag
-``halving_rung<k>`` and metric ``sweep/rung<k>``) and on the parent (tag ``halving.<n>``). The shared state is
+``halving_rung<k>`` and metric ``sweep/rung<k>``) and on the parent (tag ``halving.<n>``, rung decisions and
+crash/finish records alike, in order). The shared state is
 read-modify-written under ``fcntl.flock`` on ``sweep.lock`` next to ``sweep.json``: members on several nodes need
 the sweep directory on a shared file system with working POSIX locks (NFSv4, Lustre, GPFS do), as the run
 directories themselves do.
@@ -43,6 +56,9 @@ import logging
 import math
 import os
 import re
+import shutil
+import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +75,13 @@ SWEEP_FILE = "sweep.json"
 LOCK_FILE = "sweep.lock"
 MEMBER_FILE = "sweep_member.json"  # in a member's run directory (the name pipeline.tracking.sink reads)
 ALIVE = ("pending", "running")
+# a job in one of these states has ended (the first word of sacct's or scontrol's state: "CANCELLED by 0");
+# PENDING, RUNNING, PREEMPTED, REQUEUED, REQUEUE_HOLD, SUSPENDED, COMPLETING, ... are alive (a preempted or
+# requeued job runs again). COMPLETED counts too: a member still marked running ended without recording its end.
+# GONE: neither accounting nor the controller knows the job any more; EXITED: a local member's process is gone;
+# NOT_STARTED: a local member never started and the launcher that would start it is gone.
+DEAD_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+               "COMPLETED", "GONE", "EXITED", "NOT_STARTED")
 # keys one job array cannot vary: every task of an array has the same resources and script
 ARRAY_FIXED = ("cluster.", "runs_dir", "name", "tracking.")
 
@@ -356,18 +379,74 @@ def report_rung(state: dict[str, Any], member: int, rung: int, value: float, hou
     reports.append({"member": member, "value": value, "step": step, "hours": hours, "decision": decision["decision"]})
     m["rungs"][str(rung)] = {"value": value, "step": step, "hours": hours, "decision": decision["decision"]}
     if not go_on:
-        freed = max(0.0, m["budget"] - hours)
-        m.update(status="stopped", budget=hours, stopped_at={"rung": rung, "step": step, "hours": hours})
-        decision["freed"] = freed
-        decision["given_to"] = {state["members"][i]["name"]: share
-                                for i, share in redistribute(state, member, freed).items()}
+        m.update(status="stopped", stopped_at={"rung": rung, "step": step, "hours": hours})
+        return _give_back(state, member, hours, decision)  # its budget becomes what it used
     state["decisions"].append(decision)
     return decision
+
+
+def _give_back(state: dict[str, Any], member: int, hours: float, decision: dict[str, Any]) -> dict[str, Any]:
+    """Member ``member`` is done with ``hours`` used: what its budget held beyond them goes to the members alive
+    (``redistribute``), its budget becomes what it used, and ``decision`` (with ``freed`` and ``given_to``) is
+    appended to the decisions."""
+    m = state["members"][member]
+    freed = max(0.0, m["budget"] - hours)
+    if freed > 0:
+        m["budget"] = hours
+    decision.update(freed=freed, given_to={state["members"][i]["name"]: share
+                                           for i, share in redistribute(state, member, freed).items()})
+    state["decisions"].append(decision)
+    return decision
+
+
+def record_end(state: dict[str, Any], member: int, outcome: str, hours: float) -> dict[str, Any] | None:
+    """Member ``member`` ended (``outcome``: done, budget, halted) after ``hours``: its final state; a member that
+    was not stopped by halving and ended before its budget was spent gives the rest back (a ``finish`` decision,
+    returned; None when there was nothing to give)."""
+    m = state["members"][member]
+    m["hours"], m["outcome"] = hours, outcome
+    if m["status"] == "stopped":  # halving freed its rest already
+        return None
+    m["status"] = "finished"
+    if m["budget"] - hours <= 0:
+        return None
+    return _give_back(state, member, hours, {
+        "kind": "finish", "time": time.time(), "member": member, "name": m["name"], "outcome": outcome,
+        "hours": hours, "budget": m["budget"], "decision": "finished early"})
+
+
+def record_crash(state: dict[str, Any], member: int, job_state: str, hours: float,
+                 was: str | None = None) -> dict[str, Any]:
+    """Member ``member``'s job ended (``job_state``) without the member recording its end: it is ``crashed``, and
+    the hours it had not used (``hours``: what its account last saved) go to the members alive (a ``crash``
+    decision, returned). ``was``: its status before (when the caller marked several crashed first, so that none
+    of them receives another's hours)."""
+    m = state["members"][member]
+    hours = max(hours, float(m.get("hours") or 0.0))
+    crash = {"job_state": job_state, "job_id": m.get("job_id"), "time": time.time(), "hours": hours,
+             "was": was or m["status"]}
+    m.update(status="crashed", hours=hours, crashed=crash)
+    return _give_back(state, member, hours, {
+        "kind": "crash", "time": crash["time"], "member": member, "name": m["name"], "job_id": m.get("job_id"),
+        "job_state": job_state, "was": crash["was"], "hours": hours, "budget": m["budget"], "decision": "crashed"})
 
 
 def describe(decision: dict[str, Any]) -> str:
     """One line for the run log, an MLflow tag and the comparison."""
     d = decision
+    kind = d.get("kind", "rung")
+    if kind in ("crash", "finish"):
+        given = ", ".join(f"{k} +{v:.4g} h" for k, v in d["given_to"].items()) or \
+            ("nobody alive: unallocated" if d["freed"] > 0 else "nothing to give")
+        if kind == "crash":
+            text = (f"{d['name']} CRASHED: its job {d.get('job_id') or '?'} is {d['job_state']} ({d['was']} in "
+                    f"sweep.json) after {d['hours']:.4g} h")
+        else:
+            text = f"{d['name']} FINISHED EARLY ({d['outcome']}) after {d['hours']:.4g} h of its {d['budget']:.4g} h"
+        return text + f"; {d['freed']:.4g} h freed ({given})"
+    if kind == "resume":
+        return (f"{d['name']} RESUMED after it was recorded crashed ({d['job_state']}): its freed hours stay with the "
+                f"others; it continues with {d['budget']:.4g} h")
     text = (f"{d['name']} at rung {d['rung']} ({d['fraction']:g} of its budget, {d['rung_hours']:.4g} h; step "
             f"{d['step']}): {d['metric']}={d['value']:.4g}, place {d['place']} of {d['reported']} reported, top "
             f"{d['keep']} continue -> {d['decision'].upper()}")
@@ -375,6 +454,202 @@ def describe(decision: dict[str, Any]) -> str:
         given = ", ".join(f"{k} +{v:.4g} h" for k, v in d["given_to"].items()) or "nobody alive: unallocated"
         text += f"; {d['freed']:.4g} h freed ({given})"
     return text
+
+
+# -- is a member's job alive? (reconciling sweep.json with the scheduler) -----------------------------------
+
+
+def _first_word(state: str) -> str:
+    return (state.split() or ["UNKNOWN"])[0].rstrip("+").upper()  # "CANCELLED by 0" -> CANCELLED
+
+
+def slurm_job_states(job_ids: list[str], timeout: float = 30.0) -> dict[str, str]:
+    """The state of each Slurm job (``<array>_<task>`` or a plain id) that Slurm can tell about: ``sacct`` first
+    (one call for all; parsable rows ``JobID|State``, a header row or not), then ``scontrol show job`` for the
+    ones accounting does not know (a cluster without accounting; a pending array task still folded into its
+    array's record): its ``JobState``, or ``GONE`` when the controller answers that it has no such job (ended
+    and purged). A job missing from the answer could not be told (no Slurm command here, a call that failed):
+    the caller leaves that member as it is."""
+    ids = [str(j) for j in job_ids if j]
+    states: dict[str, str] = {}
+    if not ids:
+        return states
+    if shutil.which("sacct"):
+        try:
+            p = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
+                               capture_output=True, text=True, timeout=timeout)
+            for line in p.stdout.splitlines() if p.returncode == 0 else []:
+                job, _, state = line.strip().partition("|")
+                if job in ids and state:
+                    states[job] = _first_word(state.split("|")[0])
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if shutil.which("scontrol"):
+        for job in (j for j in ids if j not in states):
+            try:
+                p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
+                                   timeout=timeout)
+            except (OSError, subprocess.SubprocessError):
+                continue
+            found = re.search(r"\bJobState=(\S+)", p.stdout)
+            if p.returncode == 0 and found:
+                states[job] = _first_word(found.group(1))
+            elif "invalid job id" in (p.stderr + p.stdout).lower():
+                states[job] = "GONE"
+    return states
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state letter, start time in clock ticks) of a local process, None when there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[-1].split()  # after "pid (comm)": the command may hold spaces and parentheses
+    return (fields[0], fields[19]) if len(fields) > 19 else None
+
+
+def local_process(pid: int) -> dict[str, Any]:
+    """What identifies a local process later (its host and start time: a pid is reused once it is gone)."""
+    stat = _proc_stat(pid)
+    return {"host": socket.gethostname(), "pid": pid, "start": stat[1] if stat else None}
+
+
+def local_alive(record: dict[str, Any] | None) -> bool | None:
+    """Whether the process ``local_process`` described is still running: None when it cannot be told here
+    (another host, no /proc); a zombie (ended, not yet reaped) or a reused pid is dead."""
+    if not record or record.get("host") != socket.gethostname() or not Path("/proc/self/stat").exists():
+        return None
+    stat = _proc_stat(int(record["pid"]))
+    if stat is None or stat[0] in ("Z", "X"):
+        return False
+    return record.get("start") is None or stat[1] == record["start"]
+
+
+def job_states(state: dict[str, Any], members: list[dict[str, Any]]) -> dict[int, str]:
+    """The job state of each of ``members`` that can be told (see ``slurm_job_states``; a local member: RUNNING
+    while its process runs, EXITED once it is gone, NOT_STARTED for one still pending whose launcher is gone)."""
+    out: dict[int, str] = {}
+    if state.get("executor") == "local":
+        launcher = local_alive(state.get("launcher"))
+        for m in members:
+            if m.get("process"):
+                alive = local_alive(m["process"])
+                if alive is not None:
+                    out[m["index"]] = "RUNNING" if alive else "EXITED"
+            elif m["status"] == "pending" and launcher is False:
+                out[m["index"]] = "NOT_STARTED"
+        return out
+    by_job = {str(m["job_id"]): m["index"] for m in members if m.get("job_id")}
+    for job, st in slurm_job_states(list(by_job)).items():
+        out[by_job[job]] = st
+    return out
+
+
+def member_hours(member: dict[str, Any]) -> float:
+    """What a member has used so far: its run directory's GPU-hour account (saved at its checkpoints and metric
+    lines), or what sweep.json last heard from it."""
+    hours = float(member.get("hours") or 0.0)
+    try:
+        saved = json.loads((Path(member["run_dir"]) / "gpu_hours.json").read_text())
+        hours = max(hours, float(saved.get("hours", 0.0)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return hours
+
+
+def reconcile(sweep: SweepState, probe=None, me: int | None = None, seen: dict[int, str] | None = None,
+              ended: bool = False) -> list[dict[str, Any]]:
+    """Members marked alive (pending, running) whose job has ended without them recording their end become
+    ``crashed`` (``record_crash``: their unused hours go to the survivors), each a logged decision; their MLflow
+    runs are marked FAILED, the parent gets the decisions as tags, and when nobody is left alive the parent run
+    is closed. ``probe(state, members) -> {index: job state}`` (default ``job_states``) is asked outside the
+    lock; under it, a member that ended, started again or was stopped in the meantime is left alone. ``me``:
+    the calling member, never judged. ``seen`` receives every job state the probe told. ``ended``: every job
+    the probe tells about has ended, whatever its state's name (a launcher that saw it end). Returns the new
+    decisions."""
+    try:
+        s = sweep.read()
+    except (OSError, ValueError) as e:
+        log.warning("sweep state %s unreadable (%s): not reconciled", sweep.path, e)
+        return []
+    suspects = [m for m in s["members"] if m["status"] in ALIVE and m["index"] != me]
+    if not suspects:
+        return []
+    states = (probe or job_states)(s, suspects)
+    if seen is not None:
+        seen.update(states)
+    dead = {m["index"]: (states[m["index"]], member_hours(m), len(m.get("attempts", [])))
+            for m in suspects if m["index"] in states and (ended or _first_word(states[m["index"]]) in DEAD_STATES)}
+    if not dead:
+        return []
+    decisions: list[tuple[int, dict[str, Any]]] = []
+    with sweep.update() as s:
+        was = {}
+        for i, (_, _, attempts) in dead.items():
+            m = s["members"][i]
+            if m["status"] in ALIVE and len(m.get("attempts", [])) == attempts:  # else it ended, or started again
+                was[i], m["status"] = m["status"], "crashed"  # all of them first: none takes another's hours
+        for i, status in was.items():
+            job_state, hours, _ = dead[i]
+            decisions.append((len(s["decisions"]) + 1, record_crash(s, i, _first_word(job_state), hours, status)))
+        last = bool(decisions) and all(x["status"] not in ALIVE for x in s["members"]) and not s.get("parent_closed")
+        if last:
+            s["parent_closed"] = True
+        record = s.get("mlflow")
+    for seq, d in decisions:
+        text = describe(d)
+        log.warning("sweep %s: %s", s["name"], text)
+        _member_run_failed(s["members"][d["member"]], d)
+        if record:
+            _on_parent(record, lambda c, seq=seq, text=text: c.set_tag(record["run_id"], f"halving.{seq:03d}",
+                                                                        text[:5000]))
+    if last and record:
+        close_parent(sweep, record, "FAILED")
+    return [d for _, d in decisions]
+
+
+def _member_run_failed(member: dict[str, Any], decision: dict[str, Any]) -> None:
+    """A crashed member's MLflow run: FAILED (it would stay RUNNING), with the job's state as tags."""
+    try:
+        from pipeline.tracking.sink import end_run
+
+        end_run(member["run_dir"], "FAILED", {"crashed": decision["job_state"], "outcome": "crashed",
+                                              "sweep_decision": describe(decision)[:5000]})
+    except Exception as e:  # noqa: BLE001 -- tracking never stops the sweep's bookkeeping
+        log.warning("sweep: the MLflow run of %s could not be marked FAILED (%s)", member["name"], str(e)[:300])
+
+
+def _on_parent(record: dict[str, Any], call) -> None:
+    """``call(client)`` on the parent MLflow run's server; a server that refuses is a warning (sweep.json has it
+    all)."""
+    try:
+        from pipeline.tracking.sink import mlflow_client
+
+        call(mlflow_client(record["tracking_uri"]))
+    except Exception as e:  # noqa: BLE001 -- tracking never stops training
+        from pipeline.secrets import redact_text
+
+        log.warning("sweep: the parent MLflow run could not be updated (%s); sweep.json has the decision",
+                    redact_text(str(e))[:300])
+
+
+def mark_crashed(sweep: SweepState, index: int, job_state: str) -> dict[str, Any] | None:
+    """Member ``index``'s job ended (``job_state``, as its launcher saw it) without it recording its end: as
+    ``reconcile`` would record it. None when it had recorded its end after all."""
+    decisions = reconcile(sweep, probe=lambda s, members: {m["index"]: job_state for m in members
+                                                          if m["index"] == index}, ended=True)
+    return decisions[0] if decisions else None
+
+
+def reconcile_sweep(runs_dir: str | Path, name: str) -> list[dict[str, Any]]:
+    """``reconcile`` the sweep ``name`` under ``runs_dir`` when its sweep.json is there (``jobs/compare.py
+    --sweep``: before it reads the members' MLflow runs); nothing when it is not (a comparison run elsewhere)."""
+    from pipeline.config import check_run_name
+
+    check_run_name(name, "sweep")
+    sweep_dir = Path(runs_dir) / name
+    return reconcile(SweepState(sweep_dir)) if (sweep_dir / SWEEP_FILE).is_file() else []
 
 
 # -- in a member's process ----------------------------------------------------------------------------------
@@ -439,14 +714,23 @@ class SweepMember:
         self.step = 0
         self.stopped = False
         if self.is_main:
+            revived = None
             with self.state.update() as s:
                 m = s["members"][self.index]
+                if m["status"] == "crashed":  # recorded crashed, and running again (a --resume of the member)
+                    m["status"] = "running"
+                    revived = {"kind": "resume", "time": time.time(), "member": self.index, "name": m["name"],
+                               "job_state": m["crashed"]["job_state"], "budget": m["budget"], "decision": "resumed"}
+                    s["decisions"].append(revived)
+                    s["parent_closed"] = False
                 if m["status"] == "pending":
                     m["status"] = "running"
                 m.setdefault("attempts", []).append({"started": time.time(), "job": os.environ.get(
-                    "SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")})
+                    "SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"), "process": local_process(os.getpid())})
                 self.halving = s["halving"]
                 self.stopped = m["status"] == "stopped"
+            if revived:
+                log.warning("sweep %s: %s", record.get("sweep"), describe(revived))
             self.refresh_budget()
         else:
             self.halving = self.state.read()["halving"]
@@ -474,17 +758,36 @@ class SweepMember:
         """At a validation (every rank, same step): report at each rung passed since the last check; True when
         halving stops this member here. Rank 0 decides; a one-number all-reduce tells the others."""
         self.step = step
-        stop = 0.0
+        stop = budget = 0.0
         if self.is_main:
             stop = float(self._decide(step, metrics))
+            budget = float(self.trainer.account.budget)
+        stop, budget = self._agree([stop, budget])
+        self.stopped = self.stopped or stop > 0
+        if not self.stopped:
+            self.follow_budget(budget)
+        return stop > 0
+
+    def _agree(self, values: list[float]) -> list[float]:
+        """Rank 0's values on every rank (the others pass zeros; every rank calls this at the same point)."""
         import torch
 
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            t = torch.tensor([stop], dtype=torch.float64, device=self.device)
+            t = torch.tensor(values, dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-            stop = float(t.item())
-        self.stopped = self.stopped or stop > 0
-        return stop > 0
+            return [float(v) for v in t.tolist()]
+        return values
+
+    def follow_budget(self, budget: float) -> None:
+        """Every rank, at the same step: the member's current budget (rank 0's, read from the sweep state) becomes
+        the run's ``budget.gpu_hours``, which the budget plan (``train.plan_by=budget``, ``BudgetPlanner``) fits
+        to: a member granted freed hours re-fits its schedule to its grown budget at this validation, every
+        rank to the same total."""
+        cfg = self.trainer.cfg
+        if budget > 0 and budget != cfg.budget.gpu_hours:
+            cfg.budget.gpu_hours = budget
+            if not self.is_main:  # rank 0's account reads the sweep state itself (SweepHours)
+                self.trainer.account.budget = budget
 
     def _decide(self, step: int, metrics: dict[str, float]) -> bool:
         self.refresh_budget()
@@ -495,9 +798,19 @@ class SweepMember:
         if metric is None:
             return False
         hours = self.trainer.account.hours
+        try:
+            before = self.state.read()
+            done = before["members"][self.index]["rungs"]
+            due = any(str(r) not in done and hours >= rung_hours(before, self.index, r)
+                      for r in range(len(before["rungs"])))
+        except (OSError, ValueError, KeyError, IndexError):
+            due = True
+        if due:  # a stop here gives hours away: not to members whose jobs have died
+            reconcile(self.state, me=self.index)
         decisions = []
         with self.state.update() as s:
             m = s["members"][self.index]
+            m["hours"] = max(float(m.get("hours") or 0.0), hours)  # what a crash report would count
             for r in range(len(s["rungs"])):
                 if str(r) in m["rungs"] or hours < rung_hours(s, self.index, r):
                     continue
@@ -529,31 +842,36 @@ class SweepMember:
     def _parent(self, call) -> None:
         """A call on the parent MLflow run; a server that refuses is a warning (sweep.json has it all)."""
         try:
-            from pipeline.tracking.sink import mlflow_client
-
-            call(mlflow_client(self.state.read()["mlflow"]["tracking_uri"]))
-        except Exception as e:  # noqa: BLE001 -- tracking never stops training
-            from pipeline.secrets import redact_text
-
-            log.warning("sweep: the parent MLflow run could not be updated (%s); sweep.json has the decision",
-                        redact_text(str(e))[:300])
+            record = self.state.read()["mlflow"]
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("sweep: the parent MLflow run could not be updated (%s); sweep.json has the decision", e)
+            return
+        if record:
+            _on_parent(record, call)
 
     # end -------------------------------------------------------------------------------------------------
 
     def ended(self, outcome: str, hours: float) -> None:
-        """Rank 0, after the member's test and export: its final state; the last member to end closes the
-        parent MLflow run (sweep.json as its artifact)."""
+        """Rank 0, after the member's test and export: its final state, and what it did not use of its budget
+        back to the members still alive (``record_end``: after ``reconcile``, so none goes to a dead one); the
+        last member to end closes the parent MLflow run (sweep.json as its artifact)."""
+        reconcile(self.state, me=self.index)
         with self.state.update() as s:
-            m = s["members"][self.index]
-            m["hours"], m["outcome"] = hours, outcome
-            if m["status"] != "stopped":
-                m["status"] = "finished"
+            d = record_end(s, self.index, outcome, hours)
+            seq = len(s["decisions"])
             last = all(x["status"] not in ALIVE for x in s["members"]) and not s.get("parent_closed")
             if last:
                 s["parent_closed"] = True
             record = s.get("mlflow")
+            crashed = any(x["status"] in ("crashed", "failed") for x in s["members"])
+        if d is not None:
+            text = describe(d)
+            log.info("sweep %s: %s", self.record.get("sweep"), text)
+            self.trainer.sinks.set_tags({"sweep_returned_hours": f"{d['freed']:.6g}"})
+            if record:
+                _on_parent(record, lambda c: c.set_tag(record["run_id"], f"halving.{seq:03d}", text[:5000]))
         if last and record:
-            close_parent(self.state, record, "FINISHED")
+            close_parent(self.state, record, "FAILED" if crashed else "FINISHED")
 
 
 def close_parent(state: SweepState, record: dict[str, Any], status: str) -> None:
@@ -565,6 +883,9 @@ def close_parent(state: SweepState, record: dict[str, Any], status: str) -> None
         client = mlflow_client(record["tracking_uri"])
         stopped = [m["name"] for m in s["members"] if m["status"] == "stopped"]
         client.set_tag(record["run_id"], "stopped_members", ",".join(stopped)[:5000] or "-")
+        crashed = [f"{m['name']} ({m.get('crashed', {}).get('job_state', '?')})" for m in s["members"]
+                   if m["status"] in ("crashed", "failed")]
+        client.set_tag(record["run_id"], "crashed_members", ",".join(crashed)[:5000] or "-")
         client.set_tag(record["run_id"], "gpu_hours_used", f"{sum(m['hours'] for m in s['members']):.6g}")
         client.set_tag(record["run_id"], "unallocated_hours", f"{s['unallocated']:.6g}")
         client.log_artifact(record["run_id"], str(state.path), "sweep")
@@ -585,16 +906,23 @@ def attach_member(trainer) -> SweepMember | None:
     if trainer.denv.is_main:
         trainer.account = SweepHours.adopt(trainer.account, member)
         member.refresh_budget()
+    # every rank starts from rank 0's budget (a restarted member's budget may have grown): the plan fits to it
+    member.follow_budget(member._agree([float(trainer.account.budget) if trainer.denv.is_main else 0.0])[0])
     return member
 
 
-def summary(state: dict[str, Any]) -> str:
-    """The sweep's members and decisions, for a person."""
+def summary(state: dict[str, Any], jobs: dict[int, str] | None = None) -> str:
+    """The sweep's members (status, GPU-hours used of those granted, the base share, the job and, in ``jobs``,
+    its state as the scheduler tells it) and every decision, for a person. A member still alive shows what its
+    run directory's account last saved."""
+    jobs = jobs or {}
     lines = [f"sweep {state['name']}: {len(state['members'])} member(s), {state['total_budget']:.6g} h in all"
              + (f", {state['unallocated']:.4g} h unallocated" if state.get("unallocated") else "")]
     for m in state["members"]:
-        lines.append(f"  [{m['index']}] {m['name']:48s} {m['status']:9s} {m['hours']:.4g} of {m['budget']:.4g} h "
-                     f"(base {m['base_budget']:.4g})")
+        hours = member_hours(m) if m["status"] in ALIVE else m["hours"]
+        job = f"job {m['job_id']}" if m.get("job_id") else "no job yet"
+        told = jobs.get(m["index"]) or (m.get("crashed") or {}).get("job_state")
+        lines.append(f"  [{m['index']}] {m['name']:48s} {m['status']:9s} {hours:.4g} of {m['budget']:.4g} h "
+                     f"(base {m['base_budget']:.4g})  {job}{f' {told}' if told else ''}")
     lines += [f"  - {describe(d)}" for d in state.get("decisions", [])]
     return "\n".join(lines)
-

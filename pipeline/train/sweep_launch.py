@@ -14,16 +14,22 @@ from typing import Any
 
 from pipeline.config import ConfigError, check_run_name
 from pipeline.train.sweep import (
-    ALIVE,
     ARRAY_FIXED,
     MEMBER_FILE,
+    SWEEP_FILE,
     SweepSpec,
     SweepState,
     close_parent,
+    local_process,
+    mark_crashed,
     member_name,
     new_state,
+    reconcile,
     split_budget,
+    summary,
 )
+
+FAILED = ("crashed", "failed")  # a member that ended without recording its end ("failed": sweeps of before)
 
 # -- launching ----------------------------------------------------------------------------------------
 
@@ -242,6 +248,8 @@ def _run_local(result: SweepLaunch, reqs, member_files, state: SweepState, paral
 
     pending = list(range(len(reqs)))
     running: dict[int, dict[str, Any]] = {}
+    with state.update() as st:  # a member still pending once this process is gone never starts (reconcile)
+        st["launcher"] = local_process(os.getpid())
     while pending or running:
         while pending and len(running) < parallelism:
             i = pending.pop(0)
@@ -250,15 +258,17 @@ def _run_local(result: SweepLaunch, reqs, member_files, state: SweepState, paral
             result.members.append(info)
             result.jobs.append(info["job"])
             with state.update() as st:
-                st["members"][i]["job_id"] = info["job_id"]
+                st["members"][i].update(job_id=info["job_id"], process=local_process(int(info["job_id"])))
             out(f"  [{i}] started   {reqs[i].name} (local job {info['job_id']})")
         time.sleep(0.5)
         for i, info in list(running.items()):
             if info["job"].done():
                 del running[i]
-                ok = info["job"].state == "FINISHED" or (Path(info["run_dir"]) / "result.json").exists()
-                if not ok:
-                    _mark_failed(state, i)
+                ok = (Path(info["run_dir"]) / "result.json").exists()
+                if not ok:  # submitit says FINISHED for any exit code: one without a result is a failure
+                    told = str(info["job"].state)
+                    mark_crashed(state, i, "FAILED" if told == "FINISHED" else told)
+                    ok = state.read()["members"][i]["status"] not in FAILED  # it had recorded its end
                 m = state.read()["members"][i]
                 out(f"  [{i}] {'ended' if ok else 'FAILED'}     {reqs[i].name}: {m['status']}, {m['hours']:.4g} of "
                     f"{m['budget']:.4g} h")
@@ -266,17 +276,10 @@ def _run_local(result: SweepLaunch, reqs, member_files, state: SweepState, paral
     if st.get("mlflow") and not st.get("parent_closed"):  # every member failed before closing it
         with state.update() as s:
             s["parent_closed"] = True
-        close_parent(state, st["mlflow"], "FAILED" if any(m["status"] == "failed" for m in st["members"])
+        close_parent(state, st["mlflow"], "FAILED" if any(m["status"] in FAILED for m in st["members"])
                      else "FINISHED")
     result.state = state.read()
     return result
-
-
-def _mark_failed(state: SweepState, i: int) -> None:
-    with state.update() as s:
-        m = s["members"][i]
-        if m["status"] in ALIVE:
-            m["status"] = "failed"
 
 
 def wait_sweep(launched: SweepLaunch, out=print, poll_s: float = 2.0) -> int:
@@ -291,7 +294,7 @@ def wait_sweep(launched: SweepLaunch, out=print, poll_s: float = 2.0) -> int:
                 run_dir = Path(launched.members[i]["run_dir"])
                 if not (run_dir / "result.json").exists():
                     failed += 1
-                    _mark_failed(state, i)
+                    mark_crashed(state, i, _ended_state(job))
                 m = state.read()["members"][i]
                 out(f"  [{i}] {m['name']}: {m['status']}, {m['hours']:.4g} of {m['budget']:.4g} h")
         time.sleep(poll_s)
@@ -302,3 +305,37 @@ def wait_sweep(launched: SweepLaunch, out=print, poll_s: float = 2.0) -> int:
         close_parent(state, st["mlflow"], "FAILED" if failed else "FINISHED")
     launched.state = state.read()
     return 1 if failed else 0
+
+
+
+def _ended_state(job) -> str:
+    """The state of a Slurm job that submitit says is done (sacct through submitit; UNKNOWN if it cannot say)."""
+    try:
+        return str(job.state).split()[0] or "UNKNOWN"
+    except Exception:  # noqa: BLE001 -- the job is done either way
+        return "UNKNOWN"
+
+
+def find_sweep(target: str, runs_dir: str | None = None) -> Path:
+    """A sweep's directory: ``target`` itself when it holds sweep.json, else ``<runs_dir>/<target>``."""
+    for d in (Path(target), Path(runs_dir or "runs") / target):
+        if (d / SWEEP_FILE).is_file():
+            return d
+    raise ConfigError(f"no sweep {target!r}: neither {Path(target) / SWEEP_FILE} nor "
+                      f"{Path(runs_dir or 'runs') / target / SWEEP_FILE} exists (give the sweep's directory, or its "
+                      f"name with the --runs-dir it was launched with)")
+
+
+def sweep_status(target: str, runs_dir: str | None = None, out=print, probe=None) -> dict[str, Any]:
+    """``jobs/launch.py --sweep-status NAME``: reconcile the sweep with its jobs (members whose job died are
+    recorded ``crashed``, their hours given to the survivors), then print every member (status, GPU-hours used
+    of those granted, job and its state) and every decision. Returns the state."""
+    state = SweepState(find_sweep(target, runs_dir))
+    seen: dict[int, str] = {}
+    try:
+        reconcile(state, probe=probe, seen=seen)
+        current = state.read()
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{state.path} cannot be read ({type(e).__name__}: {e})") from None
+    out(summary(current, seen))
+    return current

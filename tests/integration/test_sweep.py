@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,48 @@ def test_attention_ablation_is_one_job_array_with_a_total_budget_and_halving(tmp
                      str(tmp_path / "cmp")])
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "cmp" / "pareto.png").stat().st_size > 10_000 and "Pareto front" in p.stdout
+
+
+@pytest.mark.slurm
+def test_a_member_whose_job_died_without_wait_is_seen_crashed_and_its_hours_go_to_the_survivor(
+        tmp_path, slurm_cluster, colour_index):
+    # no --wait: nobody watches the array. Member 1 waits behind member 0 (%1) and is cancelled before it starts;
+    # member 0, at its first rung (0.3 of 0.004 h: step 9), reconciles the sweep with Slurm before deciding, finds
+    # member 1's job CANCELLED, records it crashed, receives its 0.004 h and trains on to 0.008 h
+    env = {**os.environ, **slurm_cluster.env(), "PIPELINE_FAKE_CLOCK": str(STEP_S)}
+    p = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "launch.py"), "--recipe", "smoke", "--nodes", "1", "--runs-dir",
+         str(tmp_path), "--name", "crash", "--sweep", "optim.lr=0.002,0.001", "--sweep-budget", "0.008",
+         "--halving", "rungs=0.3 eta=2", "--array-parallelism", "1", f"data.index={colour_index}", *FAST],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    sweep_json = tmp_path / "crash" / "sweep.json"
+    victim = json.loads(sweep_json.read_text())["members"][1]
+    subprocess.run(["scancel", victim["job_id"]], env=env, check=True, timeout=60)
+    deadline = time.monotonic() + 300  # member 0's job runs to its end: wait for it (polling, no race)
+    while json.loads(sweep_json.read_text())["members"][0]["status"] in ("pending", "running"):
+        assert time.monotonic() < deadline, sweep_json.read_text()[-3000:]
+        time.sleep(2)
+    state = json.loads(sweep_json.read_text())
+    m0, m1 = state["members"]
+    assert m1["status"] == "crashed" and m1["crashed"]["job_state"] == "CANCELLED" and m1["hours"] == 0.0
+    crash = state["decisions"][0]
+    assert (crash["kind"], crash["member"], crash["freed"]) == ("crash", 1, pytest.approx(0.004))
+    assert crash["given_to"] == {m0["name"]: pytest.approx(0.004)}
+    assert state["decisions"][1]["decision"] == "continue" and state["decisions"][1]["member"] == 0  # then its rung
+    assert m0["status"] == "finished" and m0["budget"] == pytest.approx(0.008) and m0["hours"] >= 0.008 - 1e-9
+    assert state["parent_closed"]  # the last member alive closed the parent run
+    p = subprocess.run([sys.executable, str(REPO / "jobs" / "launch.py"), "--sweep-status", "crash", "--runs-dir",
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"{m1['name']} CRASHED: its job {victim['job_id']} is CANCELLED" in p.stdout
+    assert "crashed" in p.stdout.splitlines()[2] and "finished" in p.stdout.splitlines()[1]
+    client, runs = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "smoke")
+    child = next(r for r in runs if r.info.run_name == m1["name"])
+    assert child.info.status == "FAILED" and child.data.tags["crashed"] == "CANCELLED"
+    parent = next(r for r in runs if r.data.tags.get("kind") == "sweep")
+    assert parent.info.status == "FAILED" and parent.data.tags["crashed_members"] == f"{m1['name']} (CANCELLED)"
+    p = compare_cli(["--experiment", "smoke", "--runs-dir", str(tmp_path), "--sweep", "crash", "--out",
+                     str(tmp_path / "cmp"), "--no-log"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "CRASHED" in p.stdout and "FAILED" in p.stdout

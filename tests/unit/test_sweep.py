@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -199,3 +203,243 @@ def test_sweep_parent_refuses_names_that_would_break_the_filter_and_unknown_expe
             sweep_parent(uri, "smoke", name)
     with pytest.raises(ValueError, match=r"no experiment 'missing' at sqlite:.*experiments there: \[.*'smoke'"):
         sweep_parent(uri, "missing", "lr")
+
+
+# -- members that die, members that end early, budget-planned members --------------------------------------
+
+
+def _fake_slurm(tmp_path, monkeypatch, states: dict[str, str]) -> None:
+    """``sacct`` and ``scontrol`` on PATH answering from ``states`` (job id -> state), as a cluster with accounting
+    does (``sacct -X -n -P``: ``id|STATE`` rows, the requested ids only); a job in neither is unknown to the
+    controller (``Invalid job id specified``)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "states.json").write_text(json.dumps(states))
+    head = f"#!{sys.executable}\nimport json, sys\nstates = json.load(open({str(tmp_path / 'states.json')!r}))\n"
+    (bin_dir / "sacct").write_text(head + (
+        "ids = sys.argv[sys.argv.index('-j') + 1].split(',')\n"
+        "assert {'-X', '-n', '-P'} <= set(sys.argv), sys.argv\n"
+        "for i in ids:\n"
+        "    if i in states and not states[i].startswith('scontrol:'):\n"
+        "        print(f'{i}|{states[i]}')\n"))
+    (bin_dir / "scontrol").write_text(head + (
+        "job = sys.argv[-1]\n"
+        "if job in states:\n"
+        "    print(f'JobId=1 ArrayJobId=77 JobName=x JobState={states[job].removeprefix(\"scontrol:\")} Reason=None')\n"
+        "else:\n"
+        "    print('slurm_load_jobs error: Invalid job id specified', file=sys.stderr)\n"
+        "    sys.exit(1)\n"))
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def _sweep_on_disk(tmp_path, n: int, base: float = 1.0, executor: str = "slurm", halving: bool = True):
+    spec = SweepSpec([{}] * n, total_budget=n * base, halving=Halving([0.25, 0.5], 2) if halving else None)
+    rows = [{"name": f"m{i}", "overrides": [], "run_dir": str(tmp_path / f"m{i}"), "base_budget": base}
+            for i in range(n)]
+    for row in rows:
+        Path(row["run_dir"]).mkdir()
+    state = SweepState(tmp_path)
+    state.write(new_state("s", spec, "smoke", rows, executor, None))
+    return state
+
+
+def _mlflow_runs(tmp_path, state: SweepState, members: list[int]):
+    """A parent run for the sweep and child runs for ``members``, recorded as launch records them."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("smoke")
+    parent = client.create_run(exp, run_name="s", tags={"kind": "sweep", "sweep": "s"})
+    record = {"tracking_uri": uri, "experiment": "smoke", "experiment_id": exp, "run_id": parent.info.run_id}
+    with state.update() as s:
+        s["mlflow"] = record
+    children = {}
+    for i in members:
+        run = client.create_run(exp, run_name=f"m{i}", tags={"sweep": "s"})
+        (tmp_path / f"m{i}" / "mlflow.json").write_text(json.dumps({**record, "run_id": run.info.run_id}))
+        children[i] = run.info.run_id
+    return client, parent.info.run_id, children
+
+
+def test_a_slurm_member_whose_job_died_is_recorded_crashed_and_its_hours_go_to_the_survivors(tmp_path, monkeypatch,
+                                                                                           capsys):
+    # five members, all "running" in sweep.json; Slurm says: 0 ran out of memory, 1 was preempted (it will be
+    # requeued: alive), 2 runs, 3 was cancelled, 4 is no longer known anywhere (ended and purged)
+    _fake_slurm(tmp_path, monkeypatch, {"77_0": "OUT_OF_MEMORY", "77_1": "PREEMPTED", "77_2": "RUNNING",
+                                        "77_3": "CANCELLED by 1000"})
+    state = _sweep_on_disk(tmp_path, 5)
+    with state.update() as s:
+        for m in s["members"]:
+            m.update(status="running", job_id=f"77_{m['index']}")
+        s["members"][3]["hours"] = 0.1  # its last rung check
+    (tmp_path / "m0" / "gpu_hours.json").write_text(json.dumps({"hours": 0.3}))  # its account, last saved
+    client, parent, children = _mlflow_runs(tmp_path, state, [0, 2])
+    from pipeline.cli.launch import main as launch_main
+
+    assert launch_main(["--sweep-status", tmp_path.name, "--runs-dir", str(tmp_path.parent)]) == 0
+    shown = capsys.readouterr().out
+    s = state.read()
+    assert [m["status"] for m in s["members"]] == ["crashed", "running", "running", "crashed", "crashed"]
+    assert [m.get("crashed", {}).get("job_state") for m in s["members"]] == [
+        "OUT_OF_MEMORY", None, None, "CANCELLED", "GONE"]
+    # 0.7 + 0.9 + 1.0 unused hours, in equal parts to the two alive (none to a member that died with them)
+    assert [m["budget"] for m in s["members"]] == pytest.approx([0.3, 2.3, 2.3, 0.1, 0.0])
+    assert sum(m["budget"] for m in s["members"]) + s["unallocated"] == pytest.approx(s["total_budget"])
+    crashes = [d for d in s["decisions"] if d["kind"] == "crash"]
+    assert [(d["member"], d["job_state"], d["freed"]) for d in crashes] == [
+        (0, "OUT_OF_MEMORY", pytest.approx(0.7)), (3, "CANCELLED", pytest.approx(0.9)), (4, "GONE", 1.0)]
+    assert crashes[0]["given_to"] == {"m1": pytest.approx(0.35), "m2": pytest.approx(0.35)}
+    assert "m0 CRASHED: its job 77_0 is OUT_OF_MEMORY" in shown and "0.7 h freed (m1 +0.35 h, m2 +0.35 h)" in shown
+    assert "job 77_1 PREEMPTED" in shown and "crashed   0.3 of 0.3 h" in shown
+    # the crashed member's MLflow run is FAILED (it would stay RUNNING); the parent has the decisions in order
+    run = client.get_run(children[0])
+    assert run.info.status == "FAILED" and run.data.tags["crashed"] == "OUT_OF_MEMORY"
+    assert client.get_run(children[2]).info.status == "RUNNING"
+    tags = client.get_run(parent).data.tags
+    assert [tags[f"halving.{k:03d}"].split(":")[0] for k in (1, 2, 3)] == ["m0 CRASHED", "m3 CRASHED", "m4 CRASHED"]
+    assert client.get_run(parent).info.status == "RUNNING"  # two members are alive
+    assert sweep.reconcile(state) == []  # once: a second look changes nothing
+    # the two survivors die too: nobody is left alive, the hours are unallocated and the parent is closed FAILED
+    (tmp_path / "states.json").write_text(json.dumps({"77_1": "NODE_FAIL", "77_2": "TIMEOUT"}))
+    assert [d["job_state"] for d in sweep.reconcile(state)] == ["NODE_FAIL", "TIMEOUT"]
+    s = state.read()
+    assert s["unallocated"] == pytest.approx(4.6) and s["parent_closed"]
+    assert client.get_run(parent).info.status == "FAILED" and client.get_run(parent).data.tags[
+        "crashed_members"].startswith("m0 (OUT_OF_MEMORY),m1 (NODE_FAIL)")
+
+
+def test_a_job_slurm_cannot_tell_about_or_that_runs_again_is_left_alone(tmp_path, monkeypatch):
+    # pending and requeued jobs are alive; a pending array task still folded into its array's record is found by
+    # scontrol; without any Slurm command nothing can be told, so nothing is decided
+    _fake_slurm(tmp_path, monkeypatch, {"77_0": "PENDING", "77_1": "REQUEUED", "77_2": "scontrol:PENDING",
+                                        "77_3": "RUNNING"})
+    state = _sweep_on_disk(tmp_path, 4)
+    with state.update() as s:
+        for m in s["members"]:
+            m.update(status="running" if m["index"] else "pending", job_id=f"77_{m['index']}")
+    seen: dict[int, str] = {}
+    assert sweep.reconcile(state, seen=seen) == [] and seen == {0: "PENDING", 1: "REQUEUED", 2: "PENDING",
+                                                               3: "RUNNING"}
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert sweep.slurm_job_states(["77_0"]) == {} and sweep.reconcile(state) == []
+    # a member that started again (another attempt) between the probe and the lock is not judged on the old answer
+    def probe(s, members):
+        with state.update() as st:
+            st["members"][3].setdefault("attempts", []).append({"started": 1.0})
+        return {3: "FAILED"}
+    assert sweep.reconcile(state, probe=probe) == [] and state.read()["members"][3]["status"] == "running"
+
+
+def test_a_local_member_whose_process_is_gone_is_recorded_crashed(tmp_path):
+    import subprocess
+
+    state = _sweep_on_disk(tmp_path, 5, executor="local")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+    live, dead, reused = subprocess.Popen(sleeper), subprocess.Popen(sleeper), subprocess.Popen(sleeper)
+    launcher = subprocess.Popen(sleeper)
+    try:
+        with state.update() as s:
+            s["launcher"] = sweep.local_process(launcher.pid)
+            for i, p in enumerate((live, dead, reused)):
+                s["members"][i].update(status="running", job_id=str(p.pid), process=sweep.local_process(p.pid))
+            s["members"][2]["process"]["start"] = "1"  # the pid now names another process
+            s["members"][3].update(status="running", job_id="1", process={**sweep.local_process(1), "host": "other"})
+            s["members"][4]["status"] = "pending"  # not started yet
+        dead.kill()
+        os.waitid(os.P_PID, dead.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie, ended all the same
+        assert sweep.reconcile(state) and [m["status"] for m in state.read()["members"]] == [
+            "running", "crashed", "crashed", "running", "pending"]  # another host's process: cannot be told
+        assert state.read()["members"][1]["crashed"]["job_state"] == "EXITED"
+        launcher.kill()
+        launcher.wait()  # the launcher is gone: the pending member never starts
+        (d,) = sweep.reconcile(state)  # its hour, and the thirds of the two crashed members' it had received
+        assert (d["member"], d["job_state"], d["freed"]) == (4, "NOT_STARTED", pytest.approx(1 + 2 / 3))
+        assert d["given_to"] == {"m0": pytest.approx(5 / 6), "m3": pytest.approx(5 / 6)}
+    finally:
+        for p in (live, dead, reused, launcher):
+            p.kill()
+            p.wait()
+
+
+def test_a_member_that_ends_before_its_budget_gives_the_rest_back(tmp_path):
+    state = _sweep_on_disk(tmp_path, 4)
+    with state.update() as s:
+        s["members"][1]["status"] = "running"
+        s["members"][3]["status"] = "stopped"  # halving stopped it: takes nothing
+        s["members"][3]["budget"] = 0.2
+        s["members"][0]["status"] = "running"
+    assert sweep.record_end(state.read(), 1, "budget", 1.0001) is None  # its budget ended it: nothing left
+    trainer = SimpleNamespace(denv=SimpleNamespace(is_main=True), device=None, sinks=_Sinks(),
+                              account=SimpleNamespace(budget=1.0), cfg=None)
+    member = sweep.SweepMember({"index": 0, "sweep_dir": str(tmp_path), "sweep": "s"}, trainer)
+    member.ended("done", 0.4)  # its steps ran out at 0.4 of its 1.0 h
+    s = state.read()
+    d = s["decisions"][-1]
+    assert (d["kind"], d["member"], d["outcome"], d["freed"]) == ("finish", 0, "done", pytest.approx(0.6))
+    assert d["given_to"] == {"m1": pytest.approx(0.3), "m2": pytest.approx(0.3)}  # running and pending alike
+    assert [m["budget"] for m in s["members"]] == pytest.approx([0.4, 1.3, 1.3, 0.2])
+    assert s["members"][0]["status"] == "finished" and trainer.sinks.tags["sweep_returned_hours"] == "0.6"
+    assert sweep.describe(d) == "m0 FINISHED EARLY (done) after 0.4 h of its 1 h; 0.6 h freed (m1 +0.3 h, m2 +0.3 h)"
+
+
+class _Sinks:
+    def __init__(self) -> None:
+        self.tags: dict = {}
+        self.metrics: list = []
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def log_metrics(self, metrics, step):
+        self.metrics.append({"step": step, **metrics})
+
+    def log_params(self, params):
+        pass
+
+
+def test_a_budget_planned_member_refits_its_schedule_to_hours_it_is_granted(tmp_path, monkeypatch):
+    """``train.plan_by=budget`` in a sweep: when another member ends early and its hours are granted to this one,
+    the next validation's check makes the grant the run's budget and the plan re-fits its total to it (on a
+    virtual clock: 3.6 s, 0.001 process-hours, a step)."""
+    import torch
+
+    from pipeline.config import load_recipe
+    from pipeline.train import budget
+    from pipeline.train.plan import BudgetPlanner, ProgressSchedule, fit_total_steps
+
+    now = [1000.0]
+    monkeypatch.setattr(budget, "clock", lambda: now[0])
+    monkeypatch.delenv(budget.FAKE_CLOCK_ENV, raising=False)
+    state = _sweep_on_disk(tmp_path, 2, halving=False)
+    run_dir = tmp_path / "m0"
+    (run_dir / sweep.MEMBER_FILE).write_text(json.dumps({"sweep": "s", "sweep_dir": str(tmp_path), "index": 0}))
+    cfg = load_recipe("demo_order", ["train.plan_by=budget", "budget.gpu_hours=1.0", "train.global_batch=8",
+                                     "train.micro_batch=8", "train.val_every=-1", "train.log_every=10",
+                                     "train.calibration_steps=8"])
+    sinks = _Sinks()
+    trainer = SimpleNamespace(cfg=cfg, run_dir=run_dir, denv=SimpleNamespace(is_main=True), device=torch.device("cpu"),
+                              sinks=sinks, account=budget.GpuHours(run_dir, 1, "cpu-process", 1.0), engine=None)
+    member = sweep.attach_member(trainer)
+    assert isinstance(trainer.account, sweep.SweepHours)
+    schedule = ProgressSchedule(cfg, 48)
+    planner = BudgetPlanner(cfg, schedule, trainer.account, sinks, rank=0, device=torch.device("cpu"), per_epoch=48,
+                            val_clips=96, test_views=0, resumed_step=0)
+    for step in range(1, 101):
+        now[0] += 3.6
+        planner.after_step(step)
+    first = planner.total
+    assert planner.fits[-1].budget_gpu_hours == 1.0 and 960 <= first <= 1000  # about 0.98 h at 0.001 h a step
+    with state.update() as s:  # member 1 ends early, unused: its whole hour is granted to member 0
+        s["members"][0]["status"] = "running"
+        assert sweep.record_end(s, 1, "done", 0.0)["given_to"] == {"m0": 1.0}
+    rate = schedule(100)
+    assert member.check(100, {"val_top1": 50.0}) is False  # the validation's check reads the grant ...
+    planner.after_step(100)  # ... and the plan re-fits to it at once, without moving the rate
+    assert cfg.budget.gpu_hours == 2.0 and trainer.account.budget == 2.0
+    assert planner.fits[-1].budget_gpu_hours == 2.0 and schedule(100) == rate
+    expected = fit_total_steps(100, 0.1, 2.0, cfg.budget.plan_margin, 0.001, 0.0, -1, 0.0).total_steps
+    assert planner.total == pytest.approx(expected, abs=1) and planner.total > 1.9 * first  # about 1.96 h
+    assert {"sweep/budget": 2.0, "step": 100} in sinks.metrics
