@@ -73,7 +73,7 @@ def run_one(setting: dict) -> dict:
     from pipeline.data.synthetic import MOTION_CLASSES, ORDER_CLASSES, balanced_order_spec, motion_frames, order_frames
     from pipeline.data.transforms import TestTransform, TrainTransform
     from pipeline.data.video import FixedRateSampler, SegmentSampler
-    from pipeline.models.timesformer import TimeSformer, model_config
+    from pipeline.models.registry import build, model_config
     from pipeline.train.engine import make_engine
     from pipeline.train.evaluate import validate
     from pipeline.train.main import build_model
@@ -112,8 +112,8 @@ def run_one(setting: dict) -> dict:
     per_epoch, total = steps_per_epoch(cfg, len(train)), total_steps(cfg, len(train))
     mcfg = model_config(cfg)
     model = build_model(cfg)  # seeds torch with train.seed, as every rank of a run does
-    prepare_model(model, cfg, device, build=lambda: TimeSformer(mcfg), micro_batch=plan.micro_batch)
-    engine = make_engine(model, cfg, plan, per_epoch, device, model_factory=lambda: TimeSformer(mcfg))
+    prepare_model(model, cfg, device, build=lambda: build(mcfg), micro_batch=plan.micro_batch)
+    engine = make_engine(model, cfg, plan, per_epoch, device, model_factory=lambda: build(mcfg))
     rng = np.random.default_rng(s["seed"])
     vb = plan.micro_batch  # validation batches as the run's validation loader makes them
     val_batches = [{"video": torch.stack([clip(f, None, False) for f, _ in val[i:i + vb]]),

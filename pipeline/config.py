@@ -838,6 +838,16 @@ def _check_finetune_options(cfg: RunConfig, where: str) -> None:
                           f"train.val_every=-1 never validates: set val_every (0: once per epoch) or keep_best=false")
 
 
+def _last_map_cells(mc: Any) -> int | None:
+    """Values per channel per clip in a 3D CNN's last stage (frames after its temporal pool x the 32x smaller
+    frame); None for a model without batch statistics (TimeSformer normalises each token on its own)."""
+    if not hasattr(mc, "temporal_pool"):
+        return None
+    frames = max(1, mc.num_frames // mc.temporal_pool)
+    side = max(1, math.ceil(mc.img_size / 32))
+    return frames * side * side
+
+
 def check_model(cfg: RunConfig) -> Any:
     """The model config the recipe builds (its family's: ``TimeSformerConfig``, ``ResNet3DConfig``...), or a
     ConfigError saying which model field combination cannot be built (a width that the heads do not divide, a patch
@@ -849,6 +859,12 @@ def check_model(cfg: RunConfig) -> Any:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"recipe {cfg.recipe!r}: the model cannot be built: {e} (model.* and data.num_frames, "
                           "data.crop)") from None
+    cells = _last_map_cells(mc)
+    if cells is not None and cfg.train.micro_batch * cells < 2:
+        raise ConfigError(f"recipe {cfg.recipe!r}: train.micro_batch={cfg.train.micro_batch} clip(s) of "
+                          f"{mc.num_frames}x{mc.img_size} leave one value per channel in the model's last BatchNorm "
+                          f"layers, which cannot normalise a single value in training: raise train.micro_batch, "
+                          f"data.num_frames or data.crop")
     params = parameter_count(mc)
     if params > MAX_MODEL_PARAMETERS:
         shape = (f"embed_dim {mc.embed_dim}, depth {mc.depth}, {mc.num_patches} patches, "

@@ -15,8 +15,11 @@ and pareto.png with the front drawn; accuracy is the test protocol's, else the l
 before H says so) as at_<H>h.txt and crosses on the plot. --sweep NAME compares the members of a sweep
 (jobs/launch.py --sweep) as one group, with its halving decisions, and logs the report to the sweep's parent run.
 
-Prints the table; writes table.txt/.csv/.md, runs.json and accuracy_vs_gpu_hours.png under --out
-(default runs/compare-<experiment>), and logs them to MLflow as a comparison run in the same experiment
+The paper's other cost, inference: the table's "inference GFLOPs/video" (GFLOPs per test view x the test
+protocol's views) and accuracy_vs_inference.png, test accuracy against it (log axis), one point per run.
+
+Prints the table; writes table.txt/.csv/.md, runs.json, accuracy_vs_gpu_hours.png and accuracy_vs_inference.png
+under --out (default runs/compare-<experiment>), and logs them to MLflow as a comparison run in the same experiment
 (--no-log to skip). Each run's MLflow status is a column; runs that did not finish (FAILED, KILLED,
 RUNNING) are marked in the table and dotted in the plot, or left out with --finished-only.
 Runs of different datasets or dataset versions (the table's dataset column) are refused unless
@@ -75,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     quick_failing_http()  # an unreachable server: one error now, not minutes of retries
     try:
+        if args.sweep:  # first, members whose job died are recorded crashed (runs FAILED, decisions on the parent)
+            from pipeline.train.sweep import reconcile_sweep
+
+            reconcile_sweep(args.runs_dir, args.sweep)
         summaries = fetch(uri, args.experiment, args.runs, finished_only=args.finished_only, sweep=args.sweep)
         parent, decisions = sweep_parent(uri, args.experiment, args.sweep) if args.sweep else (None, [])
     except Exception as e:  # noqa: BLE001 -- ValueError (no such experiment/run), MlflowException, network errors
@@ -108,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nhalving decisions:\n" + "\n".join(f"  {d}" for d in decisions))
     if args.at_gpu_hours is not None:
         print("\n" + at_hours_text(summaries, args.at_gpu_hours))
-    print(f"\nwrote {', '.join(sorted(paths))} in {out}\nplot: {paths['accuracy_vs_gpu_hours.png']}")
+    print(f"\nwrote {', '.join(sorted(paths))} in {out}\nplot: {paths['accuracy_vs_gpu_hours.png']}\n"
+          f"inference plot: {paths['accuracy_vs_inference.png']}")
     if not args.no_log:
         try:
             if parent:  # a sweep's comparison belongs to its parent run

@@ -598,6 +598,13 @@ def load_safetensors(path: str | os.PathLike) -> nn.Module:
             raise CheckpointMismatchError(
                 f"{path}: its metadata ({family.name} config) describes a model of {wanted:,} parameters, the file's "
                 f"tensors hold {held:,} numbers. No model was built. Export the run again (jobs/export.py).")
+        expected = family.state_shapes(cfg)
+        if expected is not None and {k: tuple(v) for k, v in shapes.items()} != expected:
+            odd = sorted(set(shapes) ^ set(expected)) or sorted(k for k in shapes if tuple(shapes[k]) != expected[k])
+            raise CheckpointMismatchError(
+                f"{path}: its metadata ({family.name} config) does not describe its tensors ({len(odd)} name(s) or "
+                f"shape(s) differ, e.g. {', '.join(odd[:3])}). No model was built. The file was not written by "
+                f"save_safetensors / jobs/export.py or was edited afterwards; export the run again.")
         return family.load_weights(family.build(cfg), load_file(str(path)))
     check_config_against_shapes(cfg, shapes, str(path))
     return load_into(TimeSformer(cfg), load_file(str(path)), where=str(path))
@@ -713,8 +720,9 @@ def checkpoint_normalization(path: str | os.PathLike) -> tuple[tuple[float, ...]
 
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            if "timesformer_config" in meta:
-                d = json.loads(meta["timesformer_config"])
+            key = next((k for k in ("model_config", "timesformer_config") if k in meta), None)  # any family's
+            if key is not None:
+                d = json.loads(meta[key])
                 if "mean" in d and "std" in d:  # files written before the model carried it: the original's
                     return tuple(map(float, d["mean"])), tuple(map(float, d["std"]))
                 return DEFAULT_MEAN, DEFAULT_STD

@@ -52,9 +52,12 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
                              f"takes the source's) or start from other weights")
         overrides = {**overrides, "mean": recorded[0], "std": recorded[1]}
     if family.name != "timesformer":  # the family's loader converts its layouts (an image model is inflated)
+        theirs = _video_head_classes(path)  # a video model's classes are kept (an image model's never are)
+        if theirs is not None and "num_classes" not in overrides:
+            overrides = {**overrides, "num_classes": theirs}
         model = family.build(model_config_of(name, **overrides))
-        try:
-            return family.load_weights(model, path, reset_head="num_classes" in overrides)
+        try:  # another class count asked for: a fresh head
+            return family.load_weights(model, path, reset_head=theirs is not None and theirs != model.cfg.num_classes)
         except ValueError as e:
             raise type(e)(f"{source} ({path}): {e}") from None
     state = read_checkpoint(path)
@@ -72,3 +75,18 @@ def create_model(name: str, pretrained: bool | str = False, **overrides: Any) ->
         return load_checkpoint(model, state, reset_head=reset)
     except ValueError as e:
         raise type(e)(f"{source} ({path}): {e}") from None
+
+
+def _video_head_classes(path: Any) -> int | None:
+    """The class count of a video classifier file of another family (ours: ``head.weight``; PySlowFast's:
+    ``head.projection.weight``); None for an image model (its ImageNet classes are not the video model's) or a
+    file without a head."""
+    from pipeline.models.convert import read_checkpoint
+
+    state = read_checkpoint(path)
+    state = state.get("model_state", state) if isinstance(state.get("model_state"), dict) else state
+    for key in ("head.weight", "head.projection.weight"):
+        w = state.get(key)
+        if isinstance(w, torch.Tensor) and w.ndim == 2:
+            return int(w.shape[0])
+    return None

@@ -56,6 +56,9 @@ class Family:
     converters: tuple[str, ...] = ()
     # what activation checkpointing wraps, in words (the units are model.checkpoint_units())
     checkpoint_units: str = ""
+    # (config) -> {name: shape} of the model's state dict, computed without building it: a file's tensors are
+    # checked against it before a model is built from the file's metadata
+    shapes: str = ""
 
     def field_names(self) -> set[str]:
         return {f.name for f in fields(self.config)}
@@ -68,6 +71,9 @@ class Family:
 
     def parameter_count(self, cfg: Any) -> int:
         return int(_resolve(self.params)(cfg))
+
+    def state_shapes(self, cfg: Any) -> dict[str, tuple[int, ...]] | None:
+        return _resolve(self.shapes)(cfg) if self.shapes else None
 
     def load_weights(self, model: Any, source: Any, **kwargs: Any) -> Any:
         return _resolve(self.load)(model, source, **kwargs)
@@ -216,7 +222,7 @@ register_family(Family(
     flops="pipeline.models.resnet3d:flops_per_view", params="pipeline.models.resnet3d:parameter_count",
     load="pipeline.models.resnet3d:load_checkpoint",
     converters=("ours", "pyslowfast (PySlowFast .pyth)", "resnet2d (a timm/torchvision ImageNet ResNet, inflated)"),
-    checkpoint_units="each residual block"))
+    checkpoint_units="each residual block", shapes="pipeline.models.resnet3d:state_shapes"))
 
 # ---------------------------------------------------------------------------------------------------
 # Models
@@ -254,20 +260,25 @@ def timesformer_tiny():
                 drop_path_rate=0.0)
 
 
-def _resnet3d(name: str) -> dict[str, Any]:
-    return dict(RESNET3D_VARIANTS[name])
+# ImageNet's statistics, which the ImageNet ResNet-50 the 3D CNNs start from was trained with (a model carries the
+# normalisation of its weights; PySlowFast's own 0.45 / 0.225 is the config's default for other starts)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _resnet3d(name: str, **overrides: Any) -> dict[str, Any]:
+    return {**RESNET3D_VARIANTS[name], **overrides}
 
 
 @register_model(family="resnet3d", pretrained=IMAGENET_RESNET50)
 def i3d_r50():
     """I3D 8x8 R50: inflated 3D ResNet-50, 8 frames at rate 8 (paper Table 2: 28.0M, 1.11 TFLOPs = 30 views of 8x256)"""
-    return _resnet3d("i3d_r50")
+    return _resnet3d("i3d_r50", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 @register_model(family="resnet3d", pretrained=IMAGENET_RESNET50)
 def slow_r50():
     """Slow 8x8 R50: the SlowFast network's slow pathway alone, temporal kernels in res4-res5 only"""
-    return _resnet3d("slow_r50")
+    return _resnet3d("slow_r50", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 @register_model(family="resnet3d")

@@ -49,8 +49,44 @@ HEAD_INIT_STD = 0.01  # PySlowFast's MODEL.FC_INIT_STD
 # The model
 
 
-def _bn(channels: int, eps: float) -> nn.BatchNorm3d:
-    return nn.BatchNorm3d(channels, eps=eps)
+class BatchNorm3d(nn.BatchNorm3d):
+    """BatchNorm that normalises in float32 whatever the activations' dtype, and returns theirs: mixed precision's
+    usual rule, and what DeepSpeed's bf16/fp16 needs (it casts parameters to half precision but keeps buffers in
+    float32, and a half-precision batch norm with float32 statistics fails). Two switches, set from outside:
+
+    - ``frozen``: the statistics are not updated and the running ones normalise, in training too (a frozen
+      backbone, ``train.freeze=backbone``: a linear probe must not change what it probes);
+    - ``keep_stats``: one pass that must not update the running statistics (activation checkpointing's recompute of
+      a block in the backward pass: the forward updated them already; ``Bottleneck3D``).
+
+    The parameter and buffer names are nn.BatchNorm3d's (checkpoints load either way)."""
+
+    frozen: bool = False
+    keep_stats: bool = False
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def spare_statistics(self) -> None:
+        """Copies of the statistics for a recompute to update instead (made outside the checkpointed region: the
+        recompute must run the very ops the forward ran, or torch's checkpoint refuses it)."""
+        self.scratch = (self.running_mean.clone(), self.running_var.clone(), self.num_batches_tracked.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        use_batch = self.training and not self.frozen
+        mean, var, count = self.running_mean, self.running_var, self.num_batches_tracked
+        if use_batch and self.keep_stats and self.scratch is not None:
+            mean, var, count = self.scratch
+        if use_batch:
+            count.add_(1)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        factor = self.momentum if self.momentum is not None else 1.0 / max(int(count), 1)  # None: nn's cumulative
+        out = F.batch_norm(x.float(), mean, var, weight, bias, use_batch, factor, self.eps)
+        return out.to(x.dtype)
+
+
+def _bn(channels: int, eps: float) -> BatchNorm3d:
+    return BatchNorm3d(channels, eps=eps)
 
 
 class Stem3D(nn.Module):
@@ -95,7 +131,26 @@ class Bottleneck3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_fn is not None and torch.is_grad_enabled():
-            return self.checkpoint_fn(self._forward, x)  # the tensor positional, for reentrant implementations
+            norms = [m for m in self.modules() if isinstance(m, BatchNorm3d)]
+            for m in norms:
+                m.spare_statistics()
+            calls = [0]
+
+            def body(x: torch.Tensor) -> torch.Tensor:
+                calls[0] += 1
+                if calls[0] == 1:
+                    return self._forward(x)
+                # the recompute in the backward pass: the same batch statistics, and the running ones, which the
+                # forward updated already, left alone (the spare copies take the second update)
+                for m in norms:
+                    m.keep_stats = True
+                try:
+                    return self._forward(x)
+                finally:
+                    for m in norms:
+                        m.keep_stats = False
+
+            return self.checkpoint_fn(body, x)  # the tensor positional, for reentrant implementations
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

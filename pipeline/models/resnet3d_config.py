@@ -34,6 +34,12 @@ def _tuplify(value: Any) -> Any:
     return value
 
 
+MAX_FRAMES = 1024  # frames of a clip (the decoder's own limit is lower)
+MAX_SIZE = 4096  # pixels on a side
+MAX_WIDTH = 1 << 14  # channels
+MAX_STAGE_BLOCKS = 1024
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -115,6 +121,19 @@ class ResNet3DConfig:
         k = self.stem_temporal_kernel
         if not _is_int(k) or k < 1 or k % 2 == 0:
             raise bad("stem_temporal_kernel", "an odd positive kernel size (I3D 5, Slow 1)")
+        # bounds far above any published network, so that a config read from a file (a safetensors header is only
+        # text) cannot ask for a model whose very description takes hours: ResNet-1001 has 333 blocks per stage
+        for name, most in (("num_frames", MAX_FRAMES), ("img_size", MAX_SIZE), ("stem_width", MAX_WIDTH),
+                           ("bottleneck_width", MAX_WIDTH), ("bottleneck_expansion", 64),
+                           ("temporal_pool", MAX_FRAMES)):
+            if getattr(self, name) > most:
+                raise bad(name, f"at most {most}")
+        if len(blocks) > 8 or any(n > MAX_STAGE_BLOCKS for n in blocks):
+            raise bad("stage_blocks", f"at most 8 stages of at most {MAX_STAGE_BLOCKS} blocks")
+        if self.stem_temporal_kernel > MAX_FRAMES or any(len(c) > MAX_STAGE_BLOCKS or max(c) > MAX_FRAMES
+                                                         for c in kernels):
+            raise bad("temporal_kernels", f"kernels of at most {MAX_FRAMES} frames, cycles of at most "
+                                          f"{MAX_STAGE_BLOCKS} entries")
         if self.num_frames < self.temporal_pool:
             raise bad("num_frames", f"at least temporal_pool={self.temporal_pool} frames (the pool after the "
                                     "first stage would leave none)")

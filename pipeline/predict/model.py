@@ -209,7 +209,10 @@ def _load_safetensors(path: Path, shown: str) -> LoadedModel:
                        file_digest(path))
 
 
-def recorded_protocol(path: Path, cfg: TimeSformerConfig) -> Protocol:
+MAX_TEST_CROP = 2048  # the largest test view a recorded protocol may ask for (a 4K frame's short side)
+
+
+def recorded_protocol(path: Path, cfg: Any) -> Protocol:
     """The test protocol an export records (``jobs/export.py`` writes its recipe's), else the paper's for the
     model's size (an export made before models carried it)."""
     from safetensors import safe_open
@@ -225,9 +228,14 @@ def recorded_protocol(path: Path, cfg: TimeSformerConfig) -> Protocol:
     except (ValueError, TypeError) as e:
         raise PredictError(f"{path}: metadata 'test_protocol' is not a protocol ({e}); re-export the model, or give "
                            f"--views and --sampling-rate") from None
-    if (protocol.num_frames, protocol.crop) != (cfg.num_frames, cfg.img_size):
+    # the test views may be larger than the training crop (test.crop: a 3D CNN tests at 256 after 224); a
+    # TimeSformer's must hold whole patches, and no size runs away (the file's metadata is only text)
+    patch = getattr(cfg, "patch_size", 1)
+    if (protocol.num_frames != cfg.num_frames or not isinstance(protocol.crop, int) or protocol.crop % patch
+            or not 0 < protocol.crop <= max(MAX_TEST_CROP, cfg.img_size)):
         raise PredictError(f"{path}: its recorded test protocol ({protocol.num_frames} frames, {protocol.crop}px) does "
-                           f"not fit the model ({cfg.num_frames} frames, {cfg.img_size}px); re-export the model")
+                           f"not fit the model ({cfg.num_frames} frames, {cfg.img_size}px, test views a multiple of "
+                           f"{patch}px up to {max(MAX_TEST_CROP, cfg.img_size)}px); re-export the model")
     protocol.check()
     return protocol
 

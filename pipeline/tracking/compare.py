@@ -7,7 +7,12 @@ drawn dotted in the plot; ``fetch(finished_only=True)`` leaves such runs out.
 
 The accuracy column is each run's headline test metric: top-1 (with top-5) for a single-label model, mAP for a
 multi-label one (``model.multi_label``; its curve is ``val_map``). Numbers of different metrics are never put in
-one column or on one axis: runs scored by different metrics get a table (and a plot panel) each."""
+one column or on one axis: runs scored by different metrics get a table (and a plot panel) each.
+
+The paper's Table 2 weighs accuracy against two costs: training (GPU-hours, the plot above) and inference (TFLOPs
+per view x views, the cost of classifying one video by the test protocol). The second has a column (``inference
+GFLOPs/video``: the ``gflops_per_view`` tag, counted at the test view's size, times the protocol's views) and a plot
+of its own, test accuracy against it on a log axis, one point per run (accuracy_vs_inference.png)."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any
 
 COLUMNS = [("run", "run"), ("dataset", "dataset"), ("model", "model"), ("attention", "attention"),
            ("clip", "frames x rate"), ("resolution", "res"), ("params_m", "params (M)"),
-           ("tflops_views", "TFLOPs x views"),
+           ("tflops_views", "TFLOPs x views"), ("inference_gflops", "inference GFLOPs/video"),
            ("gpu_hours", "GPU-h"), ("score", "top-1"), ("top5", "top-5"), ("clips_per_s", "clips/s"),
            ("status", "status")]
 FINISHED = "FINISHED"
@@ -52,11 +57,21 @@ class RunSummary:
     map: float | None = None  # test mAP (%) of a multi-label model
     sweep: str = ""  # the sweep it is a member of (its ``sweep`` tag), "" for none
     halving: str = ""  # what successive halving did to it: "stopped at rung k", "continued", ""
+    gflops_per_view: float | None = None  # inference cost of one test view (its ``gflops_per_view`` tag)
+    views: int | None = None  # the test protocol's views per video; None for a long-video protocol (all of it)
 
     @property
     def score(self) -> float | None:
         """The headline test number: top-1, or mAP for a multi-label model."""
         return self.map if self.metric == "map" else self.top1
+
+    @property
+    def inference_gflops(self) -> float | None:
+        """GFLOPs to classify one video by the test protocol: per view x views. None when the run has no FLOPs
+        tag, or when its protocol reads the whole video (views then depend on each video's length)."""
+        if self.gflops_per_view is None or self.views is None:
+            return None
+        return self.gflops_per_view * self.views
 
 
 def _history(client, run_id: str, key: str) -> dict[int, float]:
@@ -87,7 +102,8 @@ def summarize(client, run) -> RunSummary:
         status=run.info.status, curve=curve, dataset=tags.get("dataset", "?"), metric=metric,
         map=metrics.get("test_map"), sweep=tags.get("sweep", ""),
         halving=(f"stopped at rung {tags['halving_stopped_at']}" if "halving_stopped_at" in tags else
-                 "continued" if any(k.startswith("halving_rung") for k in tags) else ""))
+                 "continued" if any(k.startswith("halving_rung") for k in tags) else ""),
+        gflops_per_view=gflops, views=None if views == "all" else int(views))
 
 
 class MixedDatasetsError(ValueError):
@@ -175,8 +191,14 @@ def columns(metric: str) -> list[tuple[str, str]]:
             if key != "top5" or metric == "top1"]
 
 
+# columns whose numbers span orders of magnitude (a tiny CPU model's 0.07 GFLOPs, a K400 model's 1703): significant
+# digits, not a fixed number of decimals
+_SIGNIFICANT = {"inference_gflops"}
+
+
 def rows(summaries: list[RunSummary], metric: str = "top1") -> list[list[str]]:
-    return [[_cell(getattr(s, key)) for key, _ in columns(metric)] for s in summaries]
+    return [[(f"{getattr(s, key):.4g}" if key in _SIGNIFICANT and getattr(s, key) is not None
+              else _cell(getattr(s, key))) for key, _ in columns(metric)] for s in summaries]
 
 
 def _mixed_note(groups: list[tuple[str, list[RunSummary]]]) -> str:
@@ -270,17 +292,71 @@ def plot(summaries: list[RunSummary], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def inference_points(summaries: list[RunSummary], metric: str) -> list[tuple[RunSummary, float, float]]:
+    """The inference plot's points for runs scored by ``metric``: (run, inference GFLOPs per video, test accuracy),
+    for each run that has both (a run without a test result, or without a FLOPs count, has no point)."""
+    return [(s, s.inference_gflops, s.score) for s in summaries
+            if s.metric == metric and s.inference_gflops is not None and s.score is not None]
+
+
+def plot_inference(summaries: list[RunSummary], path: Path, title: str) -> Path:
+    """Test accuracy against inference GFLOPs per video (per view x views, log axis): one point per run, a colour
+    and a legend entry per model, each point labelled by its model; unfinished runs hollow. The paper's Table 2
+    cost on the other axis than training's. Runs scored by different metrics get a panel each; runs that cannot
+    be drawn (no test result, no FLOPs count, a whole-video protocol) are named under the plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = by_metric(summaries)
+    fig, axes = plt.subplots(1, len(groups), figsize=(8 * len(groups), 5), squeeze=False)
+    models = list(dict.fromkeys(s.model for s in summaries))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    for ax, (metric, group) in zip(axes[0], groups, strict=True):
+        points = inference_points(group, metric)
+        drawn = {id(s) for s, _, _ in points}
+        missing = ", ".join(s.run for s in group if id(s) not in drawn)
+        legend: set[str] = set()
+        names: dict[tuple[str, float, float], list[str]] = {}  # runs drawn on one spot (seeds alike) share a name
+        for s, gflops, acc in points:
+            finished = s.status == FINISHED
+            label = f"{s.model} ({s.attention})"
+            ax.plot([gflops], [acc], "o", ms=9, color=colours[s.model], mfc=colours[s.model] if finished else "none",
+                    label=None if label in legend else label)
+            legend.add(label)
+            names.setdefault((s.model, gflops, acc), []).append("" if finished else f" [{s.status}]")
+        for (model, gflops, acc), marks in names.items():
+            ax.annotate(model + (f" x{len(marks)}" if len(marks) > 1 else "") + "".join(marks), (gflops, acc),
+                        textcoords="offset points", xytext=(6, 4), fontsize=7, color=colours[model])
+        ax.set_xscale("log")
+        if points:  # a point alone still gets a decade around it (a log axis needs a positive range)
+            xs = [g for _, g, _ in points]
+            ax.set_xlim(min(xs) / 2, max(xs) * 2)
+            ax.legend(fontsize=8)
+        ax.set_xlabel("inference GFLOPs per video (per view x views of the test protocol, log scale)")
+        ax.set_ylabel(f"test {METRICS[metric][1]}")
+        ax.set_title((title if len(groups) == 1 else f"{title} ({METRICS[metric][2]})") + (
+            f"\nnot drawn (no test result, or no FLOPs count per video): "
+            f"{missing if len(missing) <= 100 else missing[:100] + ' ...'}" if missing else ""), fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
 def write_report(summaries: list[RunSummary], out_dir: Path, experiment: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"table.txt": table_text(summaries), "table.csv": table_csv(summaries),
              "table.md": table_markdown(summaries),
-             "runs.json": json.dumps([asdict(s) for s in summaries], indent=1)}
+             "runs.json": json.dumps([{**asdict(s), "inference_gflops": s.inference_gflops} for s in summaries],
+                                     indent=1)}
     paths = {}
     for name, text in files.items():
         (out_dir / name).write_text(text)
         paths[name] = out_dir / name
     paths["accuracy_vs_gpu_hours.png"] = plot(summaries, out_dir / "accuracy_vs_gpu_hours.png",
                                               f"{experiment}: accuracy against GPU-hours")
+    paths["accuracy_vs_inference.png"] = plot_inference(summaries, out_dir / "accuracy_vs_inference.png",
+                                                        f"{experiment}: accuracy against inference cost")
     return paths
 
 

@@ -196,10 +196,14 @@ HEAD_PREFIX = "head."  # the classifier's parameters (TimeSformer.head)
 
 def apply_freeze(model: nn.Module, freeze: str) -> int:
     """``train.freeze``: ``backbone`` leaves only the classifier head trainable (a linear probe); returns the
-    number of parameters that train."""
+    number of parameters that train. Normalisation layers with running statistics that can be frozen (a 3D CNN's
+    BatchNorm, ``frozen``) keep them: a frozen backbone computes what it computed before training."""
     if freeze == "backbone":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(HEAD_PREFIX))
+        for name, m in model.named_modules():
+            if hasattr(m, "frozen") and not name.startswith(HEAD_PREFIX):
+                m.frozen = True
     elif freeze != "none":
         raise ValueError(f"train.freeze={freeze!r}: expected none or backbone")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

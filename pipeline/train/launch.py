@@ -390,10 +390,11 @@ def check_init(cfg: RunConfig, resume_dir: Path | None = None) -> str:
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt") as f:
-                keys = len(list(f.keys()))
-            if not keys:
+                names, meta = list(f.keys()), f.metadata() or {}
+            if not names:
                 raise ValueError("it holds no tensors")
-            return f"{resolved}{path} (safetensors, {keys} tensors{norm})"
+            check_init_family(cfg, init, names, meta)
+            return f"{resolved}{path} (safetensors, {len(names)} tensors{norm})"
         with open(path, "rb") as f:
             head = f.read(len(_LEGACY_TORCH_MAGIC))
         if head == _LEGACY_TORCH_MAGIC:
@@ -405,6 +406,30 @@ def check_init(cfg: RunConfig, resume_dir: Path | None = None) -> str:
     except Exception as e:  # noqa: BLE001 -- OSError, BadZipFile, safetensors' own error type: all one answer
         raise ConfigError(f"model.init={init!r}: {path} is not a readable checkpoint ({type(e).__name__}: "
                           f"{' '.join(str(e).split())[:300]})") from None
+
+
+# Which family's weights a file holds, from its tensor names: TimeSformer's own, the original's, Hugging Face's and
+# an image ViT's (inflated); a 3D ResNet's own, PySlowFast's, and a 2D ImageNet ResNet's (inflated)
+FAMILY_KEY_PREFIXES = {
+    "timesformer": ("blocks.", "cls_token", "timesformer.", "model.blocks.", "vit."),
+    "resnet3d": ("stages.", "stem.conv", "s1.pathway0_stem", "layer1.", "conv1.weight"),
+}
+
+
+def check_init_family(cfg: RunConfig, init: str, names: list[str], meta: dict[str, str]) -> None:
+    """Refuse at launch weights of another model family than the run's (a TimeSformer export as an I3D's
+    model.init): the ranks would fail on every key after the job was queued."""
+    from pipeline.models.registry import family_of
+
+    ours = family_of(cfg.model.variant).name
+    theirs = meta.get("model_family") or ("timesformer" if "timesformer_config" in meta else None)
+    if theirs is None:
+        found = [f for f, prefixes in FAMILY_KEY_PREFIXES.items() if any(n.startswith(prefixes) for n in names)]
+        theirs = found[0] if len(found) == 1 else None
+    if theirs is not None and theirs != ours:
+        raise ConfigError(f"model.init={init!r} holds the weights of a {theirs} model, and model.variant="
+                          f"{cfg.model.variant} is a {ours} model: give weights of its family (python jobs/launch.py "
+                          f"--list-models; docs/model.md lists what each family converts), or a {theirs} variant")
 
 
 def check_init_normalization(cfg: RunConfig, path: Path) -> str:

@@ -204,3 +204,137 @@ def test_the_hugging_face_export_is_refused_for_a_family_transformers_cannot_loa
                                          "TimesformerForVideoClassification.*leave out --hf"):
         export_hf(path, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# -- the review's findings: each fails without its fix ----------------------------------------------------------
+
+
+def _bn_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
+def test_a_recomputed_block_does_not_update_batchnorm_statistics_twice():
+    from pipeline.models.checkpointing import apply_activation_checkpointing
+
+    x = torch.randn(2, 3, 4, 32, 32)
+    states = {}
+    for policy in ("none", "full", "selective"):
+        torch.manual_seed(0)
+        model = build(model_config_of("i3d_tiny")).train()
+        apply_activation_checkpointing(model, policy)
+        model(x).sum().backward()
+        states[policy] = _bn_state(model)
+    for policy in ("full", "selective"):
+        for k, v in states["none"].items():
+            assert torch.equal(states[policy][k], v), (policy, k)
+    assert all(int(v) == 1 for k, v in states["full"].items() if k.endswith("num_batches_tracked"))
+
+
+def test_batchnorm_runs_in_float32_under_half_precision_parameters():
+    """DeepSpeed's bf16 casts parameters, not buffers: BatchNorm then sees bf16 weights and fp32 statistics."""
+    model = build(model_config_of("i3d_tiny")).train()
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    x = torch.randn(2, 3, 4, 32, 32, dtype=torch.bfloat16)
+    out = model(x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the torch engine's path
+        assert torch.isfinite(build(model_config_of("i3d_tiny"))(x.float()).float()).all()
+
+
+def test_a_frozen_backbone_keeps_its_batchnorm_statistics():
+    from pipeline.train.engine import apply_freeze
+
+    model = build(model_config_of("i3d_tiny")).train()
+    before = _bn_state(model)
+    assert apply_freeze(model, "backbone") == sum(p.numel() for p in model.head.parameters())
+    model(torch.randn(2, 3, 4, 32, 32)).sum().backward()
+    after = _bn_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_export_tested_at_another_size_predicts_at_it(tmp_path):
+    from pipeline.models.convert import save_safetensors
+    from pipeline.predict.model import PredictError, load_model
+    from pipeline.train.export import recipe_protocol
+
+    cfg = load_recipe("smoke_i3d", ["test.crop=64"])
+    path = save_safetensors(build(model_config_of("i3d_tiny", num_classes=4)), tmp_path / "m",
+                            protocol=recipe_protocol(cfg))
+    assert load_model(str(path)).protocol.crop == 64
+    lying = save_safetensors(build(model_config_of("i3d_tiny", num_classes=4)), tmp_path / "lying",
+                             protocol={**recipe_protocol(cfg), "crop": 100_000})
+    with pytest.raises(PredictError, match="does not fit the model"):
+        load_model(str(lying))
+
+
+def test_a_cnn_file_hands_on_its_normalisation_and_classes(tmp_path):
+    from pipeline.models.convert import checkpoint_normalization, save_safetensors
+    from pipeline.models.factory import create_model
+
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    torch.manual_seed(3)
+    source = build(model_config_of("i3d_tiny", num_classes=7, mean=imagenet[0], std=imagenet[1])).eval()
+    path = save_safetensors(source, tmp_path / "m")
+    assert checkpoint_normalization(path) == imagenet
+    model = create_model("i3d_tiny", pretrained=str(path)).eval()
+    assert (model.cfg.num_classes, model.cfg.mean, model.cfg.std) == (7, *imagenet)
+    x = torch.randn(1, 3, 4, 32, 32)
+    assert torch.equal(model(x), source(x))  # the head kept: the same classifier
+    fresh = create_model("i3d_tiny", pretrained=str(path), num_classes=3)
+    assert fresh.cfg.num_classes == 3 and torch.equal(fresh.stem.conv.weight, source.stem.conv.weight)
+
+
+def test_a_cnn_file_whose_metadata_lies_builds_nothing_fast(tmp_path):
+    import time
+
+    from safetensors.torch import save_file
+
+    from pipeline.models.convert import load_safetensors, save_safetensors
+
+    huge = tmp_path / "huge.safetensors"
+    fields = {**model_config_of("i3d_tiny").to_dict(), "stage_blocks": [100_000_000], "temporal_kernels": [[3]]}
+    save_file({"w": torch.zeros(4)}, str(huge), metadata={"model_family": "resnet3d",
+                                                          "model_config": json.dumps(fields)})
+    t0 = time.time()
+    with pytest.raises(ValueError, match="stage_blocks.*at most 8 stages of at most 1024 blocks"):
+        load_safetensors(huge)
+    assert time.time() - t0 < 5
+    for field, value in (("num_frames", 10_000_000), ("img_size", 100_000)):
+        with pytest.raises(ValueError, match=f"{field}.*at most"):
+            model_config_of("i3d_tiny", **{field: value})
+    # a config that fits the count of numbers but not the names and shapes of the tensors
+    good = save_safetensors(build(model_config_of("i3d_tiny")), tmp_path / "good")
+    wider = {**model_config_of("i3d_tiny").to_dict(), "stage_blocks": [1, 1, 1],
+             "temporal_kernels": [[3], [3, 1], [3, 1]]}  # fewer numbers than the file holds, other names
+    from safetensors.torch import load_file
+
+    swapped = tmp_path / "swapped.safetensors"
+    save_file(load_file(str(good)), str(swapped), metadata={"model_family": "resnet3d",
+                                                            "model_config": json.dumps(wider)})
+    with pytest.raises(ValueError, match="does not describe its tensors.*No model was built"):
+        load_safetensors(swapped)
+
+
+def test_launch_refuses_weights_of_another_family(tmp_path):
+    from pipeline.models.convert import save_safetensors
+    from pipeline.train.launch import check_init
+
+    tsf = save_safetensors(build(model_config_of("timesformer_tiny", num_classes=4)), tmp_path / "tsf")
+    cnn = save_safetensors(build(model_config_of("i3d_tiny", num_classes=4)), tmp_path / "cnn")
+    with pytest.raises(ConfigError, match=r"holds the weights of a timesformer model, and model\.variant=i3d_tiny "
+                                          r"is a resnet3d model"):
+        check_init(load_recipe("smoke_i3d", [f"model.init={tsf}"]))
+    with pytest.raises(ConfigError, match="holds the weights of a resnet3d model"):
+        check_init(load_recipe("smoke", [f"model.init={cnn}"]))
+    assert "safetensors" in check_init(load_recipe("smoke_i3d", [f"model.init={cnn}"]))
+
+
+def test_a_micro_batch_that_leaves_batchnorm_one_value_is_refused_before_launch():
+    from pipeline.config import check_model
+
+    with pytest.raises(ConfigError, match="one value per channel in the model's last BatchNorm"):
+        check_model(load_recipe("smoke_i3d", ["data.num_frames=2", "train.micro_batch=1", "train.global_batch=8"]))
+    check_model(load_recipe("smoke_i3d", ["data.num_frames=2", "train.micro_batch=2", "train.global_batch=8"]))
+    check_model(load_recipe("smoke", ["data.num_frames=2", "train.micro_batch=1", "train.global_batch=8"]))

@@ -380,3 +380,81 @@ def test_compare_refuses_runs_of_different_datasets_unless_asked(tmp_path):
     assert p.returncode == 2 and "--mix-datasets" in p.stderr and not (tmp_path / "out").exists()
     p = subprocess.run(cli + ["--mix-datasets"], capture_output=True, text=True, timeout=180)
     assert p.returncode == 0 and "k400 v2" in p.stdout, p.stderr
+
+
+def test_compare_puts_each_runs_inference_cost_in_the_table_and_plots_accuracy_against_it(tmp_path, monkeypatch):
+    """The paper's Table-2 inference cost from a real store: GFLOPs per view (the tag) x the test protocol's views
+    (its params) in the table, the CSV and runs.json; the plot has one point per run at exactly (that cost, its test
+    top-1) on a log axis, a legend entry per model; a whole-video protocol and a run without a test are not drawn."""
+    from dataclasses import replace
+
+    import matplotlib.figure
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import compare
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t2", artifact_location=(tmp_path / "art").as_uri())
+    # name: (variant, scheme, GFLOPs per view tag, protocol params, test top-1)
+    runs = {"tsf-0": ("timesformer_tiny", "divided_space_time", "0.02083", {"temporal_clips": "2",
+                                                                             "spatial_crops": "3"}, 97.5),
+            "tsf-1": ("timesformer_tiny", "divided_space_time", "0.02083", {"temporal_clips": "2",
+                                                                             "spatial_crops": "3"}, 90.0),
+            "i3d-0": ("i3d_r50", "resnet3d", "37.1", {"temporal_clips": "10", "spatial_crops": "3"}, 71.0),
+            "long": ("timesformer_base", "divided_space_time", "590", {"protocol": "long_video"}, 60.0),
+            "untested": ("i3d_r50", "resnet3d", "37.1", {"temporal_clips": "10", "spatial_crops": "3"}, None)}
+    for name, (variant, scheme, gflops, protocol, top1) in runs.items():
+        run = client.create_run(exp, run_name=name, tags={"variant": variant, "attention_type": scheme})
+        client.log_batch(run.info.run_id, params=[Param(f"test.{k}", v) for k, v in protocol.items()],
+                         tags=[RunTag("gflops_per_view", gflops)],
+                         metrics=[Metric("gpu_hours", 0.5, 0, 10), Metric("val_top1", 50.0, 0, 10)]
+                         + ([Metric("test_top1", top1, 0, 10)] if top1 is not None else []))
+        client.set_terminated(run.info.run_id, "FINISHED" if top1 is not None else "KILLED")
+    summaries = compare.fetch(uri, "t2")
+    expected = {"tsf-0": 0.02083 * 6, "tsf-1": 0.02083 * 6, "i3d-0": 37.1 * 30, "long": None, "untested": 37.1 * 30}
+    assert {s.run: s.inference_gflops for s in summaries} == pytest.approx(expected)
+    lines = compare.table_text(summaries).splitlines()
+    at = lines[0].index("inference GFLOPs/video")
+    assert lines[0].split()[-1] == "status"  # the new column comes before the status, which stays last
+    cells = {line.split()[0]: line[at:].split()[0] for line in lines[2:] if line and not line.startswith("(")}
+    assert cells == {"tsf-0": "0.125", "tsf-1": "0.125", "i3d-0": "1113", "long": "-", "untested": "1113"}
+    header, *body = compare.table_csv(summaries).splitlines()
+    col = header.split(",").index("inference_gflops")
+    assert [row.split(",")[col] for row in body] == [str(0.02083 * 6), str(0.02083 * 6), str(37.1 * 30), "",
+                                                    str(37.1 * 30)]
+    assert "| inference GFLOPs/video |" in compare.table_markdown(summaries)
+    points = compare.inference_points(summaries, "top1")
+    assert [s.run for s, _, _ in points] == ["tsf-0", "tsf-1", "i3d-0"]
+    assert [v for _, g, a in points for v in (g, a)] == pytest.approx([0.02083 * 6, 97.5, 0.02083 * 6, 90.0,
+                                                                        37.1 * 30, 71.0])
+
+    drawn = {}
+
+    def capture(fig, path, **kw):  # what the inference plot shows: its points, labels, axis scale and title
+        if Path(path).name == "accuracy_vs_inference.png":
+            ax = fig.axes[0]
+            drawn.update(points=[v for x, y in sorted((float(x), float(y)) for line in ax.get_lines()
+                                                      for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True))
+                                 for v in (x, y)],
+                         legend=[t.get_text() for t in ax.get_legend().get_texts()],
+                         notes=sorted(t.get_text() for t in ax.texts), xscale=ax.get_xscale(), title=ax.get_title())
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    paths = compare.write_report(summaries, tmp_path / "out", "t2")
+    assert paths["accuracy_vs_inference.png"] == tmp_path / "out" / "accuracy_vs_inference.png"
+    assert paths["accuracy_vs_inference.png"].exists() and (tmp_path / "out" / "accuracy_vs_gpu_hours.png").exists()
+    assert drawn["points"] == pytest.approx([0.02083 * 6, 90.0, 0.02083 * 6, 97.5, 37.1 * 30, 71.0])
+    assert drawn["xscale"] == "log"
+    assert drawn["legend"] == ["timesformer_tiny (divided_space_time)", "i3d_r50 (resnet3d)"]
+    assert drawn["notes"] == ["i3d_r50", "timesformer_tiny", "timesformer_tiny"]  # each point named by its model
+    twins = [replace(s, run=f"{s.run}-twin", run_id=f"{s.run_id}-twin") for s in summaries if s.run == "i3d-0"]
+    compare.plot_inference(summaries + twins, tmp_path / "out" / "accuracy_vs_inference.png", "t2")
+    assert drawn["notes"] == ["i3d_r50 x2", "timesformer_tiny", "timesformer_tiny"]  # two runs on one spot
+    assert "not drawn (no test result, or no FLOPs count per video): long, untested" in drawn["title"]
+    saved = json.loads((tmp_path / "out" / "runs.json").read_text())
+    assert {r["run"]: r["inference_gflops"] for r in saved} == pytest.approx(expected)
+    run_id = compare.log_comparison(uri, "t2", summaries, paths)  # logged beside the other plot
+    assert "comparison/accuracy_vs_inference.png" in {a.path for a in client.list_artifacts(run_id, "comparison")}
