@@ -31,8 +31,24 @@ EXTRA_STEPS = {
 }
 
 
+class DictConfig:
+    """What every family's frozen config dataclass shares: to and from a plain dict (JSON in a safetensors file's
+    metadata, YAML in a run's config), an unknown field named with the known ones."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> Any:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown model field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
 @dataclass(frozen=True)
-class TimeSformerConfig:
+class TimeSformerConfig(DictConfig):
     """Everything that defines a TimeSformer; the defaults are TimeSformer 8x224 for Kinetics-400."""
 
     num_classes: int = 400
@@ -133,17 +149,6 @@ class TimeSformerConfig:
     def has_time_embed(self) -> bool:
         # space_only never mixes frames, so the original has no time embedding there.
         return self.pos_embed == "space_time" and self.attention_type != "space_only"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> TimeSformerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown model field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
 
 
 def check_local_global_shape(num_frames: int, grid: tuple[int, int], where: str) -> None:

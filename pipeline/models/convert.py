@@ -272,18 +272,24 @@ def adapt_state_dict(
                 out[k] = target[k]
     unexpected = sorted(k for k in state if k not in target)
     if missing or unexpected or shape_errors:
-        lines = [f"{where} does not fit TimeSformer({cfg.attention_type}, {cfg.num_frames}x{cfg.img_size}, "
-                 f"{cfg.num_classes} classes):"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if shape_errors:
-            lines.append(f"  shape mismatches ({len(shape_errors)}): {'; '.join(shape_errors)}")
-        if any(e.startswith("head.") for e in shape_errors):
-            lines.append("  (a different number of classes: pass reset_head=True to start a new head)")
-        raise CheckpointMismatchError("\n".join(lines))
+        raise CheckpointMismatchError("\n".join(mismatch_lines(
+            f"{where} does not fit TimeSformer({cfg.attention_type}, {cfg.num_frames}x{cfg.img_size}, "
+            f"{cfg.num_classes} classes):", missing, unexpected, shape_errors)))
     return out
+
+
+def mismatch_lines(title: str, missing: list[str], unexpected: list[str], shape_errors: list[str]) -> list[str]:
+    """A state dict that does not fit a model, said key by key (every family's loader raises it the same way)."""
+    lines = [title]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(sorted(unexpected))}")
+    if shape_errors:
+        lines.append(f"  shape mismatches ({len(shape_errors)}): {'; '.join(shape_errors)}")
+    if any(e.startswith("head.") for e in shape_errors):
+        lines.append("  (a different number of classes: pass reset_head=True to start a new head)")
+    return lines
 
 
 def load_into(model: TimeSformer, state: Mapping[str, torch.Tensor], **kwargs: Any) -> TimeSformer:

@@ -440,7 +440,7 @@ def fit_state_dict(state: Mapping[str, torch.Tensor], cfg: ResNet3DConfig, where
     BatchNorm ``num_batches_tracked`` counters a checkpoint lacks (PySlowFast's Caffe2 conversions, torchvision's
     ImageNet files) are filled with 0: they only matter to BatchNorm with ``momentum=None``. ``reset_head``: a head
     that is missing or does not fit (another class count) is replaced by a fresh one."""
-    from pipeline.models.convert import CheckpointMismatchError, require_tensors
+    from pipeline.models.convert import CheckpointMismatchError, mismatch_lines, require_tensors
 
     require_tensors(state, where)
     want = state_shapes(cfg)
@@ -461,16 +461,8 @@ def fit_state_dict(state: Mapping[str, torch.Tensor], cfg: ResNet3DConfig, where
         out.update(_fresh_head(cfg))
     missing = [k for k in want if k not in out and k not in state]
     if missing or unexpected or shape_errors:
-        lines = [f"{where} does not fit {_describe(cfg)}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(sorted(unexpected))}")
-        if shape_errors:
-            lines.append(f"  shape mismatches ({len(shape_errors)}): {'; '.join(shape_errors)}")
-        if any(e.startswith("head.") for e in shape_errors):
-            lines.append("  (a different number of classes: pass reset_head=True to start a new head)")
-        elif missing or unexpected:
+        lines = mismatch_lines(f"{where} does not fit {_describe(cfg)}:", missing, unexpected, shape_errors)
+        if not any(e.startswith("head.") for e in shape_errors) and (missing or unexpected):
             lines.append("  (another depth or block layout? check stage_blocks against the checkpoint's)")
         raise CheckpointMismatchError("\n".join(lines))
     return out

@@ -13,8 +13,10 @@ families' fields. Every other field has a name no other family uses.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from pipeline.models.config import DictConfig
 
 # PySlowFast's Kinetics normalisation (DATA.MEAN / DATA.STD), the same as the TimeSformer's
 DEFAULT_MEAN = (0.45, 0.45, 0.45)
@@ -45,7 +47,7 @@ def _is_int(v: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class ResNet3DConfig:
+class ResNet3DConfig(DictConfig):
     """Everything that defines a 3D ResNet; the defaults are I3D 8x8 R50 for Kinetics-400 (PySlowFast's)."""
 
     num_classes: int = 400
@@ -172,17 +174,6 @@ class ResNet3DConfig:
         """The temporal kernel of block ``block`` of stage ``stage`` (both from 0)."""
         cycle = self.temporal_kernels[stage]
         return cycle[block % len(cycle)]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "config") -> ResNet3DConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown model field(s) {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------------

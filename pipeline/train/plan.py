@@ -17,15 +17,27 @@ Three pieces, each testable on its own:
   plain numbers here, so a weights-only load reads them back): a resumed run continues the plan it had.
 * ``fit_total_steps``: the arithmetic. The largest total ``T`` with
   ``hours now + (T - step) x per-step cost + validations in (step, T] x a validation's cost + the test
-  protocol's cost <= budget x (1 - plan_margin)``.
+  protocol's cost <= budget - plan_margin x (budget - hours now)``. The margin is a share of the hours still to
+  plan, not of the whole budget: it covers the projection's error, which scales with how far the projection
+  reaches, so the aim closes in on the budget as the run nears its end (a share of the whole budget left every
+  run 2% of its budget unused: 10-20 steps of a one-minute run, several hours of a long one).
 * ``BudgetPlanner``: the loop's hook. After a calibration window (``train.calibration_steps`` steps, after
   ``calibration_steps // 4`` skipped: start-up, compilation and the first steps' outliers) it measures the cost
-  of a step from the GPU-hour account (devices x wall time, validation time taken out) and fits; a validation
+  of a step from the GPU-hour account (devices x wall time, validation time taken out) and fits. Later fits
+  measure a step's cost over as many recent steps as the plan has left to run (at least a calibration window;
+  all of this attempt's steps while it has run fewer): the steps still to come are predicted by a window as
+  long as they are, so a stall of a few seconds on a shared machine does not move a plan that has hundreds of
+  steps to go, while a lasting change of speed still shows in full once the plan's end is near. (Measured over
+  only the steps since the last fit, a shared machine's noise moved the total by up to 2x from one fit to the
+  next, 17-28 re-fits in a one-minute run; each move changes the schedule's slope from there on.) A validation
   measures what a validation costs (until then: the clips' forward passes at a third of a training step's cost
   per clip). The test protocol is estimated from a validation's cost per clip times the test's views (videos x
   temporal clips x spatial crops): it runs once, at the end, when nothing is left to correct. At every metric
-  line and after every validation the planner projects where the run will end; when that misses the aim by
-  more than one step's cost and by more than ``budget.refit_drift`` of the hours left, it re-fits. A resumed
+  line, after every validation, and at every step of the plan's last ``log_every`` steps (there only to shorten
+  a plan that would overrun its aim), the planner projects
+  where the run will end; when that ends short of the aim by more than one step's cost and by more than
+  ``budget.refit_drift`` of the hours left, or past it by more than that share of the hours left, it re-fits
+  (hysteresis: a few slow or fast steps do not move a long plan; near the end it is exact). A resumed
   run (another speed, another world size) calibrates again and re-fits. Every rank takes the same decisions:
   the measurements are reduced across ranks (their maximum) at steps all ranks reach.
 
@@ -134,7 +146,7 @@ class Fit:
     validations: int  # still to come after ``step``
     test_gpu_hours: float  # the test protocol, estimated
     reserved_gpu_hours: float  # the validations still to come and the test protocol
-    target_gpu_hours: float  # budget x (1 - margin)
+    target_gpu_hours: float  # budget - margin x (budget - hours)
     budget_gpu_hours: float
 
     @property
@@ -145,12 +157,12 @@ class Fit:
 
 def fit_total_steps(step: int, hours: float, budget: float, margin: float, per_step: float, val_pass: float,
                     val_every: int, test: float, val_measured: bool = True) -> Fit:
-    """The largest total ``T > step`` whose training, validations and test protocol fit ``budget x (1 -
-    margin)`` GPU-hours from ``hours`` spent at ``step``; ``step + 1`` when nothing more fits (the budget stop is
-    then the safety net)."""
+    """The largest total ``T > step`` whose training, validations and test protocol fit ``budget - margin x
+    (budget - hours)`` GPU-hours from ``hours`` spent at ``step`` (the margin is a share of the hours left: see
+    the module's docstring); ``step + 1`` when nothing more fits (the budget stop is then the safety net)."""
     if per_step <= 0:
         raise ValueError(f"a step's cost must be positive to plan by it, got {per_step} GPU-hours")
-    target = budget * (1.0 - margin)
+    target = budget - margin * max(0.0, budget - hours)
 
     def cost(total: int) -> float:
         return (total - step) * per_step + validations_between(step, total, val_every) * val_pass + test
@@ -204,6 +216,8 @@ class BudgetPlanner:
             self.schedule.anchor_step = resumed_step
             self.schedule.total = 2 * self.calibration_end
         self.mark: tuple[int, float, float] | None = None  # (step, hours, validation hours) where measuring began
+        # (step, hours, validation hours) at the mark and at every step the planner looked since (agreed values)
+        self.samples: list[tuple[int, float, float]] = []
         self.val_hours = 0.0  # validation hours this attempt (this rank)
         self.val_pass: float | None = None  # the newest validation's GPU-hours (this rank)
         self.validated_now = False
@@ -230,29 +244,50 @@ class BudgetPlanner:
         if step == self.calibration_start:
             hours, val_hours = _agreed([self.account.hours, self.val_hours], self.device)
             self.mark = (step, hours, val_hours)
+            self.samples = [self.mark]
             return self.total
         if self.mark is None or step < self.calibration_end or self.closing or step >= self.total:
             return self.total  # (at the total the run has validated and saved its last step: it ends there)
         first = self.fit is None
-        if not first and not validated and step % self.log_every:
+        looks = first or validated or step % self.log_every == 0
+        # between the plan's last metric line and its end: look at every step, for an overrun only (a run that
+        # would pass its aim must end sooner; one that ends a few steps short loses little, and a window of a few
+        # steps is too noisy to lengthen a plan by)
+        ending = not looks and self.total - step < self.log_every
+        if not looks and not ending:
             return self.total
         hours, val_hours, val_pass = _agreed([self.account.hours, self.val_hours, self.val_pass or -1.0], self.device)
-        m_step, m_hours, m_val = self.mark
-        measured = (hours - m_hours - (val_hours - m_val)) / max(1, step - m_step)
-        if first or step - m_step >= self.calibration:
-            per_step = measured
-        else:  # too few steps since the last fit to measure again: the plan's cost, with what is new
-            per_step = self.fit.gpu_hours_per_step
-        per_step = max(per_step, 1e-12)
+        self.samples.append((step, hours, val_hours))
+        per_step = max(self.step_cost(self.total - step), 1e-12)
         fit = self._fit(step, hours, per_step, val_pass if val_pass >= 0 else None)
         if not first:
             miss = self._projected(step, hours, per_step, fit) - fit.target_gpu_hours
-            if abs(miss) <= max(per_step, self.cfg.budget.refit_drift * max(0.0, fit.target_gpu_hours - hours)):
+            drift = self.cfg.budget.refit_drift * max(0.0, fit.target_gpu_hours - hours)
+            # an end short of the aim by less than a step is what a fit leaves (whole steps); an end past it only
+            # within the drift allowed, which shrinks to nothing as the run nears its end: the run never plans to
+            # finish past its aim, where the budget stop would cut its last steps
+            if -max(per_step, drift) <= miss <= drift or (ending and miss <= drift):
                 return self.total
         self._apply(step, fit, "calibrated" if first else "re-fit")
-        self.mark = (step, hours, val_hours)
         self.closing = fit.total_steps <= step + 1
         return self.total
+
+    def step_cost(self, horizon: int) -> float:
+        """A training step's GPU-hours (validations taken out), averaged over the newest ``horizon`` steps the
+        planner has seen (at least ``train.calibration_steps``; every step since the mark while there are fewer):
+        the steps left to run are predicted by as many recent ones (see the module's docstring)."""
+        step, hours, val_hours = self.samples[-1]
+        span = max(self.calibration, horizon)
+        start = self.samples[0]
+        lo, hi = 0, len(self.samples) - 1  # the newest sample at least ``span`` steps back (steps are sorted)
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if step - self.samples[mid][0] >= span:
+                start, lo = self.samples[mid], mid + 1
+            else:
+                hi = mid - 1
+        s_step, s_hours, s_val = start
+        return (hours - s_hours - (val_hours - s_val)) / max(1, step - s_step)
 
     def _fit(self, step: int, hours: float, per_step: float, val_pass: float | None) -> Fit:
         measured = val_pass is not None
@@ -280,7 +315,8 @@ class BudgetPlanner:
         unit = getattr(self.account, "unit", "gpu")
         log.info("plan v%d (%s at step %d): %d steps in all (%d to go) at %.4g %s-hours a step; %.4g reserved for "
                  "%d validation(s) at %.4g%s and the test protocol at %.4g (estimated); aiming at %.4g of the %g "
-                 "budget (margin %g%%), %.4g spent; the schedule continues at lr %.4g from progress %.3f",
+                 "budget (margin %g%% of the hours left), %.4g spent; the schedule continues at lr %.4g from "
+                 "progress %.3f",
                  v, why, step, fit.total_steps, fit.total_steps - step, fit.gpu_hours_per_step, unit,
                  fit.reserved_gpu_hours, fit.validations, fit.val_gpu_hours, "" if fit.val_measured else " (estimated)",
                  fit.test_gpu_hours, fit.target_gpu_hours, fit.budget_gpu_hours, 100 * self.cfg.budget.plan_margin,
