@@ -81,7 +81,7 @@ def run_one(setting: dict) -> dict:
     from pipeline.data.synthetic import ORDER_CLASSES, balanced_order_spec, order_frames
     from pipeline.data.transforms import TestTransform, TrainTransform
     from pipeline.data.video import FixedRateSampler
-    from pipeline.models.timesformer import TimeSformer, model_config
+    from pipeline.models.registry import build, model_config
     from pipeline.train.budget import GpuHours
     from pipeline.train.engine import make_engine
     from pipeline.train.evaluate import validate
@@ -129,8 +129,8 @@ def run_one(setting: dict) -> dict:
     per_epoch = steps_per_epoch(cfg, len(train))
     mcfg = model_config(cfg)
     model = build_model(cfg)
-    prepare_model(model, cfg, device, build=lambda: TimeSformer(mcfg), micro_batch=plan.micro_batch)
-    engine = make_engine(model, cfg, plan, per_epoch, device, model_factory=lambda: TimeSformer(mcfg))
+    prepare_model(model, cfg, device, build=lambda: build(mcfg), micro_batch=plan.micro_batch)
+    engine = make_engine(model, cfg, plan, per_epoch, device, model_factory=lambda: build(mcfg))
     if vclock is not None:
         engine.train_micro_batch = vclock.stepping(engine)
     rng = np.random.default_rng(s["seed"])
