@@ -241,10 +241,13 @@ class BudgetPlanner:
         steps where that is due (the end of calibration; then metric lines and validations, when the
         projection misses)."""
         validated, self.validated_now = self.validated_now, False
-        if step == self.calibration_start:
+        if self.mark is None and step >= self.calibration_start:
+            # the first step the loop shows the planner at or after the start of calibration (the loop does not
+            # call at every step: a short calibration_steps could otherwise fall between two calls and never fit)
             hours, val_hours = _agreed([self.account.hours, self.val_hours], self.device)
             self.mark = (step, hours, val_hours)
             self.samples = [self.mark]
+            self.calibration_end = max(self.calibration_end, step + self.cfg.train.calibration_steps)
             return self.total
         if self.mark is None or step < self.calibration_end or self.closing or step >= self.total:
             return self.total  # (at the total the run has validated and saved its last step: it ends there)
@@ -262,11 +265,13 @@ class BudgetPlanner:
         fit = self._fit(step, hours, per_step, val_pass if val_pass >= 0 else None)
         if not first:
             miss = self._projected(step, hours, per_step, fit) - fit.target_gpu_hours
-            drift = self.cfg.budget.refit_drift * max(0.0, fit.target_gpu_hours - hours)
-            # an end short of the aim by less than a step is what a fit leaves (whole steps); an end past it only
-            # within the drift allowed, which shrinks to nothing as the run nears its end: the run never plans to
-            # finish past its aim, where the budget stop would cut its last steps
-            if -max(per_step, drift) <= miss <= drift or (ending and miss <= drift):
+            # the tolerance is a share of the training hours left (not of what is reserved for validations and the
+            # test, which do not shrink as the run nears its end): it shrinks to nothing at the end
+            drift = self.cfg.budget.refit_drift * max(0.0, fit.target_gpu_hours - hours - fit.reserved_gpu_hours)
+            # an end short of the aim by less than a step is what a fit leaves (whole steps); an end past the aim
+            # only within the drift and never past the budget itself, where the budget stop would cut the last steps
+            over = min(drift, max(0.0, fit.budget_gpu_hours - fit.target_gpu_hours))
+            if -max(per_step, drift) <= miss <= over or (ending and miss <= over):
                 return self.total
         self._apply(step, fit, "calibrated" if first else "re-fit")
         self.closing = fit.total_steps <= step + 1

@@ -202,7 +202,7 @@ class ClockedEngine:
         return torch.tensor(1.0)
 
 
-def clocked_run(tmp_path, cost, budget=1.0, overrides=(), resumed=0, engine=None, hours=0.0):
+def clocked_run(tmp_path, cost, budget=1.0, overrides=(), resumed=0, engine=None, hours=0.0, test_views=0):
     cfg = load_recipe("demo_order", ["train.plan_by=budget", f"budget.gpu_hours={budget}", "train.global_batch=8",
                                      "train.micro_batch=8", "train.val_every=-1", "train.log_every=10",
                                      "train.calibration_steps=8", "train.ckpt_every=1000000", *overrides])
@@ -211,7 +211,7 @@ def clocked_run(tmp_path, cost, budget=1.0, overrides=(), resumed=0, engine=None
     engine.account = account
     sinks = Sinks()
     planner = BudgetPlanner(cfg, schedule_of(engine), account, sinks, rank=0, device=torch.device("cpu"),
-                            per_epoch=48, val_clips=96, test_views=0, resumed_step=resumed)
+                            per_epoch=48, val_clips=96, test_views=test_views, resumed_step=resumed)
     batch = {"video": torch.zeros(8, 1), "label": torch.zeros(8, dtype=torch.long)}
 
     def batches(s, step):
@@ -442,3 +442,23 @@ def test_a_real_run_ends_by_its_plan_at_its_budget_with_the_final_rate_and_the_t
     assert "test_top1" in result and (run / "eval" / "test.json").exists()  # the test protocol ran
     assert (run / "export" / "model.safetensors").exists()
     assert any("plan/total_steps" in r for r in rows)
+
+
+@pytest.mark.parametrize("calibration", [1, 4, 7])
+def test_a_short_calibration_window_still_fits_the_plan(tmp_path, calibration):
+    # the loop does not show the planner every step: a calibration start between two calls must not be missed
+    outcome, state, planner, sinks, engine = clocked_run(tmp_path, lambda s: 0.002,
+                                                         overrides=[f"train.calibration_steps={calibration}"])
+    assert planner.fits and outcome == "done" and engine.lr == 0.0
+
+
+def test_a_plan_never_accepts_a_projection_past_the_budget_when_the_test_reserve_is_large(tmp_path):
+    # the test protocol is estimated at half the budget (6000 views at a 24th of a step each); steps 4% slower from
+    # step 150: a tolerance measured over all the hours left (the test's reserve included) accepted a plan whose
+    # training plus test ended 3.5 steps past the budget
+    outcome, state, planner, sinks, engine = clocked_run(tmp_path, lambda s: 0.002 if s < 150 else 0.00208,
+                                                         test_views=6000)
+    test = 0.00208 / 24 * 6000  # what the test costs at the true step cost
+    assert outcome == "done" and len(planner.fits) >= 2
+    fits = [(f.step, f.total_steps) for f in planner.fits]
+    assert state.account.hours + test <= 1.0, (state.account.hours, test, fits)
