@@ -739,6 +739,11 @@ def validate(cfg: RunConfig, where: str = "resolved recipe") -> None:
         # NaN fails every comparison; _check_value refused it already
         if key in values and not _in_range(values[key], *bounds):
             raise refuse(key, _describe_range(*bounds))
+    if "stage_blocks" in own and cfg.cluster.accelerator == "cpu" and cfg.train.precision != "fp32":
+        # measured here (torch 2.13, CPU): oneDNN's half-precision 3D convolutions gave non-finite gradients at the
+        # first steps of i3d_tiny, at random; the same run with oneDNN off or in fp32 trains
+        raise refuse("train.precision", "fp32 for a 3D CNN on CPU ranks (cluster.accelerator=cpu): PyTorch's CPU "
+                     "(oneDNN) bf16/fp16 3D convolutions gave non-finite gradients in training; bf16 is for GPUs")
     if cfg.test.crop and "patch_size" in own and cfg.test.crop % cfg.model.patch_size:
         raise refuse("test.crop", f"a multiple of model.patch_size={cfg.model.patch_size} (or 0: data.crop)")
     if "attention_type" in own:  # TimeSformer's choices; other families' configs check their own
