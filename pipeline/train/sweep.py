@@ -32,12 +32,15 @@ plan ended with the planner's margin left) returns what it did not use, by the s
 A member whose job died without recording its end (killed, out of memory, a failed node, a Python exception) is
 *reconciled* wherever the state is read for a decision or a report (``reconcile``: before a rung report, before
 a member's end gives hours away, in ``jobs/launch.py --sweep-status``, ``--wait`` and ``jobs/compare.py
---sweep``): a member marked ``pending``/``running`` whose job Slurm reports ended (``FAILED``, ``CANCELLED``,
-``TIMEOUT``, ``OUT_OF_MEMORY``, ``NODE_FAIL``, ...: ``sacct``, else ``scontrol``) or whose local process is gone
-is recorded ``crashed`` with that state (``crash`` decision), its unused hours go to the survivors, its MLflow
-run is marked FAILED, and the last member to end closes the parent run. A job that is pending, running,
-preempted or requeued is alive; a job nobody can tell about (no Slurm command here, another host's process) is
-left as it is.
+--sweep``): a member marked ``pending``/``running`` whose current job (the attempt running now: a member resumed
+by hand records its new job) Slurm reports ended (``FAILED``, ``CANCELLED``, ``TIMEOUT``, ``OUT_OF_MEMORY``,
+``NODE_FAIL``, ...: the controller first, ``squeue``, else ``scontrol``; ``sacct`` only for the jobs the
+controller no longer knows) or whose local process is gone is recorded ``crashed`` with that state (``crash``
+decision), its unused hours go to the survivors, its MLflow run is marked FAILED, and the last member to end
+closes the parent run. A job the controller holds as pending, running, preempted or requeued is alive (a job
+requeued after a node failure is, whatever accounting says); a job nobody can tell about (no Slurm command here,
+a controller that does not answer within ``SLURM_PROBE_S``, another host's process) is left as it is. A crashed
+member that runs again (``--resume``) keeps the budget sweep.json grants it, 0 included: nothing left is a stop.
 
 Every decision is logged in ``sweep.json`` (``decisions``), in the member's run log, on its MLflow run (tag
 ``halving_rung<k>`` and metric ``sweep/rung<k>``) and on the parent (tag ``halving.<n>``, rung decisions and
@@ -75,13 +78,20 @@ SWEEP_FILE = "sweep.json"
 LOCK_FILE = "sweep.lock"
 MEMBER_FILE = "sweep_member.json"  # in a member's run directory (the name pipeline.tracking.sink reads)
 ALIVE = ("pending", "running")
-# a job in one of these states has ended (the first word of sacct's or scontrol's state: "CANCELLED by 0");
-# PENDING, RUNNING, PREEMPTED, REQUEUED, REQUEUE_HOLD, SUSPENDED, COMPLETING, ... are alive (a preempted or
-# requeued job runs again). COMPLETED counts too: a member still marked running ended without recording its end.
-# GONE: neither accounting nor the controller knows the job any more; EXITED: a local member's process is gone;
+# a job in one of these states has ended (the first word of the controller's or accounting's state: "CANCELLED
+# by 0"); PENDING, RUNNING, PREEMPTED, REQUEUED, REQUEUE_HOLD, SUSPENDED, COMPLETING, ... are alive when the
+# controller says so (a preempted or requeued job runs again). COMPLETED counts too: a member still marked running
+# ended without recording its end. GONE: neither the controller nor accounting knows the job any more; EXITED: a
+# local member's process is gone;
 # NOT_STARTED: a local member never started and the launcher that would start it is gone.
 DEAD_STATES = ("FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
                "COMPLETED", "GONE", "EXITED", "NOT_STARTED")
+# after a state accounting told for a job the controller no longer knows (so it has ended, whatever the state's
+# name: "PREEMPTED" under PreemptMode=CANCEL never runs again)
+ENDED_NOTE = "(ended: the controller no longer knows the job)"
+# one deadline for all the Slurm calls of one probe: a rung check's reconcile runs on rank 0 while the other ranks
+# wait in a collective, so a hung controller must not hold it longer than this (unanswered jobs stay as they are)
+SLURM_PROBE_S = 60.0
 # keys one job array cannot vary: every task of an array has the same resources and script
 ARRAY_FIXED = ("cluster.", "runs_dir", "name", "tracking.")
 
@@ -445,8 +455,11 @@ def describe(decision: dict[str, Any]) -> str:
             text = f"{d['name']} FINISHED EARLY ({d['outcome']}) after {d['hours']:.4g} h of its {d['budget']:.4g} h"
         return text + f"; {d['freed']:.4g} h freed ({given})"
     if kind == "resume":
+        left = d["budget"] - d.get("hours", 0.0)
         return (f"{d['name']} RESUMED after it was recorded crashed ({d['job_state']}): its freed hours stay with the "
-                f"others; it continues with {d['budget']:.4g} h")
+                f"others; it continues with {d['budget']:.4g} h"
+                + (f" of which {d['hours']:.4g} h used" if d.get("hours") else "")
+                + ("" if left > 0 else ": nothing left, it stops at its first step"))
     text = (f"{d['name']} at rung {d['rung']} ({d['fraction']:g} of its budget, {d['rung_hours']:.4g} h; step "
             f"{d['step']}): {d['metric']}={d['value']:.4g}, place {d['place']} of {d['reported']} reported, top "
             f"{d['keep']} continue -> {d['decision'].upper()}")
@@ -463,39 +476,92 @@ def _first_word(state: str) -> str:
     return (state.split() or ["UNKNOWN"])[0].rstrip("+").upper()  # "CANCELLED by 0" -> CANCELLED
 
 
-def slurm_job_states(job_ids: list[str], timeout: float = 30.0) -> dict[str, str]:
-    """The state of each Slurm job (``<array>_<task>`` or a plain id) that Slurm can tell about: ``sacct`` first
-    (one call for all; parsable rows ``JobID|State``, a header row or not), then ``scontrol show job`` for the
-    ones accounting does not know (a cluster without accounting; a pending array task still folded into its
-    array's record): its ``JobState``, or ``GONE`` when the controller answers that it has no such job (ended
-    and purged). A job missing from the answer could not be told (no Slurm command here, a call that failed):
-    the caller leaves that member as it is."""
-    ids = [str(j) for j in job_ids if j]
-    states: dict[str, str] = {}
-    if not ids:
-        return states
-    if shutil.which("sacct"):
-        try:
-            p = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)],
-                               capture_output=True, text=True, timeout=timeout)
-            for line in p.stdout.splitlines() if p.returncode == 0 else []:
-                job, _, state = line.strip().partition("|")
-                if job in ids and state:
-                    states[job] = _first_word(state.split("|")[0])
-        except (OSError, subprocess.SubprocessError):
-            pass
+def _call(cmd: list[str], end: float) -> subprocess.CompletedProcess | None:
+    """``cmd`` run until the monotonic time ``end`` at the latest; None when it could not run or ran out of time."""
+    left = end - time.monotonic()
+    if left <= 0:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _controller_states(ids: list[str], end: float) -> tuple[dict[str, str], list[str]]:
+    """What the Slurm controller says of ``ids``: (the state of each job it knows, the jobs it answered it does
+    not know). ``squeue`` in one call (``--array``: one line per array task, ``123_4``; ``--states=all``: ended
+    jobs it still holds too), else ``scontrol show job`` per job. A controller that cannot be asked (no command,
+    no answer before ``end``, an error that is not "invalid job id") knows nothing and denies nothing."""
+    if shutil.which("squeue"):
+        p = _call(["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", f"--jobs={','.join(ids)}"],
+                  end)
+        if p is None:
+            return {}, []
+        known: dict[str, str] = {}
+        for line in p.stdout.splitlines():
+            job, _, state = line.strip().partition("|")
+            if job in ids and state.strip():
+                known[job] = _first_word(state)
+        # several ids: squeue lists those it knows (rc 0); one id it does not know: "Invalid job id specified"
+        if p.returncode == 0 or "invalid job id" in (p.stderr + p.stdout).lower():
+            return known, [j for j in ids if j not in known]
+        return known, []
     if shutil.which("scontrol"):
-        for job in (j for j in ids if j not in states):
-            try:
-                p = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True,
-                                   timeout=timeout)
-            except (OSError, subprocess.SubprocessError):
+        known, unknown = {}, []
+        for job in ids:
+            p = _call(["scontrol", "show", "job", "-o", job], end)
+            if p is None:
                 continue
             found = re.search(r"\bJobState=(\S+)", p.stdout)
             if p.returncode == 0 and found:
-                states[job] = _first_word(found.group(1))
+                known[job] = _first_word(found.group(1))
             elif "invalid job id" in (p.stderr + p.stdout).lower():
-                states[job] = "GONE"
+                unknown.append(job)
+        return known, unknown
+    return {}, []
+
+
+def _accounting_states(ids: list[str], end: float) -> dict[str, str]:
+    """What Slurm's accounting (``sacct``, one call; parsable rows ``JobID|State``) says of ``ids``."""
+    states: dict[str, str] = {}
+    if not ids or not shutil.which("sacct"):
+        return states
+    p = _call(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)], end)
+    for line in p.stdout.splitlines() if p is not None and p.returncode == 0 else []:
+        job, _, state = line.strip().partition("|")
+        if job in ids and state:
+            states[job] = _first_word(state.split("|")[0])
+    return states
+
+
+def has_ended(state: str) -> bool:
+    """Whether a job state a probe told (``job_states``) means the job has ended."""
+    return _first_word(state) in DEAD_STATES or state.endswith(ENDED_NOTE)
+
+
+def slurm_job_states(job_ids: list[str], deadline_s: float | None = None) -> dict[str, str]:
+    """The state of each Slurm job (``<array>_<task>`` or a plain id) that Slurm can tell about. The controller
+    is asked first (``_controller_states``): it holds every job that is pending, running or requeued (a job
+    requeued after ``NODE_FAIL`` keeps its id and is ``PENDING`` there while accounting may still say
+    ``NODE_FAIL``), so its answer wins. Only for the jobs it answers it does not know (ended and purged) is
+    accounting (``sacct``) asked how they ended; whatever accounting says, such a job has ended: a state that
+    is not an end (``PREEMPTED`` under ``PreemptMode=CANCEL``, which never runs again; a stale ``RUNNING``) is
+    told with ``ENDED_NOTE``, and a job accounting does not know either is ``GONE``. A job missing from the
+    answer could not be told (no Slurm command here, a controller that did not answer): the caller leaves that
+    member as it is. Every call together stops at ``deadline_s`` (default ``SLURM_PROBE_S``: a rung check's
+    reconcile runs on rank 0 while the other ranks wait in a collective): what is not told by then is not told."""
+    ids = list(dict.fromkeys(str(j) for j in job_ids if j))
+    if not ids:
+        return {}
+    end = time.monotonic() + (SLURM_PROBE_S if deadline_s is None else deadline_s)
+    states, unknown = _controller_states(ids, end)
+    accounting = _accounting_states(unknown, end)
+    for job in unknown:
+        told = accounting.get(job)
+        if told is None:
+            states[job] = "GONE"
+        else:
+            states[job] = told if told in DEAD_STATES else f"{told} {ENDED_NOTE}"
     return states
 
 
@@ -510,38 +576,65 @@ def _proc_stat(pid: int) -> tuple[str, str] | None:
 
 
 def local_process(pid: int) -> dict[str, Any]:
-    """What identifies a local process later (its host and start time: a pid is reused once it is gone)."""
+    """What identifies a local process later (its host and start time: a pid is reused once it is gone). The start
+    is None when there was no such process to read (it had already ended when it was recorded)."""
     stat = _proc_stat(pid)
     return {"host": socket.gethostname(), "pid": pid, "start": stat[1] if stat else None}
 
 
 def local_alive(record: dict[str, Any] | None) -> bool | None:
     """Whether the process ``local_process`` described is still running: None when it cannot be told here
-    (another host, no /proc); a zombie (ended, not yet reaped) or a reused pid is dead."""
+    (another host, no /proc); a zombie (ended, not yet reaped) or a reused pid is dead. A record without a start
+    time is dead too, whatever runs under its pid now: on a host with /proc (the same host: this one has it)
+    ``local_process`` reads a start for every process that exists, so the one it recorded had ended already, and
+    a process running under that pid now is another one (otherwise a reused pid would read alive for ever)."""
     if not record or record.get("host") != socket.gethostname() or not Path("/proc/self/stat").exists():
         return None
+    if record.get("start") is None:
+        return False
     stat = _proc_stat(int(record["pid"]))
     if stat is None or stat[0] in ("Z", "X"):
         return False
-    return record.get("start") is None or stat[1] == record["start"]
+    return stat[1] == record["start"]
 
 
-def job_states(state: dict[str, Any], members: list[dict[str, Any]]) -> dict[int, str]:
-    """The job state of each of ``members`` that can be told (see ``slurm_job_states``; a local member: RUNNING
-    while its process runs, EXITED once it is gone, NOT_STARTED for one still pending whose launcher is gone)."""
+def current_job() -> tuple[str, dict[str, Any] | None]:
+    """This process's job as ``reconcile`` probes it: (job id, local process record). Under Slurm (and not a
+    local submitit job inside an allocation), the job ``<SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>`` for an
+    array task (the id the array's launch recorded), else ``SLURM_JOB_ID``, and no process: the scheduler's state
+    is the member's (a preempted job's process is gone while the job, requeued, is alive). Otherwise the local
+    job's controlling process (``SUBMITIT_LOCAL_JOB_ID``, the pid a local launch records), else this process."""
+    local = os.environ.get("SUBMITIT_LOCAL_JOB_ID", "").strip()
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    slurm = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    if slurm and not local:
+        return slurm, None
+    pid = int(local) if local.isdigit() else os.getpid()
+    record = local_process(pid)
+    if record["start"] is None:  # not a process of this host's /proc: this one runs the member
+        pid, record = os.getpid(), local_process(os.getpid())
+    return str(pid), record
+
+
+def job_states(state: dict[str, Any], members: list[dict[str, Any]],
+               deadline_s: float | None = None) -> dict[int, str]:
+    """The job state of each of ``members`` that can be told, by what its current attempt runs as
+    (``current_job``): a member with a local process record is RUNNING while that process runs, EXITED once it
+    is gone; one with a job id and no process is a Slurm job (``slurm_job_states``, within ``deadline_s``); in a
+    local sweep, a member still pending whose launcher is gone is NOT_STARTED."""
     out: dict[int, str] = {}
-    if state.get("executor") == "local":
-        launcher = local_alive(state.get("launcher"))
-        for m in members:
-            if m.get("process"):
-                alive = local_alive(m["process"])
-                if alive is not None:
-                    out[m["index"]] = "RUNNING" if alive else "EXITED"
-            elif m["status"] == "pending" and launcher is False:
-                out[m["index"]] = "NOT_STARTED"
-        return out
-    by_job = {str(m["job_id"]): m["index"] for m in members if m.get("job_id")}
-    for job, st in slurm_job_states(list(by_job)).items():
+    launcher = local_alive(state.get("launcher")) if state.get("executor") == "local" else None
+    by_job: dict[str, int] = {}
+    for m in members:
+        if m.get("process"):
+            alive = local_alive(m["process"])
+            if alive is not None:
+                out[m["index"]] = "RUNNING" if alive else "EXITED"
+        elif m.get("job_id"):
+            by_job[str(m["job_id"])] = m["index"]
+        elif m["status"] == "pending" and launcher is False:
+            out[m["index"]] = "NOT_STARTED"
+    for job, st in slurm_job_states(list(by_job), deadline_s).items():
         out[by_job[job]] = st
     return out
 
@@ -580,7 +673,7 @@ def reconcile(sweep: SweepState, probe=None, me: int | None = None, seen: dict[i
     if seen is not None:
         seen.update(states)
     dead = {m["index"]: (states[m["index"]], member_hours(m), len(m.get("attempts", [])))
-            for m in suspects if m["index"] in states and (ended or _first_word(states[m["index"]]) in DEAD_STATES)}
+            for m in suspects if m["index"] in states and (ended or has_ended(states[m["index"]]))}
     if not dead:
         return []
     decisions: list[tuple[int, dict[str, Any]]] = []
@@ -634,11 +727,15 @@ def _on_parent(record: dict[str, Any], call) -> None:
                     redact_text(str(e))[:300])
 
 
-def mark_crashed(sweep: SweepState, index: int, job_state: str) -> dict[str, Any] | None:
+def mark_crashed(sweep: SweepState, index: int, job_state: str, job_id: str | None = None) -> dict[str, Any] | None:
     """Member ``index``'s job ended (``job_state``, as its launcher saw it) without it recording its end: as
-    ``reconcile`` would record it. None when it had recorded its end after all."""
-    decisions = reconcile(sweep, probe=lambda s, members: {m["index"]: job_state for m in members
-                                                          if m["index"] == index}, ended=True)
+    ``reconcile`` would record it. ``job_id``: the job the launcher saw end; a member that runs as another job
+    now (resumed by hand) is left alone. None when it had recorded its end after all (or runs again)."""
+    def probe(s: dict[str, Any], members: list[dict[str, Any]]) -> dict[int, str]:
+        return {m["index"]: job_state for m in members
+                if m["index"] == index and (job_id is None or str(m.get("job_id")) == str(job_id))}
+
+    decisions = reconcile(sweep, probe=probe, ended=True)
     return decisions[0] if decisions else None
 
 
@@ -694,9 +791,10 @@ class SweepHours(GpuHours):
 
     @property
     def exhausted(self) -> bool:
-        if self.budget > 0 and self.hours >= self.budget:
+        """Spent: in a budgeted sweep a budget of 0 is nothing left (a stop), not a run without a budget."""
+        if (self.budget > 0 or self.member.budgeted) and self.hours >= self.budget:
             self.member.refresh_budget()
-        return self.budget > 0 and self.hours >= self.budget
+        return (self.budget > 0 or self.member.budgeted) and self.hours >= self.budget
 
 
 class SweepMember:
@@ -713,22 +811,28 @@ class SweepMember:
         self.device = trainer.device
         self.step = 0
         self.stopped = False
+        self.budgeted = False  # the member has a GPU-hour budget in sweep.json (its base budget is above 0)
         if self.is_main:
             revived = None
+            job, process = current_job()
             with self.state.update() as s:
                 m = s["members"][self.index]
                 if m["status"] == "crashed":  # recorded crashed, and running again (a --resume of the member)
                     m["status"] = "running"
                     revived = {"kind": "resume", "time": time.time(), "member": self.index, "name": m["name"],
-                               "job_state": m["crashed"]["job_state"], "budget": m["budget"], "decision": "resumed"}
+                               "job_state": m["crashed"]["job_state"], "budget": m["budget"],
+                               "hours": m.get("hours") or 0.0, "job_id": job, "decision": "resumed"}
                     s["decisions"].append(revived)
                     s["parent_closed"] = False
                 if m["status"] == "pending":
                     m["status"] = "running"
-                m.setdefault("attempts", []).append({"started": time.time(), "job": os.environ.get(
-                    "SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID"), "process": local_process(os.getpid())})
+                # reconcile probes the attempt running now, not the job or process of the first launch
+                m["job_id"], m["process"] = job, process
+                m.setdefault("attempts", []).append({"started": time.time(), "job": job,
+                                                     "process": process or local_process(os.getpid())})
                 self.halving = s["halving"]
                 self.stopped = m["status"] == "stopped"
+                self.budgeted = float(m.get("base_budget") or 0.0) > 0
             if revived:
                 log.warning("sweep %s: %s", record.get("sweep"), describe(revived))
             self.refresh_budget()
@@ -738,17 +842,23 @@ class SweepMember:
     # budget ----------------------------------------------------------------------------------------------
 
     def refresh_budget(self) -> None:
-        """Rank 0: the account's budget from the sweep state (it grows when other members are stopped)."""
+        """Rank 0: the account's budget from the sweep state (it grows when other members are stopped). In a
+        budgeted sweep it is set whatever it is, 0 included: a member recorded crashed before it used anything
+        that runs after all (a revival) has nothing left, which is a stop (``SweepHours.exhausted``), not the "no
+        budget" a 0 means to a run alone, or it would spend the hours it gave away again."""
         account = self.trainer.account
         try:
-            budget = float(self.state.read()["members"][self.index]["budget"])
-        except (OSError, ValueError, KeyError, IndexError) as e:
+            m = self.state.read()["members"][self.index]
+            budget, self.budgeted = float(m["budget"]), float(m.get("base_budget") or 0.0) > 0
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             log.warning("sweep state %s unreadable (%s): the budget stays %.4g", self.state.path, e, account.budget)
             return
-        if budget != account.budget and budget > 0:
+        if budget != account.budget and (budget > 0 or self.budgeted):
             if account.budget:
-                log.info("sweep: budget %.4g -> %.4g %s-hours (hours freed by stopped members)", account.budget,
-                         budget, account.unit)
+                why = ("hours freed by other members" if budget > account.budget else
+                       "what sweep.json grants it: its unused hours went to the others when it was recorded crashed"
+                       + (" -- nothing left, it stops" if budget <= 0 else ""))
+                log.info("sweep: budget %.4g -> %.4g %s-hours (%s)", account.budget, budget, account.unit, why)
             account.budget = budget
             self.trainer.sinks.log_metrics({"sweep/budget": budget}, self.step)
 
@@ -806,7 +916,7 @@ class SweepMember:
         except (OSError, ValueError, KeyError, IndexError):
             due = True
         if due:  # a stop here gives hours away: not to members whose jobs have died
-            reconcile(self.state, me=self.index)
+            reconcile(self.state, probe=self._probe(), me=self.index)
         decisions = []
         with self.state.update() as s:
             m = s["members"][self.index]
@@ -826,6 +936,13 @@ class SweepMember:
         if self.stopped:
             self.trainer.account.budget = hours  # what it used is what it had
         return self.stopped
+
+    def _probe(self):
+        """``job_states`` within a deadline the other ranks, waiting in a collective, can afford: ``SLURM_PROBE_S``,
+        or a quarter of the run's collective timeout (``train.dist_timeout_s``) when that is shorter."""
+        limit = getattr(getattr(getattr(self.trainer, "cfg", None), "train", None), "dist_timeout_s", None)
+        deadline = min(SLURM_PROBE_S, limit / 4) if isinstance(limit, (int, float)) and limit > 0 else SLURM_PROBE_S
+        return lambda s, members: job_states(s, members, deadline)
 
     def _log(self, d: dict[str, Any], parent: str | None, seq: int) -> None:
         text = describe(d)
@@ -855,7 +972,7 @@ class SweepMember:
         """Rank 0, after the member's test and export: its final state, and what it did not use of its budget
         back to the members still alive (``record_end``: after ``reconcile``, so none goes to a dead one); the
         last member to end closes the parent MLflow run (sweep.json as its artifact)."""
-        reconcile(self.state, me=self.index)
+        reconcile(self.state, probe=self._probe(), me=self.index)
         with self.state.update() as s:
             d = record_end(s, self.index, outcome, hours)
             seq = len(s["decisions"])

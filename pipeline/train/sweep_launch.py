@@ -267,7 +267,7 @@ def _run_local(result: SweepLaunch, reqs, member_files, state: SweepState, paral
                 ok = (Path(info["run_dir"]) / "result.json").exists()
                 if not ok:  # submitit says FINISHED for any exit code: one without a result is a failure
                     told = str(info["job"].state)
-                    mark_crashed(state, i, "FAILED" if told == "FINISHED" else told)
+                    mark_crashed(state, i, "FAILED" if told == "FINISHED" else told, info["job_id"])
                     ok = state.read()["members"][i]["status"] not in FAILED  # it had recorded its end
                 m = state.read()["members"][i]
                 out(f"  [{i}] {'ended' if ok else 'FAILED'}     {reqs[i].name}: {m['status']}, {m['hours']:.4g} of "
@@ -294,7 +294,7 @@ def wait_sweep(launched: SweepLaunch, out=print, poll_s: float = 2.0) -> int:
                 run_dir = Path(launched.members[i]["run_dir"])
                 if not (run_dir / "result.json").exists():
                     failed += 1
-                    mark_crashed(state, i, _ended_state(job))
+                    mark_crashed(state, i, _ended_state(job), str(job.job_id))
                 m = state.read()["members"][i]
                 out(f"  [{i}] {m['name']}: {m['status']}, {m['hours']:.4g} of {m['budget']:.4g} h")
         time.sleep(poll_s)

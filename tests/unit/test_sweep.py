@@ -208,30 +208,59 @@ def test_sweep_parent_refuses_names_that_would_break_the_filter_and_unknown_expe
 # -- members that die, members that end early, budget-planned members --------------------------------------
 
 
-def _fake_slurm(tmp_path, monkeypatch, states: dict[str, str]) -> None:
-    """``sacct`` and ``scontrol`` on PATH answering from ``states`` (job id -> state), as a cluster with accounting
-    does (``sacct -X -n -P``: ``id|STATE`` rows, the requested ids only); a job in neither is unknown to the
-    controller (``Invalid job id specified``)."""
+def _fake_slurm(tmp_path, monkeypatch, states: dict, squeue: bool = True) -> None:
+    """``squeue``, ``scontrol`` and ``sacct`` on PATH answering from ``states`` (job id -> state), as a cluster with
+    accounting does. A plain state is what the controller and accounting both say; ``{"controller": ...,
+    "accounting": ...}`` says each one's (a key left out: that one does not know the job). The controller's
+    commands answer for the jobs it knows (``squeue --jobs=a,b``: the known ones, one line each; one id it does
+    not know: ``Invalid job id specified``), ``sacct -X -n -P`` ``id|STATE`` rows for the jobs accounting knows.
+    Every call is logged to ``calls.log``; a file ``hang`` (seconds) makes every command sleep that long first.
+    ``squeue=False``: a cluster without squeue (scontrol is asked)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    bin_dir.mkdir(exist_ok=True)
     (tmp_path / "states.json").write_text(json.dumps(states))
-    head = f"#!{sys.executable}\nimport json, sys\nstates = json.load(open({str(tmp_path / 'states.json')!r}))\n"
+    head = (f"#!{sys.executable}\nimport json, os, sys, time\nroot = {str(tmp_path)!r}\n"
+            "with open(os.path.join(root, 'calls.log'), 'a') as f:\n"
+            "    f.write(' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:]) + '\\n')\n"
+            "if os.path.exists(os.path.join(root, 'hang')):\n"
+            "    time.sleep(float(open(os.path.join(root, 'hang')).read()))\n"
+            "raw = json.load(open(os.path.join(root, 'states.json')))\n"
+            "states = {k: v if isinstance(v, dict) else {'controller': v, 'accounting': v} for k, v in raw.items()}\n"
+            "controller = {k: v['controller'] for k, v in states.items() if v.get('controller')}\n"
+            "accounting = {k: v['accounting'] for k, v in states.items() if v.get('accounting')}\n"
+            "invalid = 'slurm_load_jobs error: Invalid job id specified'\n")
     (bin_dir / "sacct").write_text(head + (
         "ids = sys.argv[sys.argv.index('-j') + 1].split(',')\n"
         "assert {'-X', '-n', '-P'} <= set(sys.argv), sys.argv\n"
         "for i in ids:\n"
-        "    if i in states and not states[i].startswith('scontrol:'):\n"
-        "        print(f'{i}|{states[i]}')\n"))
+        "    if i in accounting:\n"
+        "        print(f'{i}|{accounting[i]}')\n"))
     (bin_dir / "scontrol").write_text(head + (
         "job = sys.argv[-1]\n"
-        "if job in states:\n"
-        "    print(f'JobId=1 ArrayJobId=77 JobName=x JobState={states[job].removeprefix(\"scontrol:\")} Reason=None')\n"
+        "if job in controller:\n"
+        "    print(f'JobId=1 ArrayJobId=77 JobName=x JobState={controller[job]} Reason=None')\n"
         "else:\n"
-        "    print('slurm_load_jobs error: Invalid job id specified', file=sys.stderr)\n"
+        "    print(invalid, file=sys.stderr)\n"
         "    sys.exit(1)\n"))
+    if squeue:
+        (bin_dir / "squeue").write_text(head + (
+            "assert {'--noheader', '--array', '--states=all', '--format=%i|%T'} <= set(sys.argv), sys.argv\n"
+            "ids = next(a for a in sys.argv if a.startswith('--jobs=')).removeprefix('--jobs=').split(',')\n"
+            "if len(ids) == 1 and ids[0] not in controller:\n"
+            "    print(invalid, file=sys.stderr)\n"
+            "    sys.exit(1)\n"
+            "for i in ids:\n"
+            "    if i in controller:\n"
+            "        print(f'{i}|{controller[i].split()[0]}')\n"))
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    # without squeue: these commands alone (a squeue installed here must not answer instead)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}" if squeue else str(bin_dir))
+
+
+def _calls(tmp_path) -> list[str]:
+    log = tmp_path / "calls.log"
+    return log.read_text().splitlines() if log.exists() else []
 
 
 def _sweep_on_disk(tmp_path, n: int, base: float = 1.0, executor: str = "slurm", halving: bool = True):
@@ -312,9 +341,10 @@ def test_a_slurm_member_whose_job_died_is_recorded_crashed_and_its_hours_go_to_t
 
 
 def test_a_job_slurm_cannot_tell_about_or_that_runs_again_is_left_alone(tmp_path, monkeypatch):
-    # pending and requeued jobs are alive; a pending array task still folded into its array's record is found by
-    # scontrol; without any Slurm command nothing can be told, so nothing is decided
-    _fake_slurm(tmp_path, monkeypatch, {"77_0": "PENDING", "77_1": "REQUEUED", "77_2": "scontrol:PENDING",
+    # pending and requeued jobs are alive; a pending array task accounting does not know yet (still folded into its
+    # array's record) is found by the controller; without any Slurm command nothing can be told, so nothing is
+    # decided
+    _fake_slurm(tmp_path, monkeypatch, {"77_0": "PENDING", "77_1": "REQUEUED", "77_2": {"controller": "PENDING"},
                                         "77_3": "RUNNING"})
     state = _sweep_on_disk(tmp_path, 4)
     with state.update() as s:
@@ -443,3 +473,182 @@ def test_a_budget_planned_member_refits_its_schedule_to_hours_it_is_granted(tmp_
     expected = fit_total_steps(100, 0.1, 2.0, cfg.budget.plan_margin, 0.001, 0.0, -1, 0.0).total_steps
     assert planner.total == pytest.approx(expected, abs=1) and planner.total > 1.9 * first  # about 1.96 h
     assert {"sweep/budget": 2.0, "step": 100} in sinks.metrics
+
+
+# -- review fixes: the controller first, the attempt running now, a budget of nothing, one deadline, pid reuse ------
+
+
+@pytest.mark.parametrize("controller", ["squeue", "scontrol"])
+def test_the_controller_wins_over_accounting_and_only_jobs_it_no_longer_knows_are_asked_of_sacct(
+        tmp_path, monkeypatch, controller):
+    # 0: requeued after a node failure (same id): the controller has it PENDING, accounting still says NODE_FAIL;
+    # 1: preempted with PreemptMode=CANCEL and purged: only accounting knows it, PREEMPTED -- it never runs again;
+    # 2: preempted, held by the controller (it is requeued): alive; 3: failed and purged; 4: running
+    _fake_slurm(tmp_path, monkeypatch, {"77_0": {"controller": "PENDING", "accounting": "NODE_FAIL"},
+                                        "77_1": {"accounting": "PREEMPTED"}, "77_2": {"controller": "PREEMPTED"},
+                                        "77_3": {"accounting": "FAILED"}, "77_4": "RUNNING"},
+                squeue=controller == "squeue")
+    state = _sweep_on_disk(tmp_path, 5, halving=False)
+    with state.update() as s:
+        for m in s["members"]:
+            m.update(status="running", job_id=f"77_{m['index']}")
+    seen: dict[int, str] = {}
+    decisions = sweep.reconcile(state, seen=seen)
+    assert [(d["member"], d["job_state"]) for d in decisions] == [(1, "PREEMPTED"), (3, "FAILED")]
+    assert [m["status"] for m in state.read()["members"]] == ["running", "crashed", "running", "crashed", "running"]
+    assert seen[0] == "PENDING" and seen[2] == "PREEMPTED" and seen[1].startswith("PREEMPTED (ended")
+    calls = _calls(tmp_path)
+    if controller == "squeue":  # one call for every job, then accounting for the two it no longer knows
+        assert [c.split()[0] for c in calls] == ["squeue", "sacct"]
+        assert calls[0].endswith("--jobs=77_0,77_1,77_2,77_3,77_4") and calls[1].endswith("-j 77_1,77_3")
+    else:
+        assert [c.split()[0] for c in calls] == ["scontrol"] * 5 + ["sacct"]
+    # one job id the controller does not know (squeue answers "Invalid job id") nor accounting: gone
+    assert sweep.slurm_job_states(["99"]) == {"99": "GONE"}
+
+
+def test_a_hung_controller_cannot_hold_a_reconcile_past_one_deadline(tmp_path, monkeypatch):
+    import time
+
+    _fake_slurm(tmp_path, monkeypatch, {"77_0": "FAILED", "77_1": "RUNNING", "77_2": "TIMEOUT"})
+    (tmp_path / "hang").write_text("20")  # every Slurm command hangs (a controller that does not answer)
+    state = _sweep_on_disk(tmp_path, 3, halving=False)
+    with state.update() as s:
+        for m in s["members"]:
+            m.update(status="running", job_id=f"77_{m['index']}")
+    monkeypatch.setattr(sweep, "SLURM_PROBE_S", 1.5, raising=False)
+    t0 = time.monotonic()
+    assert sweep.reconcile(state) == []  # nothing told in time: every member is left as it is (unknown = alive)
+    assert time.monotonic() - t0 < 6
+    assert [m["status"] for m in state.read()["members"]] == ["running"] * 3
+    # a member's own check (rank 0, the other ranks waiting in a collective) also keeps within a quarter of the
+    # run's collective timeout, here 4 s
+    monkeypatch.setattr(sweep, "SLURM_PROBE_S", 60.0, raising=False)
+    _no_job_env(monkeypatch)
+    trainer = _trainer(SimpleNamespace(budget=1.0, unit="gpu"))
+    trainer.cfg.train = SimpleNamespace(dist_timeout_s=4)
+    member = sweep.SweepMember({"index": 0, "sweep_dir": str(tmp_path), "sweep": "s"}, trainer)
+    t0 = time.monotonic()
+    assert sweep.reconcile(state, probe=member._probe(), me=0) == [] and time.monotonic() - t0 < 5
+    (tmp_path / "hang").unlink()
+    assert [d["job_state"] for d in sweep.reconcile(state)] == ["TIMEOUT"]  # answered: decided
+
+
+def _trainer(account, cfg_budget: float = 1.0):
+    return SimpleNamespace(denv=SimpleNamespace(is_main=True), device=None, sinks=_Sinks(), account=account,
+                           cfg=SimpleNamespace(budget=SimpleNamespace(gpu_hours=cfg_budget)), engine=None)
+
+
+def _no_job_env(monkeypatch) -> None:
+    for key in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SUBMITIT_LOCAL_JOB_ID"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_a_member_resumed_by_hand_is_probed_as_the_job_it_runs_now(tmp_path, monkeypatch):
+    # Slurm: array task 77_0 failed and was recorded crashed; its --resume runs as job 91, which Slurm has RUNNING
+    _no_job_env(monkeypatch)
+    _fake_slurm(tmp_path, monkeypatch, {"77_0": "FAILED", "77_1": "RUNNING", "91": "RUNNING"})
+    state = _sweep_on_disk(tmp_path, 2, halving=False)
+    with state.update() as s:
+        for m in s["members"]:
+            m.update(status="running", job_id=f"77_{m['index']}")
+    assert [d["member"] for d in sweep.reconcile(state)] == [0]
+    monkeypatch.setenv("SLURM_JOB_ID", "91")
+    sweep.SweepMember({"index": 0, "sweep_dir": str(tmp_path), "sweep": "s"}, _trainer(SimpleNamespace(
+        budget=1.0, unit="gpu")))
+    m0 = state.read()["members"][0]
+    assert (m0["status"], m0["job_id"], m0.get("process"), m0["attempts"][-1]["job"]) == ("running", "91", None, "91")
+    assert sweep.reconcile(state, me=1) == [] and state.read()["members"][0]["status"] == "running"
+    # a --wait launcher that sees the array task 77_0 end now does not mark the member running as job 91
+    assert sweep.mark_crashed(state, 0, "FAILED", "77_0") is None and state.read()["members"][0]["status"] == "running"
+    # an array task records the array's id for it (SLURM_JOB_ID is the task's own job id)
+    monkeypatch.setenv("SLURM_JOB_ID", "80")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    sweep.SweepMember({"index": 1, "sweep_dir": str(tmp_path), "sweep": "s"}, _trainer(SimpleNamespace(
+        budget=1.0, unit="gpu")))
+    assert state.read()["members"][1]["job_id"] == "77_1"
+
+
+def test_a_local_member_resumed_by_hand_is_probed_as_the_process_it_runs_now(tmp_path, monkeypatch):
+    import subprocess
+
+    _no_job_env(monkeypatch)
+    state = _sweep_on_disk(tmp_path, 2, executor="local", halving=False)
+    first = subprocess.Popen([sys.executable, "-c", "pass"])
+    first.wait()  # member 0's first process: gone
+    with state.update() as s:
+        s["members"][0].update(status="running", job_id=str(first.pid), process=sweep.local_process(first.pid))
+        s["members"][1]["status"] = "running"
+    assert [d["member"] for d in sweep.reconcile(state, me=1)] == [0]
+    # resumed by hand in this process (no Slurm, no submitit): this process is the one to probe
+    sweep.SweepMember({"index": 0, "sweep_dir": str(tmp_path), "sweep": "s"}, _trainer(SimpleNamespace(
+        budget=1.0, unit="gpu")))
+    m0 = state.read()["members"][0]
+    assert m0["job_id"] == str(os.getpid()) and m0["process"] == sweep.local_process(os.getpid())
+    assert sweep.reconcile(state, me=1) == [] and state.read()["members"][0]["status"] == "running"
+
+
+def test_a_revived_member_with_nothing_left_stops_instead_of_training_its_launch_budget(tmp_path, monkeypatch):
+    from pipeline.train import budget
+
+    _no_job_env(monkeypatch)
+    monkeypatch.delenv(budget.FAKE_CLOCK_ENV, raising=False)
+    state = _sweep_on_disk(tmp_path, 2, halving=False)
+    with state.update() as s:
+        s["members"][1]["status"] = "running"
+        s["members"][0]["job_id"] = "77_0"
+    # member 0, pending, is told gone: recorded crashed having used nothing, its whole hour goes to member 1
+    (d,) = sweep.reconcile(state, probe=lambda s, ms: {0: "GONE"})
+    assert (d["freed"], d["given_to"]) == (1.0, {"m1": 1.0})
+    # ... and its job starts after all, with the budget.gpu_hours it was launched with (1.0)
+    run_dir = tmp_path / "m0"
+    (run_dir / sweep.MEMBER_FILE).write_text(json.dumps({"sweep": "s", "sweep_dir": str(tmp_path), "index": 0}))
+    trainer = _trainer(budget.GpuHours(run_dir, 1, "gpu", 1.0))
+    trainer.run_dir = run_dir
+    member = sweep.attach_member(trainer)
+    s = state.read()
+    assert s["members"][0]["status"] == "running" and s["decisions"][-1]["kind"] == "resume"
+    assert trainer.account.budget == 0.0 and trainer.account.exhausted  # a stop, not "no budget"
+    assert "nothing left, it stops at its first step" in sweep.describe(s["decisions"][-1])
+    # what the sweep's members may use is still its total: nobody spends the freed hour twice
+    assert trainer.account.budget + s["members"][1]["budget"] + s["unallocated"] == pytest.approx(s["total_budget"])
+    # hours freed later reach it like any member alive: then it trains on
+    with state.update() as st:
+        sweep.record_end(st, 1, "done", 1.5)
+    assert not trainer.account.exhausted and trainer.account.budget == pytest.approx(0.5) and member.budgeted
+
+
+def test_a_member_without_a_budget_is_not_stopped_by_a_zero_in_sweep_json(tmp_path, monkeypatch):
+    from pipeline.train import budget
+
+    _no_job_env(monkeypatch)
+    monkeypatch.delenv(budget.FAKE_CLOCK_ENV, raising=False)
+    state = _sweep_on_disk(tmp_path, 2, base=0.0, halving=False)  # the recipe has no budget: 0 means none
+    run_dir = tmp_path / "m0"
+    (run_dir / sweep.MEMBER_FILE).write_text(json.dumps({"sweep": "s", "sweep_dir": str(tmp_path), "index": 0}))
+    trainer = _trainer(budget.GpuHours(run_dir, 1, "gpu", 0.0), cfg_budget=0.0)
+    trainer.run_dir = run_dir
+    member = sweep.attach_member(trainer)
+    assert not member.budgeted and trainer.account.budget == 0.0 and not trainer.account.exhausted
+    assert state.read()["members"][0]["status"] == "running"
+
+
+def test_a_process_record_without_a_start_time_is_dead_even_when_its_pid_runs_again(tmp_path):
+    import subprocess
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        # recorded when the pid named no process (it had ended); the pid now names a running process
+        record = {**sweep.local_process(live.pid), "start": None}
+        assert sweep.local_process(live.pid)["start"] is not None and sweep.local_alive(record) is False
+        assert sweep.local_alive(sweep.local_process(live.pid)) is True
+        assert sweep.local_alive({**record, "host": "another-host"}) is None  # another host: cannot be told
+        state = _sweep_on_disk(tmp_path, 2, executor="local", halving=False)
+        with state.update() as s:
+            s["members"][0].update(status="running", job_id=str(live.pid), process=record)
+            s["members"][1].update(status="running", job_id=str(live.pid), process=sweep.local_process(live.pid))
+        assert [(d["member"], d["job_state"]) for d in sweep.reconcile(state)] == [(0, "EXITED")]
+    finally:
+        live.kill()
+        live.wait()
