@@ -153,8 +153,10 @@ def test_the_model_section_is_the_model_config_and_unset_fields_are_the_variants
     assert (built.mlp_ratio, built.qkv_bias, built.num_classes) == (2.0, False, 4)  # the recipe's, set above
     assert (built.num_frames, built.img_size) == (cfg.data.num_frames, cfg.data.crop)
     # resolved: the whole model named, but for what the dataset says at launch (model.multi_label: launch.check_data)
-    own = {f.name for f in dataclasses.fields(TimeSformerConfig)} | {"variant", "init", "init_source", "init_reset_head"}
-    assert all(v is not None for k, v in dataclasses.asdict(cfg.model).items() if k in own and k not in MODEL_FROM_DATASET)
+    own = {f.name for f in dataclasses.fields(TimeSformerConfig)} | {"variant", "init", "init_source",
+                                                                     "init_reset_head"}
+    assert all(v is not None for k, v in dataclasses.asdict(cfg.model).items()
+               if k in own and k not in MODEL_FROM_DATASET)
     # another family's fields stay null, and the resolved tree (config.yaml, MLflow params) leaves them out
     others = keys - own
     assert others and all(getattr(cfg.model, k) is None for k in others)

@@ -17,7 +17,6 @@ import torch
 
 from pipeline.config import ConfigError, load_recipe
 from pipeline.models import registry as registry_module
-from pipeline.models.registry import Variant
 from pipeline.models.convert import (
     UnsafeCheckpointError,
     checkpoint_normalization,
@@ -28,6 +27,7 @@ from pipeline.models.convert import (
 )
 from pipeline.models.factory import create_model
 from pipeline.models.hub import SourceError, resolve_source
+from pipeline.models.registry import Variant
 from pipeline.models.timesformer import TimeSformer
 from pipeline.train.launch import LaunchRequest, check_init, launch
 from tests.hub_cache import (

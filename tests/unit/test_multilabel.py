@@ -388,8 +388,8 @@ def test_launch_sets_model_multi_label_from_the_index_and_refuses_a_contradictio
 
 
 def test_the_hugging_face_config_says_multi_label_classification():
-    from pipeline.models.registry import variant_config
     from pipeline.models.convert import config_from_hf, hf_config_dict
+    from pipeline.models.registry import variant_config
 
     cfg = variant_config("timesformer_tiny", multi_label=True)
     hf = hf_config_dict(cfg)
