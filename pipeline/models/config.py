@@ -6,6 +6,7 @@ them without loading torch. The registered models (TimeSformer's variants among 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -45,6 +46,20 @@ class DictConfig:
         if unknown:
             raise ValueError(f"{where}: unknown model field(s) {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+    def _settle_normalisation(self, bad: Callable[[str, str], ValueError]) -> None:
+        """``mean``/``std`` (lists from JSON or YAML, one value for every channel) as the per-channel tuples a
+        frozen config holds, finite, ``std`` positive; ``bad(field, expected)`` makes the family's error."""
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)) and value and len(set(value)) == 1:
+                value = (value[0],) * self.in_chans  # one value for every channel (the original's), any count
+            if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
+                raise bad(name, f"{self.in_chans} finite numbers, one per input channel")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if not all(v > 0.0 for v in self.std):
+            raise bad("std", "positive numbers")
 
 
 @dataclass(frozen=True)
@@ -87,16 +102,7 @@ class TimeSformerConfig(DictConfig):
         def bad(name: str, expected: str) -> ValueError:
             return ValueError(f"TimeSformerConfig.{name}={getattr(self, name)!r}: expected {expected}")
 
-        for name in ("mean", "std"):  # lists from JSON or YAML become the tuples a frozen config holds
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)) and value and len(set(value)) == 1:
-                value = (value[0],) * self.in_chans  # one value for every channel (the original's), any count
-            if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-                raise bad(name, f"{self.in_chans} finite numbers, one per input channel")
-            object.__setattr__(self, name, tuple(float(v) for v in value))
-        if not all(v > 0.0 for v in self.std):
-            raise bad("std", "positive numbers")
+        self._settle_normalisation(bad)
 
         if self.attention_type not in ATTENTION_TYPES:
             raise bad("attention_type", f"one of {', '.join(ATTENTION_TYPES)}")

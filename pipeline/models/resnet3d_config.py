@@ -12,7 +12,6 @@ families' fields. Every other field has a name no other family uses.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,16 +85,7 @@ class ResNet3DConfig(DictConfig):
 
         if not _is_int(self.in_chans) or self.in_chans < 1:
             raise bad("in_chans", "a positive integer")
-        for name in ("mean", "std"):  # lists from JSON or YAML become the tuples a frozen config holds
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)) and value and len(set(value)) == 1:
-                value = (value[0],) * self.in_chans  # one value for every channel, any count
-            if not isinstance(value, (list, tuple)) or len(value) != self.in_chans or not all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value):
-                raise bad(name, f"{self.in_chans} finite numbers, one per input channel")
-            object.__setattr__(self, name, tuple(float(v) for v in value))
-        if not all(v > 0.0 for v in self.std):
-            raise bad("std", "positive numbers")
+        self._settle_normalisation(bad)
 
         for name in ("num_frames", "img_size", "stem_width", "bottleneck_width", "bottleneck_expansion",
                      "temporal_pool"):
