@@ -157,8 +157,9 @@ def summary(out: Path, outcomes: list[dict], say) -> None:
     runs = {r["run"]: r for r in json.loads((out / "runs.json").read_text())}
     say("\nsummary per model (from MLflow, the report's runs.json):")
     for recipe in dict.fromkeys(o["recipe"] for o in outcomes):
-        mine = [o for o in outcomes if o["recipe"] == recipe]
-        rows = [runs[o["name"]] for o in mine if o["name"] in runs]
+        # each launched run with its report row (a run missing from the report is left out of both, together)
+        pairs = [(o, runs[o["name"]]) for o in outcomes if o["recipe"] == recipe and o["name"] in runs]
+        rows = [x for _, x in pairs]
         if not rows:
             say(f"  {recipe}: no run in the report")
             continue
@@ -169,7 +170,7 @@ def summary(out: Path, outcomes: list[dict], say) -> None:
         cost = (f"{r['gflops_per_view']:.4g} GFLOPs per view x {views} views = {inference:.4g} GFLOPs per video"
                 if inference is not None else "no inference cost (no FLOPs count, or a whole-video protocol)")
         say(f"  {recipe}: {r['model']} ({r['attention']}), {r['params_m'] * 1e6:,.0f} parameters, {cost}")
-        for o, x in zip(mine, rows, strict=False):
+        for o, x in pairs:
             top1 = "-" if x["top1"] is None else f"{x['top1']:.1f}%"
             say(f"    seed {o['seed']}: {x['gpu_hours'] or 0:.5f} {x['gpu_hours_unit']}-hours, {o.get('outcome')} at "
                 f"step {o.get('step')}, test top-1 {top1}, {x['status']}")
